@@ -1,0 +1,39 @@
+"""Shared base of the Mamba backbones: strict official-checkpoint init."""
+from typing import Dict, Optional
+
+from mmpretrain.models.backbones.base_backbone import BaseBackbone
+
+from .pretrained import load_pretrained
+
+__all__ = ['MambaBackbone']
+
+
+class MambaBackbone(BaseBackbone):
+    """BaseBackbone whose ``init_cfg=dict(type='Pretrained', checkpoint=PATH)`` loads
+    an official checkpoint strictly through ``convert_official``.
+
+    Subclasses set ``arch_name``, ``checkpoint_key`` and ``download_urls``
+    (arch name -> where the official file can be downloaded).
+    """
+    download_urls: Dict[str, str] = {}
+    arch_name: str = 'custom'
+    checkpoint_key: Optional[str] = None
+
+    def convert_official(self, state: dict) -> dict:
+        raise NotImplementedError
+
+    def init_weights(self) -> None:
+        cfg = self.init_cfg
+        if isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+            url = self.download_urls.get(self.arch_name)
+            hint = (f'download it from {url} and put it there (or set '
+                    f'model.backbone.init_cfg.checkpoint)' if url else '')
+            load_pretrained(self, cfg['checkpoint'], self.convert_official,
+                            checkpoint_key=self.checkpoint_key, download_hint=hint)
+            self._is_init = True
+            return
+        super().init_weights()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        return self  # BaseBackbone.train returns None, which breaks model.eval() chaining

@@ -1,0 +1,272 @@
+"""Vision Mamba (Vim) with a middle class token and the bidirectional "v2" mixer.
+
+Module and parameter names follow the official release, so its checkpoints load
+without renaming (``layers.N.mixer.in_proj.weight``, ``...A_b_log``, ``norm_f.weight``).
+"""
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn.bricks import DropPath
+from mmpretrain.registry import MODELS
+from torch import Tensor
+
+from ...ops import causal_conv1d, selective_scan
+from ..peft import LoRALinear, MembraneGate, PEFTConfig, freeze_all_but_peft, parse_peft
+from .base import MambaBackbone
+from .ssm_layers import RMSNorm, init_A_log, init_dt_bias, resolve_dt_rank
+
+__all__ = ['Vim', 'VimMixer', 'VimBlock']
+
+VIM_URLS = {
+    'tiny': 'https://huggingface.co/hustvl/Vim-tiny-midclstok (vim_t_midclstok_76p1acc.pth)',
+    'small': 'https://huggingface.co/hustvl/Vim-small-midclstok (vim_s_midclstok_80p5acc.pth)',
+}
+
+
+def wrap_lora(linear: nn.Linear, peft: Optional[PEFTConfig], name: str) -> nn.Module:
+    """``linear`` wrapped in LoRALinear when ``peft`` gives ``name`` a rank."""
+    rank = peft.lora_rank(name) if peft is not None else None
+    if rank is None:
+        return linear
+    return LoRALinear(linear, rank, scale=peft.lora.scale, dropout=peft.lora.dropout)
+
+
+class VimMixer(nn.Module):
+    """Bidirectional Mamba mixer of Vim (bimamba v2), with the Memba hooks.
+
+    hidden (B, L, C) -> in_proj -> x, z (B, L, D) each. The forward direction
+    scans x with gate z; the backward direction scans flip(x) with gate flip(z),
+    with its own conv1d_b / x_proj_b / dt_proj_b / A_b_log / D_b. The gate branch
+    z is where Memba's MembraneGate acts (one LIM per direction). Output:
+    out_proj((y_fwd + flip(y_bwd)) / 2) (B, L, C).
+    """
+
+    def __init__(self, dim: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
+                 dt_rank='auto', num_layers: int = 24, peft: Optional[PEFTConfig] = None):
+        super().__init__()
+        self.dim, self.d_state = dim, d_state
+        self.d_inner = d_inner = expand * dim
+        self.dt_rank = dt_rank = resolve_dt_rank(dt_rank, dim)
+        in_proj = nn.Linear(dim, 2 * d_inner, bias=False)
+        out_proj = nn.Linear(d_inner, dim, bias=False)
+        with torch.no_grad():  # prenorm-residual rescale of the official init
+            out_proj.weight.div_(math.sqrt(num_layers))
+        for suffix in ('', '_b'):
+            conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
+            x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
+            dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+            nn.init.uniform_(dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
+            init_dt_bias(dt_proj.bias)
+            setattr(self, 'conv1d' + suffix, conv)
+            setattr(self, 'x_proj' + suffix, x_proj)
+            setattr(self, 'dt_proj' + suffix, dt_proj)
+        self.A_log = nn.Parameter(init_A_log(d_inner, d_state))
+        self.A_b_log = nn.Parameter(init_A_log(d_inner, d_state))
+        self.D = nn.Parameter(torch.ones(d_inner))
+        self.D_b = nn.Parameter(torch.ones(d_inner))
+        self.in_proj = wrap_lora(in_proj, peft, 'in_proj')
+        self.out_proj = wrap_lora(out_proj, peft, 'out_proj')
+        self.gate = None
+        if peft is not None and peft.gate is not None:
+            g = peft.gate
+            self.gate = MembraneGate(d_inner, g.rank, directions=2, shared_proj=True,
+                                     num_chunks=g.num_chunks, leak=g.leak,
+                                     threshold=g.threshold, transfer=g.transfer,
+                                     residual=g.residual)
+
+    def _ssm(self, x: Tensor, z: Tensor, backward: bool) -> Tensor:
+        """One scan direction: x, z (B, D, L) in that direction's order -> y (B, D, L)."""
+        sfx = '_b' if backward else ''
+        conv, x_proj, dt_proj = (getattr(self, n + sfx) for n in ('conv1d', 'x_proj', 'dt_proj'))
+        A_log, D = (self.A_b_log, self.D_b) if backward else (self.A_log, self.D)
+        x = causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation='silu')
+        x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)             # (B, L, R + 2N)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)               # (B, D, L), bias in scan
+        return selective_scan(x, dt, -torch.exp(A_log.float()), B.transpose(1, 2),
+                              C.transpose(1, 2), D, z=z, delta_bias=dt_proj.bias,
+                              delta_softplus=True)
+
+    def forward(self, hidden: Tensor, membrane=None):
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)                    # (B, L, D) each
+        if self.gate is not None:
+            (z_fwd, z_bwd), membrane = self.gate(z, membrane)
+        else:
+            z_fwd, z_bwd = z, z.flip(1)
+        x = x.transpose(1, 2)                                           # (B, D, L)
+        y_fwd = self._ssm(x, z_fwd.transpose(1, 2), backward=False)
+        y_bwd = self._ssm(x.flip(-1), z_bwd.transpose(1, 2), backward=True)
+        y = (y_fwd + y_bwd.flip(-1)).transpose(1, 2) / 2                 # (B, L, D)
+        return self.out_proj(y), membrane
+
+
+class VimBlock(nn.Module):
+    """Add -> RMSNorm -> mixer, carrying the fp32 residual stream and the membrane.
+
+    (hidden, residual, membrane) -> (mixer output, new residual, new membrane);
+    ``residual`` is None for the first block. ``drop_path`` acts on the incoming
+    hidden state, as in the official block.
+    """
+
+    def __init__(self, dim: int, mixer: VimMixer, drop_path: float = 0., eps: float = 1e-5):
+        super().__init__()
+        self.mixer = mixer
+        self.norm = RMSNorm(dim, eps=eps)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, hidden: Tensor, residual: Optional[Tensor], membrane=None):
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        residual = residual.float()
+        hidden, membrane = self.mixer(self.norm(residual), membrane)
+        return hidden, residual, membrane
+
+
+class VimPatchEmbed(nn.Module):
+    """(B, 3, H, W) -> (B, H/p * W/p, C) by a p x p, stride-p convolution."""
+
+    def __init__(self, patch_size: int, in_channels: int, embed_dims: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, embed_dims, patch_size, stride=patch_size)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
+        H, W = x.shape[-2:]
+        p = self.patch_size
+        if x.dim() != 4 or H % p or W % p:
+            raise ValueError(f'Vim: input of shape {tuple(x.shape)} is not a (B, C, H, W) batch '
+                             f'with H and W divisible by the patch size {p}')
+        x = self.proj(x)
+        return x.flatten(2).transpose(1, 2), (x.shape[2], x.shape[3])
+
+
+@MODELS.register_module()
+class Vim(MambaBackbone):
+    """Vision Mamba backbone (middle cls token, bidirectional v2 mixer, RMSNorm).
+
+    Args:
+        arch: 'tiny' (192 x 24), 'small' (384 x 24), or a dict with keys
+            embed_dims, depth and optionally d_state, expand, d_conv, dt_rank.
+        img_size: training input size; the position embedding is resized for
+            other (patch-divisible) sizes, and when loading a 224 checkpoint.
+        patch_size, in_channels: patch embedding.
+        drop_rate: dropout after the position embedding.
+        drop_path_rate: stochastic depth, linear over the blocks (0.1 in the
+            VTAB recipe).
+        peft: Memba/LoRA settings (see ``memba_vision.models.peft.parse_peft``);
+            None is the plain model. With ``peft`` every parameter but LoRA and
+            gate projections is frozen.
+        checkpoint_key: entry of the pretrained file holding the weights.
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads an official
+            checkpoint strictly (see ``pretrained.load_pretrained``).
+
+    Output: a 1-tuple with the final-normed middle cls token (B, C), what the
+    official model's head sees.
+    """
+    arch_zoo = {
+        'tiny': dict(embed_dims=192, depth=24),
+        'small': dict(embed_dims=384, depth=24),
+    }
+    _arch_keys = {'embed_dims', 'depth', 'd_state', 'expand', 'd_conv', 'dt_rank'}
+    download_urls = VIM_URLS
+
+    def __init__(self, arch: Union[str, dict] = 'small', img_size: int = 224,
+                 patch_size: int = 16, in_channels: int = 3, drop_rate: float = 0.,
+                 drop_path_rate: float = 0.1, norm_eps: float = 1e-5,
+                 peft: Optional[dict] = None, checkpoint_key: Optional[str] = None,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        if isinstance(arch, str):
+            if arch not in self.arch_zoo:
+                raise KeyError(f'Vim: unknown arch {arch!r}; valid: {", ".join(self.arch_zoo)} '
+                               f'or a dict with keys {sorted(self._arch_keys)}')
+            self.arch_name, arch = arch, dict(self.arch_zoo[arch])
+        else:
+            arch = dict(arch)
+            bad = set(arch) - self._arch_keys
+            if bad or not {'embed_dims', 'depth'} <= set(arch):
+                raise KeyError(f'Vim: a dict arch needs embed_dims and depth and may have '
+                               f'{sorted(self._arch_keys)}; got {sorted(arch)}')
+            self.arch_name = 'custom'
+        self.embed_dims = C = arch['embed_dims']
+        self.depth = depth = arch['depth']
+        self.peft = parse_peft(peft)
+        self.checkpoint_key = checkpoint_key
+
+        self.patch_embed = VimPatchEmbed(patch_size, in_channels, C)
+        if img_size % patch_size:
+            raise ValueError(f'Vim: img_size {img_size} is not divisible by patch_size {patch_size}')
+        self.grid = (img_size // patch_size,) * 2
+        num_tokens = self.grid[0] * self.grid[1] + 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, C))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, C))
+        self.pos_drop = nn.Dropout(drop_rate)
+        if self.peft is not None and self.peft.gate is not None \
+                and self.peft.gate.num_chunks > num_tokens:
+            raise ValueError(f'Vim: gate num_chunks={self.peft.gate.num_chunks} exceeds the '
+                             f'sequence length {num_tokens} at img_size {img_size}')
+
+        dpr = [0.0] + torch.linspace(0, drop_path_rate, depth).tolist()  # block i gets dpr[i]
+        mixer_kw = {k: arch[k] for k in ('d_state', 'expand', 'd_conv', 'dt_rank') if k in arch}
+        self.layers = nn.ModuleList(
+            VimBlock(C, VimMixer(C, num_layers=depth, peft=self.peft, **mixer_kw),
+                     drop_path=dpr[i], eps=norm_eps) for i in range(depth))
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+        self.norm_f = RMSNorm(C, eps=norm_eps)
+        self._init_embeddings()
+        if self.peft is not None:
+            freeze_all_but_peft(self)
+
+    def _init_embeddings(self) -> None:
+        nn.init.trunc_normal_(self.pos_embed, std=.02)
+        nn.init.trunc_normal_(self.cls_token, std=.02)
+        w = self.patch_embed.proj.weight  # lecun normal, as the official init
+        nn.init.trunc_normal_(w, std=math.sqrt(1.0 / (w[0].numel())) / .87962566103423978)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+
+    # ------------------------------------------------------------------ loading
+    def convert_official(self, state: dict) -> dict:
+        """Official Vim state dict -> this backbone's: drops the head, resizes pos_embed."""
+        state = {k: v for k, v in state.items() if not k.startswith('head.')}
+        pos = state.get('pos_embed')
+        if pos is not None and pos.shape != self.pos_embed.shape:
+            state['pos_embed'] = self.resize_pos_embed(pos, self.grid)
+        return state
+
+    @staticmethod
+    def resize_pos_embed(pos: Tensor, grid: Tuple[int, int]) -> Tensor:
+        """(1, h*w + 1, C) with the cls entry at index h*w // 2 -> the same for ``grid``.
+
+        The source grid is assumed square; patch entries are resized bicubically.
+        """
+        n = pos.shape[1] - 1
+        side = int(round(math.sqrt(n)))
+        if side * side != n:
+            raise ValueError(f'Vim: cannot resize a position embedding of {n} patches '
+                             f'(not a square grid)')
+        mid = n // 2
+        cls_pos = pos[:, mid:mid + 1]
+        patches = torch.cat([pos[:, :mid], pos[:, mid + 1:]], dim=1)
+        patches = patches.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patches = F.interpolate(patches.float(), size=grid, mode='bicubic',
+                                align_corners=False).to(pos.dtype)
+        patches = patches.permute(0, 2, 3, 1).flatten(1, 2)
+        new_mid = grid[0] * grid[1] // 2
+        return torch.cat([patches[:, :new_mid], cls_pos, patches[:, new_mid:]], dim=1)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tuple[Tensor]:
+        x, grid = self.patch_embed(x)                                   # (B, M, C)
+        B, M, _ = x.shape
+        pos = self.pos_embed if grid == self.grid else self.resize_pos_embed(self.pos_embed, grid)
+        mid = M // 2
+        x = torch.cat([x[:, :mid], self.cls_token.expand(B, -1, -1), x[:, mid:]], dim=1)
+        hidden = self.pos_drop(x + pos)
+        residual, membrane = None, None
+        for layer in self.layers:
+            hidden, residual, membrane = layer(hidden, residual, membrane)
+        residual = residual + self.drop_path(hidden)
+        hidden = self.norm_f(residual)
+        return (hidden[:, mid],)

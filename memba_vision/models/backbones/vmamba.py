@@ -1,0 +1,273 @@
+"""Vanilla VMamba (VMamba "v0"): SS2D blocks with the gate branch z, no MLP.
+
+Parameter names follow the official release; ``convert_official`` accepts both
+its legacy names (``blocks.j.ln_1`` / ``self_attention`` / ``patch_embed.proj`` /
+``norm`` / ``head``) and the current ones (``blocks.j.norm`` / ``op`` /
+``patch_embed.0`` / ``classifier.*``).
+"""
+import re
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from mmcv.cnn.bricks import DropPath
+from mmpretrain.registry import MODELS
+from torch import Tensor
+
+from ...ops import selective_scan
+from ..peft import MembraneGate, PEFTConfig, freeze_all_but_peft, parse_peft
+from .base import MambaBackbone
+from .ssm_layers import init_A_log, init_dt_bias, resolve_dt_rank
+from .vim import wrap_lora
+
+__all__ = ['VanillaVMamba', 'SS2D', 'VSSBlock', 'PatchMerging2D']
+
+_URL = 'https://github.com/MzeroMiko/VMamba/releases/download/%23v0cls/'
+VMAMBA_URLS = {
+    'tiny': _URL + 'vssmtiny_dp01_ckpt_epoch_292.pth',
+    'small': _URL + 'vssmsmall_dp03_ckpt_epoch_238.pth',
+    'base': _URL + 'vssmbase_dp06_ckpt_epoch_241.pth',
+}
+K_DIRECTIONS = 4  # row-major, column-major, and both reversed
+
+
+class SS2D(nn.Module):
+    """2D selective scan mixer (VMamba v0) with the Memba hooks.
+
+    x (B, H, W, C) -> in_proj -> x, z (B, H, W, D). x: depthwise 3x3 conv + SiLU,
+    then four selective scans over the row-major, column-major and reversed token
+    orders (stacked parameters ``x_proj_weight`` (4, R + 2N, D),
+    ``dt_projs_weight`` (4, D, R), ``dt_projs_bias`` (4, D), ``A_logs`` (4D, N),
+    ``Ds`` (4D,)), merged by summation, LayerNorm ``out_norm``; then y * SiLU(z)
+    and ``out_proj``. Memba's gate corrects z after the merge: a forward and a
+    backward LIM over the row-major tokens, each with its own projections, their
+    corrections averaged.
+    """
+
+    def __init__(self, dim: int, d_state: int = 16, ssm_ratio: float = 2.0,
+                 dt_rank='auto', d_conv: int = 3, peft: Optional[PEFTConfig] = None):
+        super().__init__()
+        self.d_state = d_state
+        self.d_inner = D = int(ssm_ratio * dim)
+        self.dt_rank = R = resolve_dt_rank(dt_rank, dim)
+        in_proj = nn.Linear(dim, 2 * D, bias=False)
+        out_proj = nn.Linear(D, dim, bias=False)
+        for lin in (in_proj, out_proj):
+            nn.init.trunc_normal_(lin.weight, std=.02)
+        self.conv2d = nn.Conv2d(D, D, d_conv, padding=(d_conv - 1) // 2, groups=D, bias=True)
+        x_proj = [nn.Linear(D, R + 2 * d_state, bias=False).weight for _ in range(K_DIRECTIONS)]
+        self.x_proj_weight = nn.Parameter(torch.stack(x_proj))                  # (4, R+2N, D)
+        self.dt_projs_weight = nn.Parameter(
+            torch.empty(K_DIRECTIONS, D, R).uniform_(-R ** -0.5, R ** -0.5))    # (4, D, R)
+        self.dt_projs_bias = nn.Parameter(torch.empty(K_DIRECTIONS, D))         # (4, D)
+        init_dt_bias(self.dt_projs_bias)
+        self.A_logs = nn.Parameter(init_A_log(D, d_state, copies=K_DIRECTIONS))  # (4D, N)
+        self.Ds = nn.Parameter(torch.ones(K_DIRECTIONS * D))
+        self.out_norm = nn.LayerNorm(D)
+        self.in_proj = wrap_lora(in_proj, peft, 'in_proj')
+        self.out_proj = wrap_lora(out_proj, peft, 'out_proj')
+        self.gate = None
+        if peft is not None and peft.gate is not None:
+            g = peft.gate
+            self.gate = MembraneGate(D, g.rank, directions=2, shared_proj=False,
+                                     num_chunks=g.num_chunks, leak=g.leak,
+                                     threshold=g.threshold, transfer=g.transfer,
+                                     residual=g.residual)
+
+    def cross_scan(self, x: Tensor) -> Tensor:
+        """x (B, D, H, W) -> merged scan output (B, H*W, D) in row-major order, fp32."""
+        B, D, H, W = x.shape
+        L, N, R = H * W, self.d_state, self.dt_rank
+        x_hw = x.flatten(2)                                   # row-major (B, D, L)
+        x_wh = x.transpose(2, 3).flatten(2)                   # column-major
+        xs = torch.stack([x_hw, x_wh, x_hw.flip(-1), x_wh.flip(-1)], dim=1)  # (B, 4, D, L)
+        x_dbl = torch.einsum('bkdl,kcd->bkcl', xs, self.x_proj_weight)
+        dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)
+        dts = torch.einsum('bkrl,kdr->bkdl', dts, self.dt_projs_weight)
+        # The official v0 scan runs in fp32 whatever the autocast dtype.
+        y = selective_scan(xs.reshape(B, -1, L).float(), dts.reshape(B, -1, L).float(),
+                           -torch.exp(self.A_logs.float()), Bs.float(), Cs.float(),
+                           self.Ds.float(), z=None, delta_bias=self.dt_projs_bias.reshape(-1),
+                           delta_softplus=True).view(B, K_DIRECTIONS, D, L)
+        inv = y[:, 2:4].flip(-1)
+        col_to_row = lambda t: t.view(B, D, W, H).transpose(2, 3).reshape(B, D, L)  # noqa: E731
+        y = y[:, 0] + inv[:, 0] + col_to_row(y[:, 1]) + col_to_row(inv[:, 1])
+        return y.transpose(1, 2)                              # (B, L, D)
+
+    def forward(self, x: Tensor, membrane=None):
+        B, H, W, _ = x.shape
+        x, z = self.in_proj(x).chunk(2, dim=-1)               # (B, H, W, D)
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
+        y = self.out_norm(self.cross_scan(x))                 # (B, L, D)
+        z = z.reshape(B, H * W, -1)
+        if self.gate is not None:
+            (z_fwd, z_bwd), membrane = self.gate(z, membrane)
+            z = (z_fwd + z_bwd.flip(1)) / 2
+        y = y * F.silu(z)
+        return self.out_proj(y).view(B, H, W, -1), membrane
+
+
+class VSSBlock(nn.Module):
+    """x + drop_path(SS2D(LayerNorm(x))), x (B, H, W, C); carries the membrane."""
+
+    def __init__(self, dim: int, mixer: SS2D, drop_path: float = 0.):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.op = mixer
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, membrane=None):
+        y, membrane = self.op(self.norm(x), membrane)
+        return x + self.drop_path(y), membrane
+
+
+class PatchMerging2D(nn.Module):
+    """(B, H, W, C) -> (B, H/2, W/2, 2C): 2x2 neighbours concatenated, LayerNorm, Linear."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        nn.init.trunc_normal_(self.reduction.weight, std=.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        H, W = x.shape[1:3]
+        if H % 2 or W % 2:
+            raise ValueError(f'VanillaVMamba: cannot merge patches of an odd {H}x{W} grid')
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
+                      dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class VMambaStage(nn.Module):
+    """Blocks of one resolution; the membrane flows block to block, starting from zeros."""
+
+    def __init__(self, blocks: List[VSSBlock], downsample: Optional[PatchMerging2D]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.downsample = downsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        membrane = None
+        for block in self.blocks:
+            x, membrane = block(x, membrane)
+        return self.downsample(x) if self.downsample is not None else x
+
+
+class VMambaPatchEmbed(nn.Module):
+    """(B, 3, H, W) -> (B, H/p, W/p, C): p x p stride-p conv, then LayerNorm."""
+
+    def __init__(self, patch_size: int, in_channels: int, embed_dims: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, embed_dims, patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dims)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.patch_size
+        if x.dim() != 4 or x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f'VanillaVMamba: input of shape {tuple(x.shape)} is not a '
+                             f'(B, C, H, W) batch with H and W divisible by the patch size {p}')
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+@MODELS.register_module()
+class VanillaVMamba(MambaBackbone):
+    """Vanilla VMamba (v0) backbone: 4 stages of VSS blocks, patch merging between.
+
+    Args:
+        arch: 'tiny' (depths [2, 2, 9, 2]), 'small' ([2, 2, 27, 2]), 'base'
+            (dims 128, [2, 2, 27, 2]), or a dict with keys dims (int: first-stage
+            width, doubled per stage), depths and optionally d_state, ssm_ratio,
+            d_conv, dt_rank.
+        img_size: input size used to check the gate's chunk count per stage.
+        drop_path_rate: stochastic depth, linear over all blocks (0.3 for v0-S).
+        peft: Memba/LoRA settings (see ``memba_vision.models.peft.parse_peft``).
+        checkpoint_key: entry of the pretrained file holding the weights
+            ('model' by default; 'model_ema' for the EMA weights where present).
+        init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads strictly.
+
+    Output: a 1-tuple with the globally average-pooled final-normed feature (B, 8 * dims).
+    """
+    arch_zoo = {
+        'tiny': dict(dims=96, depths=[2, 2, 9, 2]),
+        'small': dict(dims=96, depths=[2, 2, 27, 2]),
+        'base': dict(dims=128, depths=[2, 2, 27, 2]),
+    }
+    _arch_keys = {'dims', 'depths', 'd_state', 'ssm_ratio', 'd_conv', 'dt_rank'}
+    download_urls = VMAMBA_URLS
+
+    def __init__(self, arch: Union[str, dict] = 'small', img_size: int = 224,
+                 patch_size: int = 4, in_channels: int = 3, drop_path_rate: float = 0.3,
+                 peft: Optional[dict] = None, checkpoint_key: Optional[str] = None,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(init_cfg=init_cfg)
+        if isinstance(arch, str):
+            if arch not in self.arch_zoo:
+                raise KeyError(f'VanillaVMamba: unknown arch {arch!r}; valid: '
+                               f'{", ".join(self.arch_zoo)} or a dict with keys '
+                               f'{sorted(self._arch_keys)}')
+            self.arch_name, arch = arch, dict(self.arch_zoo[arch])
+        else:
+            arch = dict(arch)
+            bad = set(arch) - self._arch_keys
+            if bad or not {'dims', 'depths'} <= set(arch):
+                raise KeyError(f'VanillaVMamba: a dict arch needs dims and depths and may '
+                               f'have {sorted(self._arch_keys)}; got {sorted(arch)}')
+            self.arch_name = 'custom'
+        depths = list(arch['depths'])
+        dims = [arch['dims'] * 2 ** i for i in range(len(depths))]
+        self.dims, self.depths = dims, depths
+        self.num_features = dims[-1]
+        self.peft = parse_peft(peft)
+        self.checkpoint_key = checkpoint_key
+        mixer_kw = {k: arch[k] for k in ('d_state', 'ssm_ratio', 'd_conv', 'dt_rank') if k in arch}
+
+        if self.peft is not None and self.peft.gate is not None:
+            side = img_size // patch_size
+            for i in range(len(depths)):
+                tokens = (side // 2 ** i) ** 2
+                if self.peft.gate.num_chunks > tokens:
+                    raise ValueError(f'VanillaVMamba: gate num_chunks={self.peft.gate.num_chunks}'
+                                     f' exceeds the {tokens} tokens of stage {i + 1} at '
+                                     f'img_size {img_size}')
+
+        self.patch_embed = VMambaPatchEmbed(patch_size, in_channels, dims[0])
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList()
+        for i, (dim, depth) in enumerate(zip(dims, depths)):
+            start = sum(depths[:i])
+            blocks = [VSSBlock(dim, SS2D(dim, peft=self.peft, **mixer_kw), dpr[start + j])
+                      for j in range(depth)]
+            down = PatchMerging2D(dim) if i < len(depths) - 1 else None
+            self.layers.append(VMambaStage(blocks, down))
+        self.norm = nn.LayerNorm(self.num_features)
+        if self.peft is not None:
+            freeze_all_but_peft(self)
+
+    @staticmethod
+    def convert_official(state: dict) -> dict:
+        """Legacy or current official key names -> ours; the classifier head is dropped."""
+        rules = [
+            (r'^patch_embed\.0\.', 'patch_embed.proj.'),
+            (r'^patch_embed\.2\.', 'patch_embed.norm.'),
+            (r'^(layers\.\d+\.blocks\.\d+)\.ln_1\.', r'\1.norm.'),
+            (r'^(layers\.\d+\.blocks\.\d+)\.self_attention\.', r'\1.op.'),
+            (r'^classifier\.norm\.', 'norm.'),
+        ]
+        out = {}
+        for key, value in state.items():
+            if key.startswith(('head.', 'classifier.head.')):
+                continue
+            for pattern, repl in rules:
+                key = re.sub(pattern, repl, key)
+            out[key] = value
+        return out
+
+    def forward(self, x: Tensor) -> Tuple[Tensor]:
+        x = self.patch_embed(x)                                # (B, H, W, C)
+        for stage in self.layers:
+            x = stage(x)
+        x = self.norm(x)
+        return (x.mean(dim=(1, 2)),)

@@ -1,0 +1,8 @@
+"""Memba's PEFT modules: LoRA on the projections and the membrane gate."""
+from .config import GateConfig, LoRAConfig, PEFTConfig, parse_peft
+from .freeze import freeze_all_but_peft, is_peft_param
+from .lora import LoRALinear
+from .membrane_gate import MembraneGate
+
+__all__ = ['LoRALinear', 'MembraneGate', 'PEFTConfig', 'LoRAConfig', 'GateConfig',
+           'parse_peft', 'freeze_all_but_peft', 'is_peft_param']

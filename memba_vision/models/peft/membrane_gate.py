@@ -1,0 +1,80 @@
+"""MembraneGate: the Memba correction of Mamba's gate branch z, one LIM per direction."""
+from typing import Optional, Sequence, Tuple
+
+import torch.nn as nn
+from torch import Tensor
+
+from ...ops import lim
+
+__all__ = ['MembraneGate']
+
+Membrane = Optional[Tuple[Optional[Tensor], ...]]
+
+
+class MembraneGate(nn.Module):
+    """z' = z + W_out(LIM(W_in z, u_prev)) for each scan direction.
+
+    Direction 0 sees the tokens in order, direction 1 sees them reversed
+    (flip along L), and each direction has its own LIM and membrane chain.
+
+    Args:
+        channels: width of z (Mamba's d_inner).
+        rank: LIM width R (W_in: channels -> R, W_out: R -> channels, no bias).
+        directions: number of scan directions (2 for Vim and Memba's VMamba).
+        shared_proj: one W_in/W_out pair for all directions (Vim) or one pair
+            per direction (VMamba).
+        num_chunks, leak, threshold: the LIM op's settings (see ``ops.lim``).
+        transfer: hand each direction's u_mean to the next layer; when False
+            every layer starts from a zero membrane.
+        residual: z' = z + correction (default; W_out is zero-initialised so the
+            pretrained model is unchanged at step 0). False gives the literal
+            Eq. 6 form z' = correction, for ablation.
+
+    Forward:
+        z (B, L, C) and the previous layer's membrane (a tuple with one
+        (B, L // num_chunks, R) tensor or None per direction, or None) ->
+        (tuple of z' per direction, each (B, L, C) in that direction's token
+        order; the new membrane tuple, or None when ``transfer`` is False).
+    """
+
+    def __init__(self, channels: int, rank: int = 16, directions: int = 2,
+                 shared_proj: bool = True, num_chunks: int = 4, leak: float = 0.5,
+                 threshold: float = 1.0, transfer: bool = True, residual: bool = True):
+        super().__init__()
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= channels:
+            raise ValueError(f'gate rank must be an integer in [1, {channels}], got {rank!r}')
+        if isinstance(num_chunks, bool) or not isinstance(num_chunks, int) or num_chunks < 1:
+            raise ValueError(f'gate num_chunks must be an integer >= 1, got {num_chunks!r}')
+        if directions not in (1, 2):
+            raise ValueError(f'gate directions must be 1 or 2, got {directions!r}')
+        self.channels, self.rank, self.directions = channels, rank, directions
+        self.num_chunks, self.leak, self.threshold = num_chunks, float(leak), float(threshold)
+        self.transfer, self.residual, self.shared_proj = bool(transfer), bool(residual), shared_proj
+        num_proj = 1 if shared_proj else directions
+        self.proj_in = nn.ModuleList(nn.Linear(channels, rank, bias=False)
+                                     for _ in range(num_proj))
+        self.proj_out = nn.ModuleList(nn.Linear(rank, channels, bias=False)
+                                      for _ in range(num_proj))
+        for proj in self.proj_out:
+            nn.init.zeros_(proj.weight)
+
+    def forward(self, z: Tensor, membrane: Membrane = None
+                ) -> Tuple[Tuple[Tensor, ...], Membrane]:
+        if membrane is None or not self.transfer:
+            membrane = (None,) * self.directions
+        gated, new_membrane = [], []
+        for d in range(self.directions):
+            k = 0 if self.shared_proj else d
+            z_d = z if d == 0 else z.flip(1)
+            spikes, u_mean = lim(self.proj_in[k](z_d), self.num_chunks, self.leak,
+                                 self.threshold, membrane[d])
+            correction = self.proj_out[k](spikes)
+            gated.append(z_d + correction if self.residual else correction)
+            new_membrane.append(u_mean)
+        return tuple(gated), (tuple(new_membrane) if self.transfer else None)
+
+    def extra_repr(self) -> str:
+        return (f'channels={self.channels}, rank={self.rank}, directions={self.directions}, '
+                f'shared_proj={self.shared_proj}, num_chunks={self.num_chunks}, '
+                f'leak={self.leak:g}, threshold={self.threshold:g}, '
+                f'transfer={self.transfer}, residual={self.residual}')

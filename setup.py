@@ -80,8 +80,9 @@ def lim_extension():
     ext = CUDAExtension(
         name='memba_vision._lim_cuda',
         sources=sources,
-        extra_compile_args={'cxx': ['-O3', '-std=c++17'],
-                            'nvcc': ['-O3', '-std=c++17', '--use_fast_math',
+        # no -std flag: BuildExtension picks the standard the installed torch needs
+        extra_compile_args={'cxx': ['-O3'],
+                            'nvcc': ['-O3', '--use_fast_math',
                                      '-U__CUDA_NO_HALF_OPERATORS__',
                                      '-U__CUDA_NO_BFLOAT16_CONVERSIONS__']})
     return [ext], {'build_ext': BuildExtension.with_options(use_ninja=True)}

@@ -2,7 +2,8 @@
 
 ``torch.load`` defaults to ``weights_only=True`` since PyTorch 2.6, which rejects
 the few non-tensor objects that training checkpoints carry: mmengine's message
-hub (HistoryBuffer with numpy arrays and scalars), the ``args`` Namespace of
+hub (HistoryBuffer with numpy arrays and scalars, and ``getattr`` for its
+statistics methods, served by a restricted stand-in), the ``args`` Namespace of
 DeiT-style checkpoints (Vim) and the yacs config of Swin-style ones (VMamba).
 ``register_safe_globals`` allow-lists exactly those types so mmengine's own
 ``--resume`` and our loaders keep ``weights_only=True``. yacs is not a
@@ -10,6 +11,7 @@ dependency: its ``CfgNode`` is mapped onto an inert dict stand-in.
 """
 import argparse
 import os
+import pickle
 from collections import OrderedDict
 from typing import Any, Dict, Optional
 
@@ -48,6 +50,20 @@ def _numpy_globals():
     return found
 
 
+def _history_buffer_getattr(obj, name):
+    """``getattr`` as mmengine checkpoints use it, and nothing more.
+
+    A pickled HistoryBuffer refers to its statistics methods as
+    ``getattr(HistoryBuffer, 'min')``; any other use is refused.
+    """
+    from mmengine.logging.history_buffer import HistoryBuffer
+    registered = {'min', 'max', 'mean', 'current', *HistoryBuffer._statistics_methods}
+    if obj is HistoryBuffer and name in registered:
+        return getattr(obj, name)
+    raise pickle.UnpicklingError(
+        f'checkpoint asks for getattr({type(obj).__name__}, {name!r}); refused')
+
+
 _registered = False
 
 
@@ -57,7 +73,8 @@ def register_safe_globals() -> None:
     if _registered:
         return
     from mmengine.logging.history_buffer import HistoryBuffer
-    safe = [HistoryBuffer, argparse.Namespace, (OpaqueConfig, 'yacs.config.CfgNode')]
+    safe = [HistoryBuffer, argparse.Namespace, (OpaqueConfig, 'yacs.config.CfgNode'),
+            (_history_buffer_getattr, 'builtins.getattr')]
     safe += _numpy_globals()
     torch.serialization.add_safe_globals(safe)
     _registered = True

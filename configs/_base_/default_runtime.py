@@ -1,0 +1,30 @@
+# Runtime shared by every memba_vision config.
+default_scope = 'mmpretrain'
+custom_imports = dict(imports=['memba_vision'], allow_failed_imports=False)
+
+default_hooks = dict(
+    timer=dict(type='IterTimerHook'),
+    logger=dict(type='LoggerHook', interval=10),           # loss, lr, ETA
+    param_scheduler=dict(type='ParamSchedulerHook'),
+    # every epoch, so an interrupted run loses at most one epoch; PEFT runs save
+    # only their trainable tensors (see PEFTCheckpointHook)
+    checkpoint=dict(type='CheckpointHook', interval=1, max_keep_ckpts=1, save_last=True),
+    sampler_seed=dict(type='DistSamplerSeedHook'),
+    visualization=dict(type='VisualizationHook', enable=False),
+)
+custom_hooks = [
+    dict(type='PEFTCheckpointHook'),
+    dict(type='NonFiniteLossHook'),
+]
+
+env_cfg = dict(
+    cudnn_benchmark=False,
+    mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
+    dist_cfg=dict(backend='nccl'),
+)
+vis_backends = [dict(type='LocalVisBackend')]
+visualizer = dict(type='UniversalVisualizer', vis_backends=vis_backends)
+log_level = 'INFO'
+load_from = None
+resume = False
+randomness = dict(seed=0, deterministic=False)

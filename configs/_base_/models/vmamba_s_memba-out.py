@@ -1,0 +1,5 @@
+# Memba with LoRA on out_proj only (64) + LIM gates.
+_base_ = ['./vmamba_s.py']
+model = dict(backbone=dict(peft=dict(
+    lora=dict(out_proj=64),
+    gate=dict(rank=16, num_chunks=4, leak=0.5, threshold=1.0, transfer=True))))

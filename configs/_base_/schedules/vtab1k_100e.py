@@ -1,0 +1,26 @@
+# DeiT-style fine-tuning recipe used by MambaPEFT and Memba on VTAB-1k:
+# AdamW 1e-3, wd 1e-4, batch 32, 100 epochs (10 linear warm-up, cosine to 1e-5),
+# gradient clipping at 5. No decay on norms, biases, embeddings and SSM A/D.
+no_decay = dict(decay_mult=0.0)
+optim_wrapper = dict(
+    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4, eps=1e-8, betas=(0.9, 0.999)),
+    paramwise_cfg=dict(
+        norm_decay_mult=0.0,
+        bias_decay_mult=0.0,
+        custom_keys={
+            '.pos_embed': no_decay, '.cls_token': no_decay,
+            '.A_log': no_decay, '.A_b_log': no_decay, '.A_logs': no_decay,
+            '.D': no_decay, '.D_b': no_decay, '.Ds': no_decay,
+        }),
+    clip_grad=dict(max_norm=5.0),
+)
+warmup_epochs = 10
+max_epochs = 100
+param_scheduler = [
+    dict(type='LinearLR', start_factor=1e-3, by_epoch=True, begin=0, end=warmup_epochs,
+         convert_to_iter_based=True),
+    dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=warmup_epochs,
+         end=max_epochs, convert_to_iter_based=True),
+]
+train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs)
+test_cfg = dict()

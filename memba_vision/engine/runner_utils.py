@@ -1,0 +1,89 @@
+"""Helpers shared by tools/train.py, tools/test.py and the sweep: config loading,
+up-front input checks with actionable messages, and result files."""
+import json
+import os
+import os.path as osp
+import tempfile
+from typing import Optional
+
+from mmengine.config import Config
+
+__all__ = ['load_config', 'check_pretrained', 'check_task_data', 'experiment_info',
+           'result_path', 'write_result']
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None,
+                work_dir: Optional[str] = None) -> Config:
+    """Config file + --cfg-options; work_dir from the argument, the config, or
+    work_dirs/<config name>."""
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'config file not found: {path}')
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    if work_dir:
+        cfg.work_dir = work_dir
+    elif not cfg.get('work_dir'):
+        cfg.work_dir = osp.join('work_dirs', osp.splitext(osp.basename(path))[0])
+    return cfg
+
+
+def check_pretrained(cfg: Config) -> None:
+    """Fails early, with the download location, when the backbone's pretrained file is missing."""
+    backbone = cfg.model.get('backbone', {})
+    init = backbone.get('init_cfg') or {}
+    if not isinstance(init, dict) or init.get('type') != 'Pretrained':
+        return
+    path = init.get('checkpoint')
+    if path and osp.isfile(path):
+        return
+    from mmpretrain.registry import MODELS
+    cls = MODELS.get(backbone.get('type'))
+    url = getattr(cls, 'download_urls', {}).get(backbone.get('arch')) if cls else None
+    where = f'download it from {url} and put it at {path}' if url else f'put it at {path}'
+    raise FileNotFoundError(
+        f'pretrained backbone checkpoint {path} not found: {where} '
+        f'(or point model.backbone.init_cfg.checkpoint elsewhere with --cfg-options)')
+
+
+def check_task_data(dataset_cfg: dict) -> None:
+    """Fails early when a VTAB1k dataset's root, task folder or list file is missing."""
+    if dataset_cfg.get('type') != 'VTAB1k':
+        return
+    from memba_vision.datasets.vtab1k_tasks import get_task
+    root, task, split = dataset_cfg.get('data_root'), dataset_cfg.get('task'), dataset_cfg.get('split')
+    get_task(task)
+    hint = 'prepare it with tools/prepare_vtab1k.py (README: Data preparation)'
+    if not osp.isdir(root):
+        raise FileNotFoundError(f'VTAB-1k data root {root} not found: {hint}')
+    list_file = osp.join(root, task, f'{split}.txt')
+    if not osp.isfile(list_file):
+        raise FileNotFoundError(f'list file {list_file} not found: {hint}')
+
+
+def experiment_info(cfg: Config, config_path: str) -> dict:
+    """backbone / method / task of a run, from the config's ``experiment`` entry."""
+    info = dict(cfg.get('experiment') or {})
+    task = info.get('task') or cfg.test_dataloader.dataset.get('task')
+    stem = osp.splitext(osp.basename(config_path))[0]
+    prefix = stem[:-len(task) - 1] if task and stem.endswith('_' + task) else stem
+    info.setdefault('backbone', prefix.split('_')[0] if '_' in prefix else prefix)
+    info.setdefault('method', prefix.split('_', 2)[-1] if prefix.count('_') >= 2 else '')
+    info['task'] = task
+    return info
+
+
+def result_path(work_dir: str, task: str) -> str:
+    return osp.join(work_dir, f'result_{task}.json')
+
+
+def write_result(work_dir: str, result: dict) -> str:
+    """Writes result_<task>.json atomically (a failed run never leaves a partial file)."""
+    os.makedirs(work_dir, exist_ok=True)
+    path = result_path(work_dir, result['task'])
+    fd, tmp = tempfile.mkstemp(dir=work_dir, prefix='.result_', suffix='.json')
+    with os.fdopen(fd, 'w') as f:
+        json.dump(result, f, indent=2)
+        f.write('\n')
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,141 @@
+"""End to end on the CPU: synthetic data -> train -> kill -> resume -> test -> table,
+plus the tools' one-line errors on bad input and seeded reproducibility."""
+import csv
+import json
+import os
+import os.path as osp
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+PY = sys.executable
+TASK = 'dsprites_loc'  # 16 classes: chance is 6.25%
+EPOCHS = 5
+
+
+def tool(*args, check=True, timeout=600):
+    proc = subprocess.run([PY, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}')
+    return proc
+
+
+@pytest.fixture(scope='module')
+def synthetic(tmp_path_factory):
+    root = tmp_path_factory.mktemp('e2e')
+    data = root / 'data'
+    tool('tools/prepare_vtab1k.py', '--synthetic', '--out', str(data), '--tasks', TASK,
+         '--num-train', '256', '--num-val', '64', '--num-test', '192', '--size', '32')
+    cfg = root / 'tiny.py'
+    cfg.write_text(f"""
+_base_ = ['{ROOT}/configs/demo/vim_tiny_memba_synthetic.py']
+data_root = '{data}'
+pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
+model = dict(backbone=dict(arch=dict(embed_dims=32, depth=2, d_state=4), img_size=32,
+                           peft=dict(lora=dict(in_proj=8, out_proj=8), gate=dict(rank=4))),
+             head=dict(in_channels=32))
+train_dataloader = dict(num_workers=0, persistent_workers=False,
+                        dataset=dict(data_root=data_root, pipeline=pipeline))
+test_dataloader = dict(num_workers=0, dataset=dict(data_root=data_root, pipeline=pipeline))
+max_epochs = {EPOCHS}
+param_scheduler = [dict(type='CosineAnnealingLR', eta_min=1e-4, by_epoch=True, begin=0,
+                        end=max_epochs, convert_to_iter_based=True)]
+optim_wrapper = dict(optimizer=dict(lr=1e-2))
+train_cfg = dict(max_epochs=max_epochs)
+""")
+    return root, data, str(cfg)
+
+
+def test_train_kill_resume_test_table(synthetic):
+    root, data, cfg = synthetic
+    work = root / 'work' / TASK
+    proc = subprocess.Popen([PY, 'tools/train.py', cfg, '--work-dir', str(work)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (work / 'last_checkpoint').exists():  # written after a complete checkpoint
+        assert proc.poll() is None, 'training ended before its first checkpoint'
+        assert time.time() < deadline
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = open(work / 'last_checkpoint').read().strip()
+    assert not (work / f'epoch_{EPOCHS}.pth').exists(), 'killed too late to test resuming'
+
+    out = tool('tools/train.py', cfg, '--work-dir', str(work), '--resume').stdout
+    logs = ''.join(open(p).read() for p in work.glob('*/*.log'))
+    resumed = int(re.search(r'resumed epoch: (\d+)', logs).group(1))
+    assert 1 <= resumed < EPOCHS and osp.basename(killed_at) == f'epoch_{resumed}.pth'
+    final = work / f'epoch_{EPOCHS}.pth'
+    assert final.exists()
+
+    tool('tools/test.py', cfg, str(final), '--work-dir', str(work))
+    result = json.load(open(work / f'result_{TASK}.json'))
+    assert result['task'] == TASK and result['num_images'] == 192
+    assert result['top1'] > 3 * 100 / 16, f'did not learn: {result["top1"]:.1f}% top-1'
+
+    tool('tools/vtab_table.py', str(root / 'work'))
+    rows = list(csv.DictReader(open(root / 'work' / 'vtab_table.csv')))
+    ours = [r for r in rows if r['source'] == 'ours']
+    assert len(ours) == 1 and ours[0]['method'] == 'memba'
+    assert float(ours[0][TASK]) == pytest.approx(result['top1'], abs=0.005)
+    assert float(ours[0]['average']) == pytest.approx(result['top1'], abs=0.005)
+
+
+def test_seeded_cpu_runs_are_identical(synthetic):
+    root, data, cfg = synthetic
+    states = []
+    for run in ('a', 'b'):
+        work = root / f'seed_{run}'
+        tool('tools/train.py', cfg, '--work-dir', str(work), '--cfg-options', 'train_cfg.max_epochs=1')
+        states.append(torch.load(work / 'epoch_1.pth', weights_only=True)['state_dict'])
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def one_line_error(proc):
+    err = (proc.stderr.strip().splitlines() or [''])[-1]
+    assert proc.returncode != 0
+    return err
+
+
+def test_tools_report_bad_input_in_one_line(synthetic, tmp_path):
+    root, data, cfg = synthetic
+    err = one_line_error(tool('tools/train.py', cfg, '--work-dir', str(tmp_path / 'w1'),
+                              '--cfg-options', f'train_dataloader.dataset.data_root={tmp_path}/none',
+                              check=False))
+    assert 'data root' in err and 'prepare_vtab1k.py' in err
+    err = one_line_error(tool('tools/train.py', cfg, '--work-dir', str(tmp_path / 'w2'),
+                              '--cfg-options', 'train_dataloader.dataset.task=cifar10', check=False))
+    assert "unknown VTAB-1k task 'cifar10'" in err
+    err = one_line_error(tool('tools/test.py', cfg, str(tmp_path / 'none.pth'), check=False))
+    assert 'checkpoint' in err and 'not found' in err
+    err = one_line_error(tool('tools/train.py', osp.join(ROOT, 'configs', 'vtab1k',
+                                                         'vim_s_memba_dtd.py'),
+                              '--work-dir', str(tmp_path / 'w3'), check=False))
+    assert 'huggingface.co/hustvl/Vim-small-midclstok' in err
+
+
+def test_failed_test_run_writes_no_result(synthetic, tmp_path):
+    root, data, cfg = synthetic
+    # a corrupt test image: the run fails naming the file, and no result file appears
+    import shutil
+    bad = tmp_path / 'data'
+    shutil.copytree(data, bad)
+    first = open(bad / TASK / 'test.txt').readline().split()[0]
+    (bad / TASK / first).write_bytes(b'not a jpeg')
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS
+    model = MODELS.build(Config.fromfile(cfg).model)
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'full.pth')
+    proc = tool('tools/test.py', cfg, str(tmp_path / 'full.pth'), '--work-dir',
+                str(tmp_path / 'out'), '--cfg-options', f'test_dataloader.dataset.data_root={bad}',
+                check=False)
+    assert proc.returncode != 0 and first in proc.stdout + proc.stderr
+    assert not (tmp_path / 'out' / f'result_{TASK}.json').exists()

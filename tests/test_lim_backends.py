@@ -1,0 +1,320 @@
+"""Fused LIM backends (CUDA extension, Triton) against the fp64 PyTorch reference.
+
+GPU tests run each available fused backend through ``ops.lim`` with
+MEMBA_LIM_BACKEND forcing it; they skip without a GPU. On CPU the Triton kernels
+run through Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must be
+set before triton is imported).
+
+A reset decision can legitimately differ between the fp32 kernels and the fp64
+reference when a membrane lands within rounding of the threshold; since every
+(b, j, r) column of LIM is independent, such columns are left out of the
+comparison (and must stay rare). The "fires often" threshold 0.55 is not on the
+coarse grid of bf16 inputs, so exact ties do not pile up there.
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import memba_vision.ops as ops
+from memba_vision.ops import lim_reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = 'MEMBA_LIM_BACKEND'
+FUSED = ('cuda', 'triton')
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+# ----------------------------------------------------------------- helpers
+def decision_margin(x, u_prev, T, leak, threshold):
+    """min_i |pre_i - threshold| per column (B, l, R), integrated in fp64."""
+    x = x.detach().double()
+    B, L, R = x.shape
+    l = L // T
+    u = torch.zeros(B, l, R, dtype=torch.float64, device=x.device) if u_prev is None \
+        else u_prev.detach().double()
+    margin = torch.full_like(u, float('inf'))
+    for i in range(T):
+        pre = leak * u + x[:, i * l:(i + 1) * l]
+        margin = torch.minimum(margin, (pre - threshold).abs())
+        u = torch.where(pre > threshold, torch.zeros_like(pre), pre)
+    return margin
+
+
+def reference(x, u_prev, T, leak, threshold, grad_out, grad_u_mean):
+    """fp64 outputs and grads of ``lim_reference`` on the same input values."""
+    xr = x.detach().double().requires_grad_()
+    ur = None if u_prev is None else u_prev.detach().double().requires_grad_()
+    out, u_mean = lim_reference(xr, T, leak, threshold, ur)
+    loss = out.sum() * 0
+    if grad_out is not None:
+        loss = loss + (out * grad_out.double()).sum()
+    if grad_u_mean is not None:
+        loss = loss + (u_mean * grad_u_mean.double()).sum()
+    grads = torch.autograd.grad(loss, [xr] + ([ur] if ur is not None else []))
+    return out, u_mean, grads[0], (grads[1] if ur is not None else None)
+
+
+def run_lim(x, u_prev, T, leak, threshold, grad_out, grad_u_mean, fn=None):
+    """Outputs and grads of ``fn`` (default ``ops.lim``, whatever backend the env selects)."""
+    out, u_mean = (fn or ops.lim)(x, T, leak, threshold, u_prev)
+    wrt = [t for t in (x, u_prev) if t is not None and t.requires_grad]
+    outs = [o for o, g in ((out, grad_out), (u_mean, grad_u_mean)) if g is not None]
+    grads = [g for g in (grad_out, grad_u_mean) if g is not None]
+    got = dict(zip(wrt, torch.autograd.grad(outs, wrt, grads))) if outs else {}
+    gx = got.get(x, torch.zeros_like(x))
+    gu = None if u_prev is None else got.get(u_prev, torch.zeros_like(u_prev))
+    return out, u_mean, gx, gu
+
+
+def assert_matches(got, want, margin, T, eps, atol, rtol, what=''):
+    """Compares (out, u_mean, grad_x, grad_u_prev) where decisions are unambiguous."""
+    safe = margin >= eps                                    # (B, l, R)
+    B, l, R = safe.shape
+    ambiguous = int((~safe).sum())
+    assert ambiguous <= max(2, 0.01 * safe.numel()), \
+        f'{what}: {ambiguous} of {safe.numel()} columns within {eps} of the threshold'
+    L = got[0].shape[1]
+    safe_full = torch.ones(B, L, R, dtype=torch.bool, device=safe.device)
+    safe_full[:, :l * T] = safe.repeat(1, T, 1)             # chunk-major like the output
+    names = ('out', 'u_mean', 'grad_x', 'grad_u_prev')
+    for name, g, w in zip(names, got, want):
+        if w is None:
+            assert g is None, f'{what} {name}: expected None'
+            continue
+        assert g.shape == w.shape, f'{what} {name}: shape {tuple(g.shape)} != {tuple(w.shape)}'
+        g = g.detach().double()
+        assert torch.isfinite(g).all(), f'{what} {name}: non-finite values (unwritten output?)'
+        mask = safe_full if g.shape[1] == L else safe
+        err = (g - w).abs()
+        bad = (err > atol + rtol * w.abs()) & mask
+        assert not bad.any(), (f'{what} {name}: {int(bad.sum())} mismatches, max err '
+                               f'{err[mask].max().item():.3e}')
+        if g.shape[1] == L and L > l * T:
+            assert (g[:, l * T:] == 0).all(), f'{what} {name}: tail not zero'
+
+
+def make_inputs(B, L, R, T, dtype, device, with_prev, seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device, dtype)
+
+    x = randn(B, L, R).requires_grad_()
+    u = randn(B, L // T, R).requires_grad_() if with_prev else None
+    return x, u, randn(B, L, R), randn(B, L // T, R)
+
+
+TOL = {  # eps (decision margin), atol, rtol
+    torch.float32: (1e-5, 1e-5, 0.0),
+    torch.float64: (1e-9, 1e-12, 0.0),
+    torch.bfloat16: (1e-4, 1e-5, 2.0 ** -7),  # final rounding to bf16: <= 2^-8 relative
+    torch.float16: (1e-4, 1e-5, 2.0 ** -10),
+}
+
+
+def check_case(B, L, R, T, dtype, device, with_prev, threshold, leak=0.5, seed=0, fn=None,
+               what=''):
+    x, u, go, gm = make_inputs(B, L, R, T, dtype, device, with_prev, seed)
+    got = run_lim(x, u, T, leak, threshold, go, gm, fn)
+    want = reference(x, u, T, leak, threshold, go, gm)
+    eps, atol, rtol = TOL[dtype]
+    assert_matches(got, want, decision_margin(x, u, T, leak, threshold), T, eps, atol, rtol,
+                   what or f'B={B} L={L} R={R} T={T} {dtype} prev={with_prev} th={threshold}')
+
+
+@pytest.fixture(params=FUSED)
+def fused_backend(request, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip('needs a CUDA GPU')
+    if request.param not in ops.available_lim_backends():
+        pytest.skip(f'LIM backend {request.param} unavailable')
+    monkeypatch.setenv(ENV, request.param)
+    return request.param
+
+
+# ------------------------------------------------------------------ CPU tests
+def test_cpu_import_registers_backends_lazily():
+    code = ('import sys, torch, memba_vision.ops as o; '
+            'print(o.available_lim_backends() if not torch.cuda.is_available() else "gpu"); '
+            'print("memba_vision._lim_cuda" in sys.modules, '
+            '"memba_vision.ops.lim_triton" in sys.modules)')
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    env.pop(ENV, None)
+    res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                         cwd=ROOT, timeout=120)
+    assert res.returncode == 0, res.stderr
+    backends, loaded = res.stdout.strip().splitlines()[-2:]
+    if backends != 'gpu':
+        assert backends == "('torch',)"
+    assert loaded == 'False False', 'importing memba_vision.ops loaded a fused LIM backend'
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='CPU-only behaviour')
+def test_cpu_only_torch_backend_available():
+    assert ops.available_lim_backends() == ('torch',)
+    assert ops.lim_backend(torch.zeros(1, 4, 2)) == 'torch'
+
+
+@pytest.mark.parametrize('forced', FUSED)
+def test_forcing_a_fused_backend_on_cpu_tensors_raises(monkeypatch, forced):
+    monkeypatch.setenv(ENV, forced)
+    with pytest.raises(RuntimeError, match=f'{ENV}={forced} needs CUDA tensors'):
+        ops.lim(torch.randn(2, 8, 4), 4)
+
+
+def _error_cases(device):
+    other = 'meta' if device == 'cpu' else 'cpu'
+    x = torch.randn(2, 9, 4, device=device)
+    return {
+        'device_mix': lambda: ops.lim(x, 4, u_prev=torch.zeros(2, 2, 4, device=other)),
+        'dtype_mix': lambda: ops.lim(x, 4, u_prev=torch.zeros(2, 2, 4, device=device,
+                                                               dtype=torch.float64)),
+        'u_prev_shape': lambda: ops.lim(x, 4, u_prev=torch.zeros(2, 3, 4, device=device)),
+        'num_chunks_0': lambda: ops.lim(x, 0),
+        'num_chunks_gt_L': lambda: ops.lim(x, 10),
+        'int_dtype': lambda: ops.lim(torch.ones(2, 9, 4, device=device, dtype=torch.int64), 4),
+    }
+
+
+@pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=needs_gpu)])
+def test_error_messages_identical_for_every_backend(monkeypatch, device):
+    modes = ['torch'] + [b for b in FUSED if device == 'cpu' or b in ops.available_lim_backends()]
+    seen = {}
+    for mode in modes:
+        monkeypatch.setenv(ENV, mode)
+        for name, call in _error_cases(device).items():
+            with pytest.raises((ValueError, TypeError)) as info:
+                call()
+            seen.setdefault(name, set()).add((info.type, str(info.value)))
+    for name, errors in seen.items():
+        assert len(errors) == 1, f'{name}: different errors per backend: {errors}'
+
+
+_INTERPRETER_SCRIPT = textwrap.dedent('''
+    import json, sys, torch
+    sys.path.insert(0, {tests!r})
+    import test_lim_backends as t
+    from memba_vision.ops.lim_triton import lim_triton as fn
+    cases = 0
+    for L in (1, 3, 197):
+        for T in (1, 4):
+            if T > L:
+                continue
+            for with_prev in (False, True):
+                for th in (0.55, 1e9):
+                    t.check_case(2, L, 8, T, torch.float32, 'cpu', with_prev, th, seed=cases,
+                                 fn=fn)
+                    cases += 1
+    t.check_case(2, 197, 16, 4, torch.bfloat16, 'cpu', True, 0.55, seed=1, fn=fn)
+    t.check_case(1, 70, 3, 35, torch.float64, 'cpu', True, 0.5, leak=0.9, seed=2, fn=fn)
+    t.check_case(3, 11, 5, 3, torch.float32, 'cpu', False, 0.3, leak=0.9, seed=3, fn=fn)
+    x, u, go, gm = t.make_inputs(2, 197, 8, 4, torch.float32, 'cpu', True, 9)
+    for g_out, g_mean in ((go, None), (None, gm)):  # one output unused: its grad is None
+        got = t.run_lim(x, u, 4, 0.5, 0.55, g_out, g_mean, fn)
+        want = t.reference(x, u, 4, 0.5, 0.55, g_out, g_mean)
+        t.assert_matches(got, want, t.decision_margin(x, u, 4, 0.5, 0.55), 4,
+                         *t.TOL[torch.float32])
+    print(json.dumps({{"cases": cases + 5}}))
+''')
+
+
+def test_triton_kernels_in_interpreter():
+    pytest.importorskip('triton')
+    env = dict(os.environ, TRITON_INTERPRET='1',
+               PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    env.pop(ENV, None)
+    script = _INTERPRETER_SCRIPT.format(tests=os.path.join(ROOT, 'tests'))
+    res = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1])['cases'] == 21
+
+
+# ------------------------------------------------------------------ GPU tests
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('with_prev', [False, True])
+@pytest.mark.parametrize('L', [1, 3, 196, 197, 3136])
+def test_fused_matches_reference_grid(fused_backend, L, with_prev, dtype):
+    assert ops.lim_backend(torch.empty(1, L, 1, device='cuda')) == fused_backend
+    for T in (1, 2, 4, 8):
+        if T > L:
+            continue
+        for threshold in (0.55, 1e9):  # fires often / never
+            check_case(2, L, 16, T, dtype, 'cuda', with_prev, threshold, seed=L * 31 + T)
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.float64])
+def test_fused_other_dtypes(fused_backend, dtype):
+    for L, T in ((197, 4), (50, 7)):
+        check_case(2, L, 16, T, dtype, 'cuda', True, 0.55, seed=L)
+
+
+def test_fused_random_sizes(fused_backend):
+    rng = random.Random(0)
+    for k in range(12):
+        B, R, L = rng.randint(1, 5), rng.randint(1, 40), rng.randint(1, 300)
+        T = rng.choice([1, 2, 3, 4, 8, 33, 70])
+        if T > L:
+            T = L
+        check_case(B, L, R, T, torch.float32, 'cuda', rng.random() < 0.5,
+                   rng.choice([0.3, 1.0, 1e9]), leak=rng.choice([0.5, 0.9]), seed=k)
+
+
+def test_fused_non_contiguous_inputs(fused_backend):
+    B, L, R, T = 2, 197, 16, 4
+    x = torch.randn(B, R, L, device='cuda').transpose(1, 2).requires_grad_()
+    u = torch.randn(B, R, L // T, device='cuda').transpose(1, 2).requires_grad_()
+    assert not x.is_contiguous() and not u.is_contiguous()
+    go, gm = torch.randn(B, L, R, device='cuda'), torch.randn(B, L // T, R, device='cuda')
+    got = run_lim(x, u, T, 0.5, 0.5, go.transpose(0, 1).contiguous().transpose(0, 1), gm)
+    want = reference(x, u, T, 0.5, 0.5, go, gm)
+    assert_matches(got, want, decision_margin(x, u, T, 0.5, 0.5), T, *TOL[torch.float32])
+
+
+@pytest.mark.parametrize('used', ['out', 'u_mean'])
+def test_fused_one_output_used(fused_backend, used):
+    B, L, R, T = 2, 197, 16, 4
+    x, u, go, gm = make_inputs(B, L, R, T, torch.float32, 'cuda', True, seed=5)
+    go, gm = (go, None) if used == 'out' else (None, gm)
+    got = run_lim(x, u, T, 0.5, 0.5, go, gm)
+    want = reference(x, u, T, 0.5, 0.5, go, gm)
+    assert_matches(got, want, decision_margin(x, u, T, 0.5, 0.5), T, *TOL[torch.float32])
+
+
+def test_fused_u_prev_without_grad_and_no_grad_mode(fused_backend):
+    B, L, R, T = 2, 197, 16, 4
+    x, u, go, gm = make_inputs(B, L, R, T, torch.float32, 'cuda', True, seed=6)
+    u = u.detach()
+    out, u_mean, gx, _ = run_lim(x, u, T, 0.5, 0.5, go, gm)
+    want = reference(x, u, T, 0.5, 0.5, go, gm)[:3] + (None,)
+    assert_matches((out, u_mean, gx, None), want, decision_margin(x, u, T, 0.5, 0.5), T,
+                   *TOL[torch.float32])
+    with torch.no_grad():
+        out2, u_mean2 = ops.lim(x, T, 0.5, 0.5, u)
+    assert not out2.requires_grad
+    assert torch.equal(out2, out.detach()) and torch.equal(u_mean2, u_mean.detach())
+
+
+def test_fused_writes_every_output_element(fused_backend):
+    """Outputs land in freshly freed NaN-filled blocks; none may survive."""
+    B, L, R, T = 3, 199, 24, 4
+    x, u, go, gm = make_inputs(B, L, R, T, torch.float32, 'cuda', True, seed=7)
+    big, small = x.numel(), u.numel()
+    torch.cuda.synchronize()
+    poison = [torch.full((n,), float('nan'), device='cuda') for n in (big, small, big, small)]
+    ptrs = {p.data_ptr() for p in poison}
+    del poison
+    out, u_mean = ops.lim(x, T, 0.5, 0.5, u)
+    gx, gu = torch.autograd.grad((out, u_mean), (x, u), (go, gm))
+    reused = sum(t.data_ptr() in ptrs for t in (out, u_mean, gx, gu))
+    for name, t in (('out', out), ('u_mean', u_mean), ('grad_x', gx), ('grad_u_prev', gu)):
+        assert not torch.isnan(t).any(), f'{name} has unwritten (NaN) elements'
+    assert (out[:, (L // T) * T:] == 0).all() and (gx[:, (L // T) * T:] == 0).all()
+    if reused == 0:
+        pytest.skip('the caching allocator did not hand the poisoned blocks back')

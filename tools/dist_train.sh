@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Multi-GPU training.
+#   bash tools/dist_train.sh CONFIG GPUS [train.py args]
+#       one config, DDP over GPUS processes (torchrun)
+#   bash tools/dist_train.sh --sweep BACKBONE_METHOD GPUS [train.py args]
+#       all 19 VTAB-1k tasks of e.g. vim_s_memba, one task per GPU at a time,
+#       each trained then tested; finished tasks are skipped, interrupted ones resumed
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+if [ "${1:-}" = "--sweep" ]; then
+  [ $# -ge 3 ] || { echo "usage: $0 --sweep BACKBONE_METHOD GPUS [train.py args]" >&2; exit 2; }
+  BM=$2; GPUS=$3; shift 3
+  exec "$PYTHON" tools/sweep.py "$BM" --gpus "$GPUS" --mode train -- "$@"
+fi
+[ $# -ge 2 ] || { echo "usage: $0 CONFIG GPUS [train.py args] | --sweep BACKBONE_METHOD GPUS" >&2; exit 2; }
+CONFIG=$1; GPUS=$2; shift 2
+exec "$PYTHON" -m torch.distributed.run --nnodes=1 --nproc_per_node="$GPUS" \
+  --master_port="${PORT:-29500}" tools/train.py "$CONFIG" --launcher pytorch "$@"

@@ -1,0 +1,201 @@
+"""Runs the 19 VTAB-1k tasks of one backbone/method on a node, one task per GPU at a time.
+
+    python tools/sweep.py vim_s_memba --gpus 8                  # train, then test, every task
+    python tools/sweep.py vim_s_memba --gpus 8 --mode test      # test the trained ones
+    python tools/sweep.py --config configs/demo/vim_tiny_memba_synthetic.py \
+        --tasks dsprites_loc clevr_count --gpus 1 --work-root work_dirs/demo
+
+(``bash tools/dist_train.sh --sweep vim_s_memba 8`` calls this.) Tasks come from a
+queue, longest first; each GPU slot takes the next task when its current one
+ends. A task whose result file exists is skipped; an interrupted task resumes
+from its last checkpoint. ``--cfg-options`` apply to training and testing; arguments after ``--`` go to
+tools/train.py only. At the
+end the result table is written to the sweep's work directory.
+"""
+import argparse
+import os
+import os.path as osp
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from memba_vision.datasets.vtab1k_tasks import VTAB1K_TASKS, get_task  # noqa: E402
+
+# lines of the train/test logs worth echoing with --verbose: progress, results, errors
+_PROGRESS = re.compile(r'Epoch\((train|test)\)|top-1|resumed epoch|Error|error:|Traceback')
+
+
+def task_configs(args):
+    """[(task, config path, extra train/test options, work dir)] for the sweep."""
+    tasks = args.tasks or list(VTAB1K_TASKS)
+    for t in tasks:
+        get_task(t)
+    out = []
+    if args.config:
+        stem = osp.splitext(osp.basename(args.config))[0]
+        root = args.work_root or osp.join('work_dirs', stem)
+        for t in tasks:
+            wd = osp.join(root, t)
+            opts = [f'train_dataloader.dataset.task={t}', f'test_dataloader.dataset.task={t}',
+                    f'model.head.num_classes={get_task(t).num_classes}',
+                    f'experiment.task={t}']
+            out.append((t, args.config, opts, wd))
+    else:
+        root = args.work_root or osp.join('work_dirs', 'vtab1k', args.backbone_method)
+        for t in tasks:
+            cfg = osp.join(ROOT, 'configs', 'vtab1k', f'{args.backbone_method}_{t}.py')
+            if not osp.isfile(cfg):
+                raise SystemExit(f'error: no config {osp.relpath(cfg, ROOT)}; '
+                                 f'BACKBONE_METHOD is e.g. vim_s_memba or vmamba_s_lora-in')
+            out.append((t, cfg, [], osp.join(root, t)))
+    # longest first: training is the same for every task, test sets differ a lot
+    out.sort(key=lambda item: -get_task(item[0]).num_test)
+    return out, root
+
+
+def final_checkpoint(work_dir):
+    marker = osp.join(work_dir, 'last_checkpoint')
+    if not osp.isfile(marker):
+        return None
+    path = open(marker).read().strip()
+    return path if osp.isfile(path) else None
+
+
+class Sweep:
+    def __init__(self, items, slots, mode, train_args, python, verbose=False, cfg_options=()):
+        self.items, self.slots, self.mode, self.verbose = items, slots, mode, verbose
+        self.cfg_options = list(cfg_options)
+        self.train_args, self.python = train_args, python
+        self.lock = threading.Lock()
+        self.done, self.failed, self.skipped, self.durations = [], [], [], []
+        self.running = {}
+        self.start = time.time()
+
+    def log(self, msg):
+        with self.lock:
+            print(f'[sweep {time.strftime("%H:%M:%S")}] {msg}', flush=True)
+
+    def progress(self):
+        n = len(self.items)
+        finished = len(self.done) + len(self.failed) + len(self.skipped)
+        eta = ''
+        if self.durations:
+            per_task = sum(self.durations) / len(self.durations)
+            remaining = n - finished
+            eta = f', ETA {time.strftime("%H:%M:%S", time.gmtime(per_task * remaining / self.slots))}'
+        return f'{finished}/{n} finished, {len(self.running)} running{eta}'
+
+    def run_step(self, cmd, env, log_file, task):
+        """Runs one tool; its output goes to the task's log (and stdout with --verbose)."""
+        with open(log_file, 'a') as f:
+            f.write(f'\n$ {" ".join(cmd)}\n')
+            f.flush()
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, cwd=ROOT, text=True)
+            for line in proc.stdout:
+                f.write(line)
+                if self.verbose and _PROGRESS.search(line):
+                    print(f'  [{task}] {line.split(" - mmengine - INFO - ")[-1]}', end='',
+                          flush=True)
+            return proc.wait()
+
+    def run_task(self, slot, item):
+        task, cfg, opts, wd = item
+        from memba_vision.engine.runner_utils import result_path
+        if osp.isfile(result_path(wd, task)):
+            self.skipped.append(task)
+            self.log(f'{task}: result exists, skipped ({self.progress()})')
+            return
+        os.makedirs(wd, exist_ok=True)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(slot))
+        log_file = osp.join(wd, 'sweep.log')
+        t0 = time.time()
+        self.running[task] = slot
+        self.log(f'{task}: started on GPU {slot} (log: {log_file})')
+        opts = [*opts, *self.cfg_options]
+        cfg_opts = ['--cfg-options', *opts] if opts else []
+        ok = True
+        if self.mode == 'train':
+            cmd = [self.python, 'tools/train.py', cfg, '--work-dir', wd, '--resume',
+                   *self.train_args, *cfg_opts]
+            ok = self.run_step(cmd, env, log_file, task) == 0
+        ckpt = final_checkpoint(wd) if ok else None
+        if ok and ckpt is None:
+            ok = False
+            self.log(f'{task}: no checkpoint in {wd}')
+        if ok:
+            cmd = [self.python, 'tools/test.py', cfg, ckpt, '--work-dir', wd, *cfg_opts]
+            ok = self.run_step(cmd, env, log_file, task) == 0
+        del self.running[task]
+        if ok:
+            self.durations.append(time.time() - t0)
+            self.done.append(task)
+            self.log(f'{task}: done in {time.time() - t0:.0f}s ({self.progress()})')
+        else:
+            self.failed.append(task)
+            self.log(f'{task}: FAILED, see {log_file} ({self.progress()})')
+
+    def run(self):
+        q = queue.Queue()
+        for item in self.items:
+            q.put(item)
+
+        def worker(slot):
+            while True:
+                try:
+                    item = q.get_nowait()
+                except queue.Empty:
+                    return
+                self.run_task(slot, item)
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(self.slots)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def main():
+    argv = sys.argv[1:]
+    train_args = []
+    if '--' in argv:
+        i = argv.index('--')
+        argv, train_args = argv[:i], argv[i + 1:]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('backbone_method', nargs='?', help='e.g. vim_s_memba (configs/vtab1k/<this>_<task>.py)')
+    p.add_argument('--config', help='one config for every task instead (the task is set per run)')
+    p.add_argument('--gpus', type=int, default=1, help='GPU slots (one task per GPU)')
+    p.add_argument('--mode', choices=['train', 'test'], default='train',
+                   help='train then test (default), or only test trained tasks')
+    p.add_argument('--tasks', nargs='+', help='a subset of the 19 tasks')
+    p.add_argument('--work-root', help='default: work_dirs/vtab1k/<backbone_method>')
+    p.add_argument('--verbose', action='store_true', help='also print the training/test logs')
+    p.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
+                   help='config overrides for both training and testing')
+    args = p.parse_args(argv)
+    if bool(args.backbone_method) == bool(args.config):
+        p.error('give either BACKBONE_METHOD or --config')
+    if args.gpus < 1:
+        p.error('--gpus must be >= 1')
+    items, root = task_configs(args)
+    sweep = Sweep(items, args.gpus, args.mode, train_args, sys.executable, args.verbose,
+                  args.cfg_options)
+    sweep.log(f'{len(items)} tasks on {args.gpus} GPU slot(s), mode {args.mode}, '
+              f'results under {root}')
+    sweep.run()
+    sweep.log(f'finished in {time.time() - sweep.start:.0f}s: {len(sweep.done)} done, '
+              f'{len(sweep.skipped)} skipped, {len(sweep.failed)} failed'
+              + (f' ({", ".join(sweep.failed)})' if sweep.failed else ''))
+    if sweep.done or sweep.skipped:
+        subprocess.call([sys.executable, 'tools/vtab_table.py', root], cwd=ROOT)
+    sys.exit(1 if sweep.failed else 0)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,66 @@
+"""Evaluates a checkpoint on the test split and writes <work-dir>/result_<task>.json.
+
+    python tools/test.py configs/vtab1k/vim_s_memba_caltech101.py \
+        work_dirs/vtab1k/vim_s_memba/caltech101/epoch_100.pth
+
+The result file holds task, top-1 (%), number of test images, config and
+checkpoint; ``tools/vtab_table.py WORK_DIR`` collects them into the VTAB-1k table.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmengine.config import DictAction  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description='Test a memba_vision checkpoint')
+    p.add_argument('config', help='config file')
+    p.add_argument('checkpoint', help='checkpoint file (trainable-only PEFT checkpoints '
+                   'are completed from the pretrained backbone)')
+    p.add_argument('--work-dir', help='where the result file goes (default: the config\'s '
+                   'work_dir or work_dirs/<config name>)')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys')
+    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = p.parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main():
+    args = parse_args()
+    from memba_vision.engine.runner_utils import (check_pretrained, check_task_data,
+                                                  experiment_info, load_config, write_result)
+    cfg = load_config(args.config, args.cfg_options, args.work_dir)
+    cfg.launcher = args.launcher
+    if not osp.isfile(args.checkpoint):
+        raise SystemExit(f'error: checkpoint {args.checkpoint} not found')
+    cfg.load_from = args.checkpoint
+    try:
+        check_pretrained(cfg)
+        check_task_data(cfg.test_dataloader.dataset)
+    except (FileNotFoundError, KeyError) as e:
+        raise SystemExit(f'error: {e.args[0] if e.args else e}')
+
+    from mmengine.dist import is_main_process
+    from mmengine.runner import Runner
+    runner = Runner.from_cfg(cfg)
+    metrics = runner.test()
+    if 'accuracy/top1' not in metrics:
+        raise SystemExit(f'error: the test loop returned no top-1 accuracy: {metrics}')
+    info = experiment_info(cfg, args.config)
+    result = dict(task=info['task'], top1=float(metrics['accuracy/top1']),
+                  num_images=len(runner.test_dataloader.dataset), config=args.config,
+                  checkpoint=args.checkpoint, backbone=info['backbone'], method=info['method'])
+    if is_main_process():
+        path = write_result(runner.work_dir, result)
+        runner.logger.info(f"{result['task']}: top-1 {result['top1']:.2f}% on "
+                           f"{result['num_images']} images -> {path}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,64 @@
+"""Fine-tunes a model with mmengine's Runner.
+
+    python tools/train.py configs/vtab1k/vim_s_memba_caltech101.py
+    python tools/train.py CONFIG --resume            # continue from the work dir's last checkpoint
+    python tools/train.py CONFIG --amp --cfg-options train_dataloader.batch_size=64
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmengine.config import DictAction  # noqa: E402
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description='Fine-tune a memba_vision model')
+    p.add_argument('config', help='config file')
+    p.add_argument('--work-dir', help='where logs and checkpoints go '
+                   '(default: the config\'s work_dir or work_dirs/<config name>)')
+    p.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CHECKPOINT',
+                   help='resume from CHECKPOINT, or without a value from the latest '
+                        'checkpoint in the work dir (starts fresh if there is none)')
+    p.add_argument('--amp', action='store_true', help='bf16 automatic mixed precision (GPU)')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys')
+    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = p.parse_args()
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def main():
+    args = parse_args()
+    from memba_vision.engine.runner_utils import check_pretrained, check_task_data, load_config
+    cfg = load_config(args.config, args.cfg_options, args.work_dir)
+    cfg.launcher = args.launcher
+    if args.amp:
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit('--amp needs a CUDA GPU (bf16 autocast); run without it on CPU')
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.dtype = 'bfloat16'
+    if args.resume == 'auto':
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume:
+        if not osp.isfile(args.resume):
+            raise SystemExit(f'--resume: checkpoint {args.resume} not found')
+        cfg.resume, cfg.load_from = True, args.resume
+    try:
+        check_pretrained(cfg)
+        check_task_data(cfg.train_dataloader.dataset)
+    except (FileNotFoundError, KeyError) as e:
+        raise SystemExit(f'error: {e.args[0] if e.args else e}')
+
+    from mmengine.runner import Runner
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    runner.logger.info(f'training finished; checkpoints in {runner.work_dir}')
+
+
+if __name__ == '__main__':
+    main()

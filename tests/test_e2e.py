@@ -139,3 +139,19 @@ def test_failed_test_run_writes_no_result(synthetic, tmp_path):
                 check=False)
     assert proc.returncode != 0 and first in proc.stdout + proc.stderr
     assert not (tmp_path / 'out' / f'result_{TASK}.json').exists()
+
+
+def test_sweep_trains_tests_tabulates_and_skips_finished_tasks(synthetic):
+    root, data, cfg = synthetic
+    work = root / 'sweep'
+    args = ['tools/sweep.py', '--config', cfg, '--tasks', TASK, '--work-root', str(work),
+            '--cfg-options', 'train_cfg.max_epochs=1']
+    out = tool(*args).stdout
+    assert f'{TASK}: done' in out and '1 done, 0 skipped, 0 failed' in out
+    result = json.load(open(work / TASK / f'result_{TASK}.json'))
+    assert result['num_images'] == 192
+    assert (work / 'vtab_table.md').exists()
+    out = tool(*args).stdout
+    assert f'{TASK}: result exists, skipped' in out and '0 done, 1 skipped' in out
+    proc = tool('tools/sweep.py', 'vim_s_memba', '--tasks', 'cifar10', check=False)
+    assert proc.returncode != 0 and "unknown VTAB-1k task 'cifar10'" in proc.stderr

@@ -183,7 +183,10 @@ def main():
         p.error('give either BACKBONE_METHOD or --config')
     if args.gpus < 1:
         p.error('--gpus must be >= 1')
-    items, root = task_configs(args)
+    try:
+        items, root = task_configs(args)
+    except KeyError as e:
+        raise SystemExit(f'error: {e.args[0]}')
     sweep = Sweep(items, args.gpus, args.mode, train_args, sys.executable, args.verbose,
                   args.cfg_options)
     sweep.log(f'{len(items)} tasks on {args.gpus} GPU slot(s), mode {args.mode}, '

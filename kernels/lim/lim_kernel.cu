@@ -5,8 +5,9 @@
 // chunk i is the contiguous block of l*R elements starting at i*l*R, so a
 // thread owns V consecutive elements at offset q in [0, l*R) and walks the T
 // chunks with stride l*R: every load and store is coalesced and, when the
-// sizes and pointers allow it, 16 bytes wide. The same thread also writes the
-// zero tail rows (l*T .. L-1) at offsets q, q + l*R, ... of the tail.
+// sizes and pointers allow it, 16 bytes wide (8 bytes in the backward for
+// 2-byte types, see kBwdBytes). The same thread also writes the zero tail rows
+// (l*T .. L-1) at offsets q, q + l*R, ... of the tail.
 //
 // Arithmetic is done in at::opmath_type (fp32 for fp16/bf16/fp32, fp64 for
 // fp64) with explicitly rounded mul/add/div, so the result does not depend on
@@ -27,6 +28,15 @@ namespace {
 constexpr int kThreads = 128;  // small blocks spread small problems over more SMs
 constexpr int kSegment = 32;  // reset decisions kept as the bits of one uint32
 constexpr int kBatch = 4;     // chunks whose loads are issued together
+
+// Bytes per thread and access: the forward always uses 16. The backward keeps
+// more state per element (u0, grad_u_mean / T, the running grad, u and the
+// reset bits) plus two batches of loads, so at 8 fp16/bf16 elements per
+// thread it needs 128 registers (a quarter of the SM's threads resident);
+// 4 elements (8-byte accesses) roughly halve that and double the resident
+// warps that hide the latency of its two dependent load phases.
+template <typename T> constexpr int kFwdVec = 16 / sizeof(T);
+template <typename T> constexpr int kBwdVec = sizeof(T) == 2 ? 4 : 16 / sizeof(T);
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -243,8 +253,8 @@ lim_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
   }
 }
 
-bool aligned16(const void* ptr) {
-  return ptr == nullptr || reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0;
+bool aligned(const void* ptr, int bytes) {
+  return ptr == nullptr || reinterpret_cast<std::uintptr_t>(ptr) % bytes == 0;
 }
 
 template <typename scalar_t>
@@ -281,13 +291,15 @@ void lim_forward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& u_pr
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "lim_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        constexpr int kVec = 16 / sizeof(scalar_t);
+        constexpr int kVec = kFwdVec<scalar_t>;
+        constexpr int kBytes = kVec * sizeof(scalar_t);
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         const scalar_t* up = data_or_null<scalar_t>(u_prev);
         scalar_t* op = out.mutable_data_ptr<scalar_t>();
         scalar_t* mp = u_mean.mutable_data_ptr<scalar_t>();
-        const bool vec = geo.chunk % kVec == 0 && geo.seq % kVec == 0 && aligned16(xp) &&
-                         aligned16(up) && aligned16(op) && aligned16(mp);
+        const bool vec = geo.chunk % kVec == 0 && geo.seq % kVec == 0 &&
+                         aligned(xp, kBytes) && aligned(up, kBytes) && aligned(op, kBytes) &&
+                         aligned(mp, kBytes);
         const int T = static_cast<int>(num_chunks);
         if (vec) {
           const int64_t n_vec = geo.n / kVec;
@@ -315,16 +327,17 @@ void lim_backward_cuda(const at::Tensor& x, const std::optional<at::Tensor>& u_p
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::ScalarType::Half, at::ScalarType::BFloat16, x.scalar_type(), "lim_backward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        constexpr int kVec = 16 / sizeof(scalar_t);
+        constexpr int kVec = kBwdVec<scalar_t>;
+        constexpr int kBytes = kVec * sizeof(scalar_t);
         const scalar_t* xp = x.const_data_ptr<scalar_t>();
         const scalar_t* up = data_or_null<scalar_t>(u_prev);
         const scalar_t* gop = data_or_null<scalar_t>(grad_out);
         const scalar_t* gmp = data_or_null<scalar_t>(grad_u_mean);
         scalar_t* gxp = mutable_or_null<scalar_t>(grad_x);
         scalar_t* gup = mutable_or_null<scalar_t>(grad_u_prev);
-        const bool vec = geo.chunk % kVec == 0 && geo.seq % kVec == 0 && aligned16(xp) &&
-                         aligned16(up) && aligned16(gop) && aligned16(gmp) &&
-                         aligned16(gxp) && aligned16(gup);
+        const bool vec = geo.chunk % kVec == 0 && geo.seq % kVec == 0 &&
+                         aligned(xp, kBytes) && aligned(up, kBytes) && aligned(gop, kBytes) &&
+                         aligned(gmp, kBytes) && aligned(gxp, kBytes) && aligned(gup, kBytes);
         const int T = static_cast<int>(num_chunks);
         if (vec) {
           const int64_t n_vec = geo.n / kVec;

@@ -1,5 +1,5 @@
 """Shared base of the Mamba backbones: strict official-checkpoint init."""
-from typing import Dict, Optional
+from typing import Dict, Optional, Set, Tuple
 
 from mmpretrain.models.backbones.base_backbone import BaseBackbone
 
@@ -15,9 +15,27 @@ class MambaBackbone(BaseBackbone):
     Subclasses set ``arch_name``, ``checkpoint_key`` and ``download_urls``
     (arch name -> where the official file can be downloaded).
     """
+    arch_zoo: Dict[str, dict] = {}
+    arch_keys: Set[str] = set()       # keys a dict arch may have
+    required_arch_keys: Tuple[str, ...] = ()
     download_urls: Dict[str, str] = {}
     arch_name: str = 'custom'
     checkpoint_key: Optional[str] = None
+
+    @classmethod
+    def resolve_arch(cls, arch) -> Tuple[str, dict]:
+        """('small', settings) for a zoo name, ('custom', arch) for a valid dict."""
+        name = cls.__name__
+        if isinstance(arch, str):
+            if arch not in cls.arch_zoo:
+                raise KeyError(f'{name}: unknown arch {arch!r}; valid: {", ".join(cls.arch_zoo)} '
+                               f'or a dict with keys {sorted(cls.arch_keys)}')
+            return arch, dict(cls.arch_zoo[arch])
+        arch = dict(arch)
+        if set(arch) - cls.arch_keys or not set(cls.required_arch_keys) <= set(arch):
+            raise KeyError(f'{name}: a dict arch needs {" and ".join(cls.required_arch_keys)} '
+                           f'and may have {sorted(cls.arch_keys)}; got {sorted(arch)}')
+        return 'custom', arch
 
     def convert_official(self, state: dict) -> dict:
         raise NotImplementedError

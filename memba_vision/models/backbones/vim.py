@@ -14,7 +14,7 @@ from mmpretrain.registry import MODELS
 from torch import Tensor
 
 from ...ops import causal_conv1d, selective_scan
-from ..peft import LoRALinear, MembraneGate, PEFTConfig, freeze_all_but_peft, parse_peft
+from ..peft import PEFTConfig, build_gate, freeze_all_but_peft, parse_peft, wrap_lora
 from .base import MambaBackbone
 from .ssm_layers import RMSNorm, init_A_log, init_dt_bias, resolve_dt_rank
 
@@ -24,14 +24,6 @@ VIM_URLS = {
     'tiny': 'https://huggingface.co/hustvl/Vim-tiny-midclstok (vim_t_midclstok_76p1acc.pth)',
     'small': 'https://huggingface.co/hustvl/Vim-small-midclstok (vim_s_midclstok_80p5acc.pth)',
 }
-
-
-def wrap_lora(linear: nn.Linear, peft: Optional[PEFTConfig], name: str) -> nn.Module:
-    """``linear`` wrapped in LoRALinear when ``peft`` gives ``name`` a rank."""
-    rank = peft.lora_rank(name) if peft is not None else None
-    if rank is None:
-        return linear
-    return LoRALinear(linear, rank, scale=peft.lora.scale, dropout=peft.lora.dropout)
 
 
 class VimMixer(nn.Module):
@@ -69,13 +61,7 @@ class VimMixer(nn.Module):
         self.D_b = nn.Parameter(torch.ones(d_inner))
         self.in_proj = wrap_lora(in_proj, peft, 'in_proj')
         self.out_proj = wrap_lora(out_proj, peft, 'out_proj')
-        self.gate = None
-        if peft is not None and peft.gate is not None:
-            g = peft.gate
-            self.gate = MembraneGate(d_inner, g.rank, directions=2, shared_proj=True,
-                                     num_chunks=g.num_chunks, leak=g.leak,
-                                     threshold=g.threshold, transfer=g.transfer,
-                                     residual=g.residual)
+        self.gate = build_gate(peft, d_inner, shared_proj=True)  # one W_in/W_out pair
 
     def _ssm(self, x: Tensor, z: Tensor, backward: bool) -> Tensor:
         """One scan direction: x, z (B, D, L) in that direction's order -> y (B, D, L)."""
@@ -169,7 +155,8 @@ class Vim(MambaBackbone):
         'tiny': dict(embed_dims=192, depth=24),
         'small': dict(embed_dims=384, depth=24),
     }
-    _arch_keys = {'embed_dims', 'depth', 'd_state', 'expand', 'd_conv', 'dt_rank'}
+    arch_keys = {'embed_dims', 'depth', 'd_state', 'expand', 'd_conv', 'dt_rank'}
+    required_arch_keys = ('embed_dims', 'depth')
     download_urls = VIM_URLS
 
     def __init__(self, arch: Union[str, dict] = 'small', img_size: int = 224,
@@ -178,18 +165,7 @@ class Vim(MambaBackbone):
                  peft: Optional[dict] = None, checkpoint_key: Optional[str] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
-        if isinstance(arch, str):
-            if arch not in self.arch_zoo:
-                raise KeyError(f'Vim: unknown arch {arch!r}; valid: {", ".join(self.arch_zoo)} '
-                               f'or a dict with keys {sorted(self._arch_keys)}')
-            self.arch_name, arch = arch, dict(self.arch_zoo[arch])
-        else:
-            arch = dict(arch)
-            bad = set(arch) - self._arch_keys
-            if bad or not {'embed_dims', 'depth'} <= set(arch):
-                raise KeyError(f'Vim: a dict arch needs embed_dims and depth and may have '
-                               f'{sorted(self._arch_keys)}; got {sorted(arch)}')
-            self.arch_name = 'custom'
+        self.arch_name, arch = self.resolve_arch(arch)
         self.embed_dims = C = arch['embed_dims']
         self.depth = depth = arch['depth']
         self.peft = parse_peft(peft)

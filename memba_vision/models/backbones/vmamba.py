@@ -16,10 +16,9 @@ from mmpretrain.registry import MODELS
 from torch import Tensor
 
 from ...ops import selective_scan
-from ..peft import MembraneGate, PEFTConfig, freeze_all_but_peft, parse_peft
+from ..peft import PEFTConfig, build_gate, freeze_all_but_peft, parse_peft, wrap_lora
 from .base import MambaBackbone
 from .ssm_layers import init_A_log, init_dt_bias, resolve_dt_rank
-from .vim import wrap_lora
 
 __all__ = ['VanillaVMamba', 'SS2D', 'VSSBlock', 'PatchMerging2D']
 
@@ -67,13 +66,7 @@ class SS2D(nn.Module):
         self.out_norm = nn.LayerNorm(D)
         self.in_proj = wrap_lora(in_proj, peft, 'in_proj')
         self.out_proj = wrap_lora(out_proj, peft, 'out_proj')
-        self.gate = None
-        if peft is not None and peft.gate is not None:
-            g = peft.gate
-            self.gate = MembraneGate(D, g.rank, directions=2, shared_proj=False,
-                                     num_chunks=g.num_chunks, leak=g.leak,
-                                     threshold=g.threshold, transfer=g.transfer,
-                                     residual=g.residual)
+        self.gate = build_gate(peft, D, shared_proj=False)  # a W_in/W_out pair per direction
 
     def cross_scan(self, x: Tensor) -> Tensor:
         """x (B, D, H, W) -> merged scan output (B, H*W, D) in row-major order, fp32."""
@@ -195,7 +188,8 @@ class VanillaVMamba(MambaBackbone):
         'small': dict(dims=96, depths=[2, 2, 27, 2]),
         'base': dict(dims=128, depths=[2, 2, 27, 2]),
     }
-    _arch_keys = {'dims', 'depths', 'd_state', 'ssm_ratio', 'd_conv', 'dt_rank'}
+    arch_keys = {'dims', 'depths', 'd_state', 'ssm_ratio', 'd_conv', 'dt_rank'}
+    required_arch_keys = ('dims', 'depths')
     download_urls = VMAMBA_URLS
 
     def __init__(self, arch: Union[str, dict] = 'small', img_size: int = 224,
@@ -203,19 +197,7 @@ class VanillaVMamba(MambaBackbone):
                  peft: Optional[dict] = None, checkpoint_key: Optional[str] = None,
                  init_cfg: Optional[dict] = None):
         super().__init__(init_cfg=init_cfg)
-        if isinstance(arch, str):
-            if arch not in self.arch_zoo:
-                raise KeyError(f'VanillaVMamba: unknown arch {arch!r}; valid: '
-                               f'{", ".join(self.arch_zoo)} or a dict with keys '
-                               f'{sorted(self._arch_keys)}')
-            self.arch_name, arch = arch, dict(self.arch_zoo[arch])
-        else:
-            arch = dict(arch)
-            bad = set(arch) - self._arch_keys
-            if bad or not {'dims', 'depths'} <= set(arch):
-                raise KeyError(f'VanillaVMamba: a dict arch needs dims and depths and may '
-                               f'have {sorted(self._arch_keys)}; got {sorted(arch)}')
-            self.arch_name = 'custom'
+        self.arch_name, arch = self.resolve_arch(arch)
         depths = list(arch['depths'])
         dims = [arch['dims'] * 2 ** i for i in range(len(depths))]
         self.dims, self.depths = dims, depths

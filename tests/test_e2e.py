@@ -155,3 +155,30 @@ def test_sweep_trains_tests_tabulates_and_skips_finished_tasks(synthetic):
     assert f'{TASK}: result exists, skipped' in out and '0 done, 1 skipped' in out
     proc = tool('tools/sweep.py', 'vim_s_memba', '--tasks', 'cifar10', check=False)
     assert proc.returncode != 0 and "unknown VTAB-1k task 'cifar10'" in proc.stderr
+
+
+def test_peft_run_saves_trainable_tensors_and_tests_from_them(synthetic, tmp_path):
+    """With a pretrained backbone the checkpoint holds only LoRA, gates and head; test.py
+    completes it from the pretrained file, and --resume continues from it."""
+    from official_layouts import random_checkpoint, vim_layout
+    root, data, cfg = synthetic
+    pretrained = tmp_path / 'pretrained.pth'
+    random_checkpoint(vim_layout(embed=32, depth=2, d_state=4, patch=8, img=32), pretrained, 5)
+    peft_cfg = tmp_path / 'peft.py'
+    peft_cfg.write_text(f"_base_ = ['{cfg}']\nmodel = dict(backbone=dict(init_cfg=dict("
+                        f"type='Pretrained', checkpoint='{pretrained}')))\n")
+    work = tmp_path / 'work'
+    tool('tools/train.py', str(peft_cfg), '--work-dir', str(work), '--cfg-options',
+         'train_cfg.max_epochs=1')
+    ckpt = torch.load(work / 'epoch_1.pth', weights_only=True)
+    keys = set(ckpt['state_dict'])
+    assert keys and all('lora_' in k or '.gate.' in k or k.startswith('head.') for k in keys)
+    assert ckpt['meta']['memba_vision'] == {'trainable_only': True}
+    tool('tools/train.py', str(peft_cfg), '--work-dir', str(work), '--resume', '--cfg-options',
+         'train_cfg.max_epochs=2')
+    assert (work / 'epoch_2.pth').exists()
+    logs = ''.join(open(p).read() for p in work.glob('*/*.log'))
+    assert 'resumed epoch: 1' in logs
+    tool('tools/test.py', str(peft_cfg), str(work / 'epoch_2.pth'), '--work-dir', str(work))
+    result = json.load(open(work / f'result_{TASK}.json'))
+    assert result['top1'] > 100 / 16  # above chance after two short epochs

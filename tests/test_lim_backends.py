@@ -14,9 +14,11 @@ coarse grid of bf16 inputs, so exact ties do not pile up there.
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
+from importlib.metadata import PackageNotFoundError, version
 
 import pytest
 import torch
@@ -224,6 +226,34 @@ _INTERPRETER_SCRIPT = textwrap.dedent('''
 ''')
 
 
+def _release(version):
+    """'3.6.0+git1a2b' -> (3, 6)."""
+    return tuple(int(p) for p in re.findall(r'\d+', version)[:2])
+
+
+def _interpreter_blocker():
+    """Why the installed triton's interpreter cannot run any runtime loop here, or ''.
+
+    Before triton 3.7 the interpreter passes scalar kernel arguments as 1-element
+    numpy arrays and converts them with ``int(array)`` for ``range(n)``; numpy
+    >= 2.4 turned that deprecated conversion into a TypeError
+    (triton-lang/triton#9171, fixed for 3.7 by #9172). The compiled kernels are
+    unaffected: with that one interpreter line fixed, or with numpy < 2.4,
+    triton 3.6 runs this test's 21 cases correctly.
+    """
+    try:
+        triton_version, numpy_version = version('triton'), version('numpy')
+    except PackageNotFoundError:
+        return ''
+    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
+        return (f'the triton {triton_version} interpreter cannot run range() over a runtime '
+                f'argument with numpy {numpy_version} (>= 2.4): TypeError(only 0-dimensional '
+                f'arrays can be converted to Python scalars); triton-lang/triton#9171, '
+                f'fixed in triton 3.7')
+    return ''
+
+
+@pytest.mark.skipif(bool(_interpreter_blocker()), reason=_interpreter_blocker() or 'n/a')
 def test_triton_kernels_in_interpreter():
     pytest.importorskip('triton')
     env = dict(os.environ, TRITON_INTERPRET='1',
@@ -318,3 +348,179 @@ def test_fused_writes_every_output_element(fused_backend):
     assert (out[:, (L // T) * T:] == 0).all() and (gx[:, (L // T) * T:] == 0).all()
     if reused == 0:
         pytest.skip('the caching allocator did not hand the poisoned blocks back')
+
+
+# ------------------------------------------- the CUDA extension's operator
+def _load_ext():
+    """torch.ops.memba_vision (after importing the extension), or skip."""
+    try:
+        import memba_vision._lim_cuda  # noqa: F401  registers the ops
+    except ImportError as e:
+        pytest.skip(f'memba_vision._lim_cuda not built: {e}'.split('\n')[0])
+    return torch.ops.memba_vision
+
+
+@pytest.fixture
+def ext_ops():
+    """The registered ops; the extension imports without a GPU (Meta kernels run)."""
+    return _load_ext()
+
+
+@pytest.fixture
+def cuda_ops():
+    if not torch.cuda.is_available():
+        pytest.skip('needs a CUDA GPU')
+    return _load_ext()
+
+
+def _call_op(op):
+    """``op`` with the argument order of ``ops.lim`` (for run_lim / check_case)."""
+    return lambda x, T, leak, threshold, u_prev=None: op(x, u_prev, T, leak, threshold)
+
+
+def _is_cpp_node(node):
+    return (not isinstance(node, torch.autograd.function.BackwardCFunction)
+            and 'CppNode<memba_lim::LimFunction>' in node.name())
+
+
+def test_op_schema(ext_ops):
+    assert str(ext_ops.lim.default._schema) == (
+        'memba_vision::lim(Tensor x, Tensor? u_prev, int num_chunks, float leak, '
+        'float threshold) -> (Tensor, Tensor)')
+    assert 'need_grad_u_prev' in str(ext_ops.lim_backward.default._schema)
+
+
+def test_op_meta_shapes_and_cpp_autograd(ext_ops):
+    """Meta tensors run the Meta kernels under the C++ autograd Function."""
+    B, L, R, T = 2, 9, 4, 4
+    x = torch.empty(B, L, R, device='meta', requires_grad=True)
+    u = torch.empty(B, L // T, R, device='meta', requires_grad=True)
+    out, u_mean = ext_ops.lim(x, u, T, 0.5, 1.0)
+    assert out.shape == (B, L, R) and u_mean.shape == (B, L // T, R)
+    assert out.grad_fn is u_mean.grad_fn and _is_cpp_node(out.grad_fn)
+    gx, gu = torch.autograd.grad((out, u_mean), (x, u),
+                                 (torch.empty_like(out), torch.empty_like(u_mean)))
+    assert gx.shape == x.shape and gu.shape == u.shape
+    out, _ = ext_ops.lim(x, u.detach(), T, 0.5, 1.0)       # only x needs a grad
+    assert [f is not None for f, _ in out.grad_fn.next_functions] == [True, False]
+    out, _ = ext_ops.lim(x, None, T, 0.5, 1.0)
+    assert len(out.grad_fn.next_functions) == 1
+    with torch.no_grad():
+        assert ext_ops.lim(x, u, T, 0.5, 1.0)[0].grad_fn is None
+    gx, gu = ext_ops.lim_backward(x.detach(), None, None, None, T, 0.5, 1.0, True, False)
+    assert gx.shape == x.shape and gu is None
+
+
+def test_op_traces_to_forward_and_backward_ops(ext_ops):
+    """Fake-tensor tracing of forward + backward sees the two ops (torch.compile path)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def fwd_bwd(x, u):
+        out, u_mean = ext_ops.lim(x, u, 4, 0.5, 1.0)
+        return torch.autograd.grad((out, u_mean), (x, u),
+                                   (torch.ones_like(out), torch.ones_like(u_mean)))
+
+    gm = make_fx(fwd_bwd, tracing_mode='fake')(torch.randn(2, 9, 4, requires_grad=True),
+                                                torch.randn(2, 2, 4, requires_grad=True))
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == 'call_function']
+    assert 'memba_vision.lim.default' in targets
+    assert 'memba_vision.lim_backward.default' in targets
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64, torch.bfloat16,
+                                   torch.float16])
+def test_op_matches_reference(cuda_ops, dtype):
+    """torch.ops.memba_vision.lim directly: vectorised (R=16) and scalar (R=3) layouts,
+    one batch (T<=4), several, and several 32-chunk segments (T=33, 70)."""
+    fn = _call_op(cuda_ops.lim)
+    for k, (L, R, T) in enumerate(((197, 16, 4), (197, 3, 4), (64, 16, 1), (50, 16, 5),
+                                   (200, 16, 8), (140, 16, 70), (99, 3, 33))):
+        for with_prev in (False, True):
+            check_case(2, L, R, T, dtype, 'cuda', with_prev, 0.55, seed=k, fn=fn,
+                       what=f'op L={L} R={R} T={T} {dtype} prev={with_prev}')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('used', ['out', 'u_mean'])
+@pytest.mark.parametrize('T', [4, 70])
+def test_op_one_output_used(cuda_ops, dtype, used, T):
+    L, R = 2 * T + 1, 16
+    x, u, go, gm = make_inputs(2, L, R, T, dtype, 'cuda', True, seed=T)
+    go, gm = (go, None) if used == 'out' else (None, gm)
+    got = run_lim(x, u, T, 0.5, 0.55, go, gm, _call_op(cuda_ops.lim))
+    want = reference(x, u, T, 0.5, 0.55, go, gm)
+    assert_matches(got, want, decision_margin(x, u, T, 0.5, 0.55), T, *TOL[dtype])
+
+
+def test_op_grads_for_the_inputs_that_need_them(cuda_ops):
+    B, L, R, T = 2, 197, 16, 4
+    x, u, go, gm = make_inputs(B, L, R, T, torch.float64, 'cuda', True, seed=11)
+    want = reference(x, u, T, 0.5, 0.55, go, gm)
+    out, u_mean = cuda_ops.lim(x.detach(), u, T, 0.5, 0.55)   # only u_prev needs a grad
+    gu, = torch.autograd.grad((out, u_mean), (u,), (go, gm))
+    assert torch.allclose(gu, want[3], rtol=0, atol=1e-12)
+    gx, gu = cuda_ops.lim_backward(x.detach(), u.detach(), go, gm, T, 0.5, 0.55, True, False)
+    assert gu is None and torch.allclose(gx, want[2], rtol=0, atol=1e-12)
+    gx, gu = cuda_ops.lim_backward(x.detach(), u.detach(), None, None, T, 0.5, 0.55, True,
+                                   True)
+    assert (gx == 0).all() and (gu == 0).all()                # missing grads count as zeros
+
+
+def away_from_threshold(x, u_prev, T, leak, threshold, gap=0.1):
+    """x (fp64) nudged so every pre-reset membrane is >= gap from the threshold."""
+    x = x.detach().clone()
+    B, L, R = x.shape
+    l = L // T
+    u = torch.zeros(B, l, R, dtype=x.dtype, device=x.device) if u_prev is None \
+        else u_prev.detach()
+    for i in range(T):
+        xi = x[:, i * l:(i + 1) * l]
+        xi += torch.where(((leak * u + xi) - threshold).abs() < gap, 2.5 * gap, 0.0)
+        pre = leak * u + xi
+        u = torch.where(pre > threshold, torch.zeros_like(pre), pre)
+    return x
+
+
+@pytest.mark.parametrize('with_prev', [False, True])
+def test_op_gradcheck_fp64(cuda_ops, with_prev):
+    B, L, R, T, leak, threshold = 2, 27, 8, 4, 0.5, 0.5     # l*R = 48: the vectorised path
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(B, L // T, R, generator=g, dtype=torch.float64).cuda() if with_prev \
+        else None
+    x = away_from_threshold(torch.randn(B, L, R, generator=g, dtype=torch.float64).cuda(),
+                            u, T, leak, threshold)
+    assert decision_margin(x, u, T, leak, threshold).min() >= 0.1
+    inputs = (x.requires_grad_(),) + ((u.requires_grad_(),) if with_prev else ())
+
+    def through_op(x, u=None):
+        return cuda_ops.lim(x, u, T, leak, threshold)
+
+    assert torch.autograd.gradcheck(through_op, inputs)
+    fired = (through_op(*inputs)[0][:, :T * (L // T)] == 0).float().mean().item()
+    assert 0.05 < fired < 0.95, 'the check should cover resets and pass-throughs'
+
+
+def test_cuda_backend_backward_runs_no_python(cuda_ops, monkeypatch):
+    """ops.lim on the cuda backend builds the C++ autograd node, not a Python Function."""
+    if 'cuda' not in ops.available_lim_backends():
+        pytest.skip('LIM backend cuda unavailable')
+    monkeypatch.setenv(ENV, 'cuda')
+    x, u, go, gm = make_inputs(2, 197, 16, 4, torch.float32, 'cuda', True, seed=12)
+    out, u_mean = ops.lim(x, 4, 0.5, 0.55, u)
+    assert out.grad_fn is u_mean.grad_fn and _is_cpp_node(out.grad_fn)
+    out, u_mean = ops.lim(x, 4, 0.5, 0.55, None)
+    assert _is_cpp_node(out.grad_fn)
+    x64 = away_from_threshold(x.double(), None, 4, 0.5, 0.55)[:, :, :4].contiguous()
+    assert torch.autograd.gradcheck(lambda a: ops.lim(a, 4, 0.5, 0.55),
+                                    (x64.requires_grad_(),))
+
+
+def test_op_opcheck(cuda_ops):
+    """Schema, autograd registration, fake tensors and AOT dispatch (torch.compile)."""
+    x = torch.randn(2, 9, 4, device='cuda', dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 2, 4, device='cuda', dtype=torch.float64, requires_grad=True)
+    for args in ((x, u, 4, 0.5, 0.55), (x, None, 4, 0.5, 0.55)):
+        torch.library.opcheck(cuda_ops.lim.default, args)
+    torch.library.opcheck(cuda_ops.lim_backward.default,
+                          (x.detach(), u.detach(), torch.randn_like(x), None, 4, 0.5, 0.55,
+                           True, True))

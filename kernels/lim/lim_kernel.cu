@@ -6,7 +6,7 @@
 // thread owns V consecutive elements at offset q in [0, l*R) and walks the T
 // chunks with stride l*R: every load and store is coalesced and, when the
 // sizes and pointers allow it, 16 bytes wide (8 bytes in the backward for
-// 2-byte types, see kBwdBytes). The same thread also writes the zero tail rows
+// 2-byte types, see kBwdVec). The same thread also writes the zero tail rows
 // (l*T .. L-1) at offsets q, q + l*R, ... of the tail.
 //
 // Arithmetic is done in at::opmath_type (fp32 for fp16/bf16/fp32, fp64 for
@@ -29,14 +29,40 @@ constexpr int kThreads = 128;  // small blocks spread small problems over more S
 constexpr int kSegment = 32;  // reset decisions kept as the bits of one uint32
 constexpr int kBatch = 4;     // chunks whose loads are issued together
 
-// Bytes per thread and access: the forward always uses 16. The backward keeps
-// more state per element (u0, grad_u_mean / T, the running grad, u and the
-// reset bits) plus two batches of loads, so at 8 fp16/bf16 elements per
-// thread it needs 128 registers (a quarter of the SM's threads resident);
-// 4 elements (8-byte accesses) roughly halve that and double the resident
-// warps that hide the latency of its two dependent load phases.
+// Elements per thread (V) and access width. The forward always moves 16 bytes
+// per access. The backward keeps five values per element (u0, grad_u_mean / T,
+// the running grad, u, the reset bits) besides its loads: at V = 8 fp16/bf16
+// elements that took 128 registers (16 resident warps per SM, two dependent
+// load phases per thread). For 2-byte types it therefore uses
+//   V = MEMBA_LIM_BWD_VEC_2B (default 4: 8-byte accesses), capped at
+//       80 registers by __launch_bounds__ (6 blocks = 24 warps per SM; sm_90,
+//       nvcc 13.0: bf16 80, fp16 78 registers, no spills), and
+//   MEMBA_LIM_BWD_PREFETCH_2B (default 1): the loads of the first grad_out
+//       batch are issued together with those of x, so for T <= kBatch a
+//       thread waits for memory once instead of twice.
+// fp32 / fp64 are unchanged. Both knobs can be overridden at build time to
+// compare variants, e.g. NVCC_APPEND_FLAGS="-DMEMBA_LIM_BWD_VEC_2B=8
+// -DMEMBA_LIM_BWD_PREFETCH_2B=0" (after removing build/) restores the
+// earlier backward.
+#ifndef MEMBA_LIM_BWD_VEC_2B
+#define MEMBA_LIM_BWD_VEC_2B 4
+#endif
+#ifndef MEMBA_LIM_BWD_PREFETCH_2B
+#define MEMBA_LIM_BWD_PREFETCH_2B 1
+#endif
+static_assert(MEMBA_LIM_BWD_VEC_2B == 2 || MEMBA_LIM_BWD_VEC_2B == 4 ||
+                  MEMBA_LIM_BWD_VEC_2B == 8,
+              "MEMBA_LIM_BWD_VEC_2B must be 2, 4 or 8");
 template <typename T> constexpr int kFwdVec = 16 / sizeof(T);
-template <typename T> constexpr int kBwdVec = sizeof(T) == 2 ? 4 : 16 / sizeof(T);
+template <typename T>
+constexpr int kBwdVec = sizeof(T) == 2 ? MEMBA_LIM_BWD_VEC_2B : 16 / sizeof(T);
+template <typename T>
+constexpr bool kBwdPrefetch = sizeof(T) == 2 && MEMBA_LIM_BWD_PREFETCH_2B != 0;
+// Minimum resident blocks per SM asked of the compiler. 0 emits no
+// .minnctapersm, i.e. the same code as a plain __launch_bounds__(kThreads)
+// (a 1 there changes the fp32 / fp64 register allocation).
+template <typename T>
+constexpr int kBwdMinBlocks = sizeof(T) == 2 && MEMBA_LIM_BWD_VEC_2B <= 4 ? 6 : 0;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -148,7 +174,7 @@ lim_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ 
 // backwards over them. T > kSegment is handled segment by segment from the
 // last one, re-integrating from u_prev each time (O(T^2 / 32), rare).
 template <typename scalar_t, int V>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kBwdMinBlocks<scalar_t>)
 lim_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ u_prev,
                     const scalar_t* __restrict__ grad_out,
                     const scalar_t* __restrict__ grad_u_mean,
@@ -197,6 +223,19 @@ lim_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
       u[k] = u0[k];
       keep[k] = 0;
     }
+    // With kBwdPrefetch, the grad_out loads of the batch the reverse pass starts
+    // with (i = end-1, end-2, ...) are issued here, before those of x.
+    Pack<scalar_t, V> go_first[kBatch];
+    if constexpr (kBwdPrefetch<scalar_t>) {
+      if (gop != nullptr) {
+#pragma unroll
+        for (int s = 0; s < kBatch; ++s) {
+          if (end - 1 - s >= start) {
+            go_first[s] = load<scalar_t, V>(gop + (end - 1 - s) * chunk);
+          }
+        }
+      }
+    }
     for (int i0 = 0; i0 < end; i0 += kBatch) {
       Pack<scalar_t, V> xv[kBatch];
 #pragma unroll
@@ -219,9 +258,14 @@ lim_backward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__
     for (int i0 = end - 1; i0 >= start; i0 -= kBatch) {
       Pack<scalar_t, V> go[kBatch];
       if (gop != nullptr) {
+        if (kBwdPrefetch<scalar_t> && i0 == end - 1) {
 #pragma unroll
-        for (int s = 0; s < kBatch; ++s) {
-          if (i0 - s >= start) go[s] = load<scalar_t, V>(gop + (i0 - s) * chunk);
+          for (int s = 0; s < kBatch; ++s) go[s] = go_first[s];
+        } else {
+#pragma unroll
+          for (int s = 0; s < kBatch; ++s) {
+            if (i0 - s >= start) go[s] = load<scalar_t, V>(gop + (i0 - s) * chunk);
+          }
         }
       }
 #pragma unroll

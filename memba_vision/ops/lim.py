@@ -31,6 +31,9 @@ _VALID_BACKENDS = ('cuda', 'triton', 'torch')
 # name -> (is_available() -> bool, fn(x, num_chunks, leak, threshold, u_prev))
 _BACKENDS: Dict[str, Tuple[Callable[[], bool], Callable]] = {}
 _logged = set()
+# (x.is_cuda, MEMBA_LIM_BACKEND value) -> backend name, emptied whenever a backend
+# is registered; failed resolutions are not cached.
+_resolved: Dict[Tuple[bool, str], str] = {}
 
 
 def lim_reference(x: Tensor, num_chunks: int = 4, leak: float = 0.5,
@@ -68,6 +71,7 @@ def register_lim_backend(name: str, is_available: Callable[[], bool],
     if name not in _VALID_BACKENDS:
         raise ValueError(f'LIM backend must be one of {_VALID_BACKENDS}, got {name!r}')
     _BACKENDS[name] = (is_available, fn)
+    _resolved.clear()
 
 
 register_lim_backend('torch', lambda: True, lim_reference)
@@ -92,7 +96,7 @@ def _check_inputs(x: Tensor, num_chunks: int, u_prev: Optional[Tensor]) -> None:
                          f'sequence length L={L}')
     if u_prev is not None:
         expected = (B, L // num_chunks, R)
-        if not isinstance(u_prev, Tensor) or tuple(u_prev.shape) != expected:
+        if not isinstance(u_prev, Tensor) or u_prev.shape != expected:  # torch.Size is a tuple
             got = tuple(u_prev.shape) if isinstance(u_prev, Tensor) else type(u_prev).__name__
             raise ValueError(f'lim: u_prev must have shape (B, L // num_chunks, R) = '
                              f'{expected}, got {got}')
@@ -102,9 +106,8 @@ def _check_inputs(x: Tensor, num_chunks: int, u_prev: Optional[Tensor]) -> None:
             raise TypeError(f'lim: u_prev dtype {u_prev.dtype} differs from x dtype {x.dtype}')
 
 
-def lim_backend(x: Tensor) -> str:
-    """Name of the backend ``lim`` uses for a tensor like ``x``."""
-    forced = os.environ.get(_BACKEND_ENV, '').strip().lower()
+def _resolve(x: Tensor, env: str) -> str:
+    forced = env.strip().lower()
     if forced:
         if forced not in _VALID_BACKENDS:
             raise ValueError(f'{_BACKEND_ENV} must be one of {_VALID_BACKENDS}, '
@@ -122,6 +125,19 @@ def lim_backend(x: Tensor) -> str:
     return available_lim_backends()[0]
 
 
+def lim_backend(x: Tensor) -> str:
+    """Name of the backend ``lim`` uses for a tensor like ``x`` (logged once per backend)."""
+    key = (x.is_cuda, os.environ.get(_BACKEND_ENV, ''))
+    name = _resolved.get(key)
+    if name is None:
+        name = _resolved[key] = _resolve(x, key[1])
+        if name not in _logged:
+            _logged.add(name)
+            from mmengine.logging import print_log
+            print_log(f'memba_vision.ops.lim: using the {name} backend', logger='current')
+    return name
+
+
 def lim(x: Tensor, num_chunks: int = 4, leak: float = 0.5, threshold: float = 1.0,
         u_prev: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """LIM neuron over chunks of the token axis.
@@ -137,9 +153,5 @@ def lim(x: Tensor, num_chunks: int = 4, leak: float = 0.5, threshold: float = 1.
         out (B, L, R), zero on the trimmed tail, and u_mean (B, L // T, R).
     """
     _check_inputs(x, num_chunks, u_prev)
-    name = lim_backend(x)
-    if name not in _logged:
-        _logged.add(name)
-        from mmengine.logging import print_log
-        print_log(f'memba_vision.ops.lim: using the {name} backend', logger='current')
-    return _BACKENDS[name][1](x, num_chunks, float(leak), float(threshold), u_prev)
+    fn = _BACKENDS[lim_backend(x)][1]
+    return fn(x, num_chunks, float(leak), float(threshold), u_prev)

@@ -117,8 +117,9 @@ def bench_call(shape, dtype, T, device, timer):
     return timer(fwd), timer(fwd_bwd)
 
 
-def bench_model(dtype, T, device, timer, calls=48, shape=(32, 197, 16)):
-    """48 chained LIM calls forward, then one backward through all of them."""
+def chained_calls(dtype, T, device, calls=48, shape=(32, 197, 16)):
+    """A step of ``calls`` chained LIM calls (u_prev = the previous u_mean, as in the
+    model) forward, then one backward through all of them."""
     B, L, R = shape
     xs = [torch.randn(B, L, R, device=device, dtype=dtype, requires_grad=True)
           for _ in range(calls)]
@@ -131,24 +132,18 @@ def bench_model(dtype, T, device, timer, calls=48, shape=(32, 197, 16)):
             outs.append(out)
         return torch.autograd.grad(outs, xs, g_outs)
 
-    return timer(step)
+    return step
 
 
-def bench_model_graph(dtype, T, device, timer, calls=48, shape=(32, 197, 16)):
+def bench_model(dtype, T, device, timer):
+    """48 chained LIM calls forward, then one backward through all of them."""
+    return timer(chained_calls(dtype, T, device))
+
+
+def bench_model_graph(dtype, T, device, timer):
     """The same 48-call forward + backward captured once in a CUDA graph, then replayed:
     the LIM cost of a training step whose launches are graph-captured."""
-    B, L, R = shape
-    xs = [torch.randn(B, L, R, device=device, dtype=dtype, requires_grad=True)
-          for _ in range(calls)]
-    g_outs = [torch.randn(B, L, R, device=device, dtype=dtype) for _ in range(calls)]
-
-    def step():
-        u, outs = None, []
-        for x in xs:
-            out, u = lim(x, T, 0.5, 1.0, u)
-            outs.append(out)
-        return torch.autograd.grad(outs, xs, g_outs)
-
+    step = chained_calls(dtype, T, device)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm-up outside the capture, as capture requires

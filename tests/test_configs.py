@@ -2,7 +2,6 @@
 count and the DeiT recipe, and parameter counts match the paper (Table 3)."""
 import copy
 import glob
-import os
 import os.path as osp
 import subprocess
 import sys

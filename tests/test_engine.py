@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn as nn
 from mmpretrain.registry import MODELS
 
 from conftest import ROOT, TINY_VIM

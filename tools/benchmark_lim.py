@@ -248,7 +248,7 @@ def main():
                             + fmt(t_ref / t if t and t_ref else None, '.1f', 7))
                     row += ' |' if nbytes == fwd_b else ''
                 print(row)
-    print(f'\nwhole model (Vim-S): 48 chained LIM calls (32,197,16) forward + backward')
+    print('\nwhole model (Vim-S): 48 chained LIM calls (32,197,16) forward + backward')
     for dname in args.dtypes:
         for backend in backends:
             t = model[dname, backend]

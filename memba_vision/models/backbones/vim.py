@@ -4,7 +4,7 @@ Module and parameter names follow the official release, so its checkpoints load
 without renaming (``layers.N.mixer.in_proj.weight``, ``...A_b_log``, ``norm_f.weight``).
 """
 import math
-from typing import Optional, Sequence, Tuple, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn

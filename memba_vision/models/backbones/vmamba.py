@@ -6,7 +6,7 @@ its legacy names (``blocks.j.ln_1`` / ``self_attention`` / ``patch_embed.proj`` 
 ``patch_embed.0`` / ``classifier.*``).
 """
 import re
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn

@@ -1,5 +1,5 @@
 """MembraneGate: the Memba correction of Mamba's gate branch z, one LIM per direction."""
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch.nn as nn
 from torch import Tensor

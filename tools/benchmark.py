@@ -3,18 +3,31 @@
     python tools/benchmark.py                       # Vim-S and VMamba-S on the GPU
     python tools/benchmark.py --models vim_s --batch-sizes 32 --precisions bf16
     python tools/benchmark.py --device cpu          # tiny smoke run
+    python tools/benchmark.py --models vim_s --batch-sizes 32 --precisions bf16 \
+        --modes graph eager --profile \
+        --baseline "python third_party/baselines/official_vim_step.py third_party/vim"
 
 For each backbone, method (lora; memba with the reference LIM; memba with the
-fused LIM), batch size and precision: the time of one training step (forward,
-backward and AdamW on the trainable tensors; CUDA events, median after
+fused LIM), batch size, precision and mode (``graph``: the configs' setting,
+CUDA-graph replay of the backbone; ``eager``): the time of one training step
+(forward, backward and AdamW on the trainable tensors; CUDA events, median after
 warm-up), images/s, peak GPU memory, and evaluation images/s. No dataset or
-weights are needed. The last line compares Memba (fused) with LoRA at batch 32,
-bf16 on a GPU (the run's own first setting on the CPU).
+weights are needed. ``--profile`` adds, for every Vim-S batch-32 bf16 row, the
+GPU busy time per step, the kernel launches per step and the top kernels.
+``--baseline CMD`` runs a baseline script in the same run (one that prints
+``bs 32 amp True: train step X ms = Y img/s ...`` lines, like the official-code
+timer) and reports the speed-up against it. The last line compares Memba
+(fused) with LoRA at batch 32, bf16 on a GPU (the run's own first setting on
+the CPU).
 """
 import argparse
+import gc
 import os
 import os.path as osp
+import re
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 
@@ -32,7 +45,7 @@ TINY = {'vim_s': dict(embed_dims=64, depth=2, d_state=8),
         'vmamba_s': dict(dims=16, depths=[1, 1, 1, 1], d_state=8)}
 
 
-def build(backbone, method, device, tiny):
+def build(backbone, method, device, tiny, cuda_graph=True):
     import memba_vision  # noqa: F401
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
@@ -41,7 +54,7 @@ def build(backbone, method, device, tiny):
     root = osp.dirname(osp.dirname(osp.abspath(__file__)))
     cfg = Config.fromfile(osp.join(root, 'configs', '_base_', 'models', f'{backbone}_{method}.py'))
     model_cfg = cfg.model.copy()
-    model_cfg.backbone = dict(model_cfg.backbone, init_cfg=None)
+    model_cfg.backbone = dict(model_cfg.backbone, init_cfg=None, cuda_graph=cuda_graph)
     model_cfg.head = dict(model_cfg.head, num_classes=100)
     if tiny:
         model_cfg.backbone = dict(model_cfg.backbone, arch=TINY[backbone], img_size=64)
@@ -75,7 +88,24 @@ def timed(fn, device, warmup, reps):
     return statistics.median(times)
 
 
-def measure(model, batch, size, amp, device, warmup, reps):
+def profile_steps(step, steps=5):
+    """(GPU busy ms per step, kernel launches per step, top kernels) of ``step``."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e3 / steps
+    by_name = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / steps
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+    return busy, len(kernels) / steps, top
+
+
+def measure(model, batch, size, amp, device, warmup, reps, profile=False):
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -83,6 +113,10 @@ def measure(model, batch, size, amp, device, warmup, reps):
     ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if amp else \
         (lambda: torch.autocast(device, enabled=False))
     model.train()
+    if device == 'cuda':  # graphs of earlier settings would count towards this peak
+        model.backbone.reset_cuda_graphs()
+        gc.collect()
+        torch.cuda.empty_cache()
 
     def step():
         with ctx():
@@ -96,6 +130,7 @@ def measure(model, batch, size, amp, device, warmup, reps):
         torch.cuda.reset_peak_memory_stats()
     t_train = timed(step, device, warmup, reps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else float('nan')
+    prof = profile_steps(step) if profile and device == 'cuda' else None
     model.eval()
 
     def evaluate():
@@ -103,7 +138,20 @@ def measure(model, batch, size, amp, device, warmup, reps):
             model(x, mode='tensor')
 
     t_eval = timed(evaluate, device, max(1, warmup // 2), max(2, reps // 2))
-    return t_train, peak, t_eval
+    return t_train, peak, t_eval, prof
+
+
+def run_baseline(cmd):
+    """{(batch, bf16): (step seconds, eval img/s)} parsed from a baseline script's output."""
+    res = subprocess.run(shlex.split(cmd), capture_output=True, text=True)
+    if res.returncode:
+        print(f'baseline failed (exit {res.returncode}):\n{res.stderr[-2000:]}')
+        return {}
+    out = {}
+    for m in re.finditer(r'bs (\d+) amp (True|False): train step ([\d.]+) ms = \d+ img/s, '
+                         r'eval (\d+) img/s', res.stdout):
+        out[(int(m[1]), m[2] == 'True')] = (float(m[3]) / 1e3, float(m[4]))
+    return out
 
 
 def main():
@@ -113,6 +161,13 @@ def main():
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
     p.add_argument('--batch-sizes', nargs='+', type=int)
     p.add_argument('--precisions', nargs='+', choices=['fp32', 'bf16'])
+    p.add_argument('--modes', nargs='+', choices=['graph', 'eager'],
+                   help='graph: CUDA-graph replay (the configs\' setting); eager (default: graph)')
+    p.add_argument('--profile', action='store_true',
+                   help='GPU busy time and kernel launches per step of the Vim-S b32 bf16 rows')
+    p.add_argument('--baseline', metavar='CMD',
+                   help='baseline timer to run in the same process tree, e.g. '
+                        '"python third_party/baselines/official_vim_step.py third_party/vim"')
     p.add_argument('--warmup', type=int)
     p.add_argument('--reps', type=int)
     args = p.parse_args()
@@ -122,46 +177,73 @@ def main():
     warmup = args.warmup if args.warmup is not None else (1 if cpu else 5)
     reps = args.reps or (2 if cpu else 20)
     size = 64 if cpu else 224
+    modes = args.modes or ['graph']
     if not cpu:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         print(f'device: {torch.cuda.get_device_name()}, torch {torch.__version__}')
     else:
         print(f'device: cpu (tiny architectures, {size}x{size} inputs: a smoke run only)')
-    rows, by_key = [], {}
-    header = (f'{"model":<9} {"method":<16} {"batch":>5} {"prec":>5} {"step ms":>9} '
-              f'{"train img/s":>11} {"peak GiB":>9} {"eval img/s":>10}')
+    baseline = {}
+    if args.baseline and not cpu:
+        baseline = run_baseline(args.baseline)
+        for (bs, amp), (t, ev) in sorted(baseline.items()):
+            print(f'baseline bs {bs} {"bf16" if amp else "fp32"}: step {t * 1e3:.1f} ms, '
+                  f'{bs / t:.0f} img/s, eval {ev:.0f} img/s')
+    rows, by_key, profiles = [], {}, []
+    header = (f'{"model":<9} {"method":<16} {"mode":<5} {"batch":>5} {"prec":>5} '
+              f'{"step ms":>9} {"train img/s":>11} {"peak GiB":>9} {"eval img/s":>10}')
     print(header)
     print('-' * len(header))
     for backbone in args.models:
         for label in args.methods:
             method, lim_backend = METHODS[label]
-            torch.manual_seed(0)
-            model = build(backbone, method, args.device, cpu)
             if lim_backend:
                 os.environ['MEMBA_LIM_BACKEND'] = lim_backend
             else:
                 os.environ.pop('MEMBA_LIM_BACKEND', None)
-            for batch in batches:
-                for prec in precisions:
-                    t, peak, te = measure(model, batch, size, prec == 'bf16', args.device,
-                                          warmup, reps)
-                    by_key[(backbone, label, batch, prec)] = (t, peak)
-                    line = (f'{backbone:<9} {label:<16} {batch:>5} {prec:>5} {t * 1e3:>9.1f} '
-                            f'{batch / t:>11.0f} {peak:>9.2f} {batch / te:>10.0f}')
-                    rows.append(line)
-                    print(line, flush=True)
+            for mode in modes:
+                torch.manual_seed(0)
+                model = build(backbone, method, args.device, cpu, cuda_graph=mode == 'graph')
+                for batch in batches:
+                    for prec in precisions:
+                        want_prof = (args.profile and backbone == 'vim_s' and batch == 32
+                                     and prec == 'bf16')
+                        t, peak, te, prof = measure(model, batch, size, prec == 'bf16',
+                                                    args.device, warmup, reps, want_prof)
+                        by_key[(backbone, label, mode, batch, prec)] = (t, peak)
+                        line = (f'{backbone:<9} {label:<16} {mode:<5} {batch:>5} {prec:>5} '
+                                f'{t * 1e3:>9.1f} {batch / t:>11.0f} {peak:>9.2f} '
+                                f'{batch / te:>10.0f}')
+                        rows.append(line)
+                        print(line, flush=True)
+                        if prof:
+                            profiles.append((f'{backbone} {label} {mode} b{batch} {prec}', t, prof))
+                del model
+                gc.collect()
+                if not cpu:
+                    torch.cuda.empty_cache()
             os.environ.pop('MEMBA_LIM_BACKEND', None)
-            del model
-            if not cpu:
-                torch.cuda.empty_cache()
-    ref = (batches[0] if cpu else 32, precisions[0] if cpu else 'bf16')
+    for name, t, (busy, launches, top) in profiles:
+        print(f'\nprofile {name}: step {t * 1e3:.1f} ms, GPU busy {busy:.1f} ms '
+              f'({100 * busy / (t * 1e3):.0f}%), {launches:.0f} kernel launches per step')
+        for kname, ms in top:
+            print(f'  {ms:7.2f} ms  {kname[:100]}')
+    if baseline and not cpu:
+        base = baseline.get((32, True))
+        for backbone in args.models:
+            for label in ('lora', 'memba'):
+                mine = by_key.get((backbone, label, modes[0], 32, 'bf16'))
+                if base and mine and backbone == 'vim_s':
+                    print(f'speed-up vs baseline, Vim-S {label} b32 bf16 ({modes[0]}): '
+                          f'{base[0] / mine[0]:.2f}x ({32 / mine[0]:.0f} vs {32 / base[0]:.0f} img/s)')
+    ref = (modes[0], batches[0] if cpu else 32, precisions[0] if cpu else 'bf16')
     for backbone in args.models:
         lora = by_key.get((backbone, 'lora', *ref))
         memba = by_key.get((backbone, 'memba', *ref))
         if lora and memba:
             print(f'{backbone} ratio memba/lora: step time {memba[0] / lora[0]:.3f}, '
-                  f'peak memory {memba[1] / lora[1]:.3f} (batch {ref[0]}, {ref[1]})')
+                  f'peak memory {memba[1] / lora[1]:.3f} (batch {ref[1]}, {ref[2]}, {ref[0]})')
     backbone = args.models[0]
     lora, memba = by_key.get((backbone, 'lora', *ref)), by_key.get((backbone, 'memba', *ref))
     if lora and memba:

@@ -2,7 +2,11 @@
 
     python tools/train.py configs/vtab1k/vim_s_memba_caltech101.py
     python tools/train.py CONFIG --resume            # continue from the work dir's last checkpoint
-    python tools/train.py CONFIG --amp --cfg-options train_dataloader.batch_size=64
+    python tools/train.py CONFIG --fp32              # the fp32 reference instead of bf16 autocast
+    python tools/train.py CONFIG --cfg-options model.backbone.cuda_graph=False   # eager backbone
+
+The VTAB-1k configs train with bf16 autocast and CUDA-graph replay of the backbone
+on a GPU; on a machine without CUDA both fall back to eager fp32.
 """
 import argparse
 import os
@@ -22,7 +26,11 @@ def parse_args():
     p.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CHECKPOINT',
                    help='resume from CHECKPOINT, or without a value from the latest '
                         'checkpoint in the work dir (starts fresh if there is none)')
-    p.add_argument('--amp', action='store_true', help='bf16 automatic mixed precision (GPU)')
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument('--amp', action='store_true',
+                           help='bf16 automatic mixed precision (GPU; on in the VTAB configs)')
+    precision.add_argument('--fp32', action='store_true',
+                           help='train in fp32 even where the config asks for bf16 autocast')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0)
@@ -33,15 +41,11 @@ def parse_args():
 
 def main():
     args = parse_args()
-    from memba_vision.engine.runner_utils import check_pretrained, check_task_data, load_config
+    from memba_vision.engine.runner_utils import (check_pretrained, check_task_data,
+                                                  load_config, set_precision)
     cfg = load_config(args.config, args.cfg_options, args.work_dir)
     cfg.launcher = args.launcher
-    if args.amp:
-        import torch
-        if not torch.cuda.is_available():
-            raise SystemExit('--amp needs a CUDA GPU (bf16 autocast); run without it on CPU')
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.dtype = 'bfloat16'
+    set_precision(cfg, amp=args.amp, fp32=args.fp32)
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume:

@@ -18,7 +18,7 @@ model = dict(
     type='ImageClassifier',
     backbone=dict(
         type='Vim', arch=dict(embed_dims=64, depth=4, d_state=8), img_size=image_size,
-        patch_size=8, drop_path_rate=0.0,
+        patch_size=8, drop_path_rate=0.0, cuda_graph=True,
         peft=dict(lora=dict(in_proj=16, out_proj=16),
                   gate=dict(rank=8, num_chunks=4, leak=0.5, threshold=1.0, transfer=True))),
     neck=None,
@@ -47,4 +47,5 @@ param_scheduler = [
          convert_to_iter_based=True),
 ]
 train_cfg = dict(max_epochs=max_epochs)
-default_hooks = dict(logger=dict(interval=5))
+# a checkpoint every epoch: the demo's epochs take a second
+default_hooks = dict(logger=dict(interval=5), checkpoint=dict(interval=1))

@@ -1,4 +1,6 @@
-"""Runner hooks (registered in mmpretrain's HOOKS) and tool helpers."""
+"""Runner hooks and the optimiser constructor (registered in mmpretrain's registries)."""
 from .hooks import NonFiniteLossHook, PEFTCheckpointHook, complete_trainable_checkpoint
+from .optim_constructor import MergedParamGroupsConstructor
 
-__all__ = ['PEFTCheckpointHook', 'NonFiniteLossHook', 'complete_trainable_checkpoint']
+__all__ = ['PEFTCheckpointHook', 'NonFiniteLossHook', 'complete_trainable_checkpoint',
+           'MergedParamGroupsConstructor']

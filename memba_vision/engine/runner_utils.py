@@ -28,6 +28,27 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
     return cfg
 
 
+def set_precision(cfg: Config, amp: bool = False, fp32: bool = False) -> None:
+    """bf16 autocast (``amp``), fp32 (``fp32``, or the config's autocast without CUDA).
+
+    The VTAB configs ask for bf16 autocast; mmengine's AmpOptimWrapper needs a
+    GPU, so on a CPU machine the config falls back to fp32 with a message.
+    """
+    import torch
+    if amp:
+        if not torch.cuda.is_available():
+            raise SystemExit('--amp needs a CUDA GPU (bf16 autocast); run without it on CPU')
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.dtype = 'bfloat16'
+    elif cfg.optim_wrapper.get('type') == 'AmpOptimWrapper' and \
+            (fp32 or not torch.cuda.is_available()):
+        if not fp32:
+            print('no CUDA GPU: training in fp32 instead of the config\'s bf16 autocast')
+        cfg.optim_wrapper.type = 'OptimWrapper'
+        for key in ('dtype', 'loss_scale'):
+            cfg.optim_wrapper.pop(key, None)
+
+
 def check_pretrained(cfg: Config) -> None:
     """Fails early, with the download location, when the backbone's pretrained file is missing."""
     backbone = cfg.model.get('backbone', {})

@@ -29,6 +29,16 @@ def mamba_ssm_scan_fn() -> Tuple[Optional[Callable], str]:
 
 
 @functools.lru_cache(maxsize=None)
+def triton_scan_fn() -> Tuple[Optional[Callable], str]:
+    """(memba_vision's Triton selective scan, '') or (None, why it is unusable)."""
+    try:
+        from .selective_scan_triton import selective_scan_triton
+    except Exception as e:
+        return None, f'triton unavailable: {type(e).__name__}: {e}'.split('\n')[0]
+    return selective_scan_triton, ''
+
+
+@functools.lru_cache(maxsize=None)
 def causal_conv1d_cuda_fn() -> Tuple[Optional[Callable], str]:
     """(causal_conv1d_fn, '') or (None, why it is unusable)."""
     try:

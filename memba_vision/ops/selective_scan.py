@@ -11,10 +11,12 @@ Shapes (as in mamba-ssm): u, delta, z (b, d, l); A (d, n); B, C (b, n, l) or
 (b, g, n, l) with d divisible by g (channel c uses group c // (d // g));
 D, delta_bias (d,).
 
-On CUDA tensors mamba-ssm's ``selective_scan_fn`` runs (the gate z fused into the
-kernel); elsewhere, or where mamba-ssm is missing, the reference below runs.
-``MEMBA_SCAN_BACKEND=cuda|torch`` forces a path. mamba_ssm is imported lazily,
-never at module import.
+On CUDA tensors mamba-ssm's ``selective_scan_fn`` runs (the gate z fused into
+the kernel). Without mamba-ssm, when A, D and delta_bias need no gradient (every
+PEFT method: the backbone is frozen), the Triton kernel of
+``selective_scan_triton`` runs; otherwise the reference below.
+``MEMBA_SCAN_BACKEND=cuda|triton|torch`` forces a path. mamba_ssm and triton are
+imported lazily, never at module import.
 """
 import os
 from typing import Optional
@@ -23,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dispatch import log_once, mamba_ssm_scan_fn
+from ._dispatch import log_once, mamba_ssm_scan_fn, triton_scan_fn
 
 __all__ = ['selective_scan', 'selective_scan_reference', 'scan_backend']
 
@@ -81,39 +83,62 @@ def _expand_groups(M: Tensor, d: int) -> Tensor:
     return M[:, :, None].expand(b, g, d // g, n, l).reshape(b, d, n, l)
 
 
-def scan_backend(u: Tensor) -> str:
-    """'cuda' (mamba-ssm kernels) or 'torch' (reference) for a tensor like ``u``."""
-    return _resolve(u)[0]
+def scan_backend(u: Tensor, frozen: bool = True) -> str:
+    """'triton', 'cuda' (mamba-ssm) or 'torch' (reference) for a tensor like ``u``.
+
+    ``frozen``: A, D and delta_bias need no gradient.
+    """
+    return _resolve(u, frozen)[0]
 
 
-def _resolve(u: Tensor):
+def _resolve(u: Tensor, frozen: bool):
     """(backend, reason the reference runs or '')."""
     forced = os.environ.get(_BACKEND_ENV, '').strip().lower()
-    if forced not in ('', 'cuda', 'torch'):
-        raise ValueError(f'{_BACKEND_ENV} must be cuda or torch, got {forced!r}')
+    if forced not in ('', 'triton', 'cuda', 'torch'):
+        raise ValueError(f'{_BACKEND_ENV} must be triton, cuda or torch, got {forced!r}')
     if forced == 'torch':
         return 'torch', f'{_BACKEND_ENV}=torch'
     if not u.is_cuda:
-        if forced == 'cuda':
-            raise RuntimeError(f'{_BACKEND_ENV}=cuda needs CUDA tensors, got {u.device}')
+        if forced:
+            raise RuntimeError(f'{_BACKEND_ENV}={forced} needs CUDA tensors, got {u.device}')
         return 'torch', 'tensors are on the CPU'
-    fn, reason = mamba_ssm_scan_fn()
-    if fn is None:
+    if forced == 'triton' and not frozen:
+        raise RuntimeError(f'{_BACKEND_ENV}=triton: A, D or delta_bias requires a gradient, '
+                           f'which the Triton kernel does not compute')
+    if forced in ('', 'cuda'):
+        fn, reason = mamba_ssm_scan_fn()
+        if fn is not None:
+            return 'cuda', ''
         if forced == 'cuda':
             raise RuntimeError(f'{_BACKEND_ENV}=cuda but {reason}')
-        return 'torch', reason
-    return 'cuda', ''
+        if not frozen:
+            return 'torch', reason
+    fn, triton_reason = triton_scan_fn()
+    if fn is not None:
+        return 'triton', ''
+    if forced == 'triton':
+        raise RuntimeError(f'{_BACKEND_ENV}=triton but {triton_reason}')
+    return 'torch', f'{reason}; {triton_reason}'
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                    delta_bias: Optional[Tensor] = None,
                    delta_softplus: bool = False) -> Tensor:
-    """Selective scan, dispatched to mamba-ssm on CUDA. Returns y (b, d, l) in u's dtype."""
+    """Selective scan, dispatched to mamba-ssm or Triton on CUDA. Returns y (b, d, l) in u's dtype."""
     if u.dim() != 3 or delta.shape != u.shape:
         raise ValueError(f'selective_scan: u and delta must both be (b, d, l), got '
                          f'{tuple(u.shape)} and {tuple(delta.shape)}')
-    backend, reason = _resolve(u)
+    backend, reason = _resolve(u, frozen=not _needs_grad(A, D, delta_bias))
+    if backend == 'triton':
+        log_once('scan:triton', 'memba_vision.ops: selective scan uses the Triton kernels '
+                                '(frozen A, D and delta_bias)')
+        fn, _ = triton_scan_fn()
+        return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     if backend == 'cuda':
         log_once('scan:cuda', 'memba_vision.ops: selective scan uses the mamba-ssm CUDA kernels')
         fn, _ = mamba_ssm_scan_fn()

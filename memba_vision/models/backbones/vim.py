@@ -145,6 +145,8 @@ class Vim(MambaBackbone):
             None is the plain model. With ``peft`` every parameter but LoRA and
             gate projections is frozen.
         checkpoint_key: entry of the pretrained file holding the weights.
+        cuda_graph: replay forward and backward as CUDA graphs on CUDA inputs
+            (see ``MambaBackbone``).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads an official
             checkpoint strictly (see ``pretrained.load_pretrained``).
 
@@ -163,8 +165,8 @@ class Vim(MambaBackbone):
                  patch_size: int = 16, in_channels: int = 3, drop_rate: float = 0.,
                  drop_path_rate: float = 0.1, norm_eps: float = 1e-5,
                  peft: Optional[dict] = None, checkpoint_key: Optional[str] = None,
-                 init_cfg: Optional[dict] = None):
-        super().__init__(init_cfg=init_cfg)
+                 cuda_graph: bool = False, init_cfg: Optional[dict] = None):
+        super().__init__(cuda_graph=cuda_graph, init_cfg=init_cfg)
         self.arch_name, arch = self.resolve_arch(arch)
         self.embed_dims = C = arch['embed_dims']
         self.depth = depth = arch['depth']
@@ -233,7 +235,7 @@ class Vim(MambaBackbone):
         return torch.cat([patches[:, :new_mid], cls_pos, patches[:, new_mid:]], dim=1)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> Tuple[Tensor]:
+    def forward_features(self, x: Tensor) -> Tuple[Tensor]:
         x, grid = self.patch_embed(x)                                   # (B, M, C)
         B, M, _ = x.shape
         pos = self.pos_embed if grid == self.grid else self.resize_pos_embed(self.pos_embed, grid)

@@ -179,6 +179,8 @@ class VanillaVMamba(MambaBackbone):
         peft: Memba/LoRA settings (see ``memba_vision.models.peft.parse_peft``).
         checkpoint_key: entry of the pretrained file holding the weights
             ('model' by default; 'model_ema' for the EMA weights where present).
+        cuda_graph: replay forward and backward as CUDA graphs on CUDA inputs
+            (see ``MambaBackbone``).
         init_cfg: ``dict(type='Pretrained', checkpoint=PATH)`` loads strictly.
 
     Output: a 1-tuple with the globally average-pooled final-normed feature (B, 8 * dims).
@@ -195,8 +197,8 @@ class VanillaVMamba(MambaBackbone):
     def __init__(self, arch: Union[str, dict] = 'small', img_size: int = 224,
                  patch_size: int = 4, in_channels: int = 3, drop_path_rate: float = 0.3,
                  peft: Optional[dict] = None, checkpoint_key: Optional[str] = None,
-                 init_cfg: Optional[dict] = None):
-        super().__init__(init_cfg=init_cfg)
+                 cuda_graph: bool = False, init_cfg: Optional[dict] = None):
+        super().__init__(cuda_graph=cuda_graph, init_cfg=init_cfg)
         self.arch_name, arch = self.resolve_arch(arch)
         depths = list(arch['depths'])
         dims = [arch['dims'] * 2 ** i for i in range(len(depths))]
@@ -247,7 +249,7 @@ class VanillaVMamba(MambaBackbone):
             out[key] = value
         return out
 
-    def forward(self, x: Tensor) -> Tuple[Tensor]:
+    def forward_features(self, x: Tensor) -> Tuple[Tensor]:
         x = self.patch_embed(x)                                # (B, H, W, C)
         for stage in self.layers:
             x = stage(x)

@@ -63,11 +63,15 @@ class MembraneGate(nn.Module):
         if membrane is None or not self.transfer:
             membrane = (None,) * self.directions
         gated, new_membrane = [], []
+        shared_in = self.proj_in[0](z) if self.shared_proj else None
         for d in range(self.directions):
             k = 0 if self.shared_proj else d
             z_d = z if d == 0 else z.flip(1)
-            spikes, u_mean = lim(self.proj_in[k](z_d), self.num_chunks, self.leak,
-                                 self.threshold, membrane[d])
+            if shared_in is None:
+                v = self.proj_in[k](z_d)
+            else:  # W_in acts per token, so the reversed direction reuses W_in z
+                v = shared_in if d == 0 else shared_in.flip(1)
+            spikes, u_mean = lim(v, self.num_chunks, self.leak, self.threshold, membrane[d])
             correction = self.proj_out[k](spikes)
             gated.append(z_d + correction if self.residual else correction)
             new_membrane.append(u_mean)

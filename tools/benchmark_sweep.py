@@ -1,0 +1,231 @@
+"""Projected (and, with data, measured) wall time of a full 19-task VTAB-1k sweep.
+
+    python tools/benchmark_sweep.py                        # Vim-S Memba on this GPU
+    python tools/benchmark_sweep.py --backbone-method vmamba_s_memba --gpus 8
+    python tools/benchmark_sweep.py --data-root data/vtab-1k --task dsprites_loc
+
+Costs measured here, with the VTAB settings (bf16 autocast for training, fp32
+evaluation as tools/test.py runs it, CUDA graphs, generated 224x224 inputs): the training step at batch 32 and at the last batch of an epoch
+(1,000 = 31 x 32 + 8), evaluation images/s at the test batch size, and the fixed
+cost of one task (process start, model build, graph capture). The sweep is then
+laid out as tools/sweep.py runs it (one task per GPU, longest test set first) over
+the real sizes: 1,000 training images x 100 epochs per task and the test sizes of
+the task table.
+
+With ``--data-root`` the tool also trains one task for three epochs through the
+real loop (``tools/train.py``'s Runner: data loading, hooks, logging, checkpoints)
+and times the second one; its excess over the bare steps is the GPU idle time of
+the loop, and the projection uses it instead of the bare epoch, plus one
+checkpoint save (timed at the end of the third, last epoch) per checkpoint
+interval.
+"""
+import argparse
+import math
+import os
+import os.path as osp
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import torch  # noqa: E402
+
+TRAIN_IMAGES, EPOCHS, TRAIN_BATCH, TEST_BATCH = 1000, 100, 32, 64
+
+
+def bare_costs(backbone, method, device, warmup, reps):
+    """Seconds: step at batch 32, step at the last batch, eval per image; build + capture."""
+    from benchmark import build, measure
+    t0 = time.perf_counter()
+    model = build(backbone, method, device, tiny=device == 'cpu', cuda_graph=True)
+    size = 64 if device == 'cpu' else 224
+    amp = device == 'cuda'
+    last = TRAIN_IMAGES % TRAIN_BATCH or TRAIN_BATCH
+    if device == 'cuda':
+        torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    t32, _, te, _ = measure(model, TRAIN_BATCH, size, amp, device, warmup, reps)
+    t_last, _, _, _ = measure(model, last, size, amp, device, warmup, reps)
+    # tools/test.py evaluates in fp32
+    te64 = measure(model, TEST_BATCH, size, False, device, 1, 2)[2] if device == 'cuda' else te
+    return t32, t_last, te64 / TEST_BATCH, build_s
+
+
+def first_step_cost(backbone, method, device):
+    """Seconds of the first training step (graph capture included)."""
+    from benchmark import build, measure
+    model = build(backbone, method, device, tiny=device == 'cpu', cuda_graph=True)
+    t0 = time.perf_counter()
+    measure(model, TRAIN_BATCH, 64 if device == 'cpu' else 224, device == 'cuda', device, 0, 1)
+    return time.perf_counter() - t0
+
+
+def process_start_cost():
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, '-c', 'import torch, mmpretrain, memba_vision'], check=True,
+                   capture_output=True)
+    return time.perf_counter() - t0
+
+
+def _epoch_timer():
+    """An mmengine hook splitting each training epoch's wall time.
+
+    ``iters``: from the last before_train_iter hook to the last after_train_iter
+    hook (data preprocessing, the training step, logging); ``data``: waiting for
+    the next batch between iterations; ``end``: the epoch-end hooks (checkpoint).
+    """
+    from mmengine.hooks import Hook
+
+    def now():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class EpochTimer(Hook):
+        priority = 'LOWEST'
+
+        def __init__(self):
+            self.epochs = []
+
+        def before_train_epoch(self, runner):
+            self._start = self._last = now()
+            self._iters = self._data = 0.0
+
+        def before_train_iter(self, runner, batch_idx, data_batch=None):
+            t = now()
+            self._data += t - self._last
+            self._t = t
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            self._last = now()
+            self._iters += self._last - self._t
+
+        def after_train_epoch(self, runner):
+            t = now()
+            self.epochs.append(dict(total=t - self._start, iters=self._iters, data=self._data,
+                                    end=t - self._last))
+
+    return EpochTimer()
+
+
+def measured_epoch(backbone_method, data_root, task, work_dir):
+    """Epochs 2 (steady) and 3 (last: saves a checkpoint) of ``task`` through mmengine's
+    Runner, each split by ``_epoch_timer``; and the config's checkpoint interval."""
+    from mmengine.runner import Runner
+
+    from memba_vision.datasets.vtab1k_tasks import get_task
+    from memba_vision.engine.runner_utils import load_config, set_precision
+    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    cfg = load_config(osp.join(root, 'configs', 'vtab1k', f'{backbone_method}_{task}.py'),
+                      work_dir=work_dir)
+    cfg.model.backbone.init_cfg = None  # timing only: no pretrained file needed
+    cfg.train_dataloader.dataset.data_root = data_root
+    cfg.test_dataloader.dataset.data_root = data_root
+    cfg.model.head.num_classes = get_task(task).num_classes
+    cfg.train_cfg.max_epochs = 3
+    interval = cfg.default_hooks.checkpoint.interval
+    set_precision(cfg)  # the config's bf16 autocast (fp32 on a CPU machine)
+    cfg.default_hooks.logger.interval = 1000
+    runner = Runner.from_cfg(cfg)
+    timer = _epoch_timer()
+    runner.register_hook(timer)
+    runner.train()
+    n = len(runner.train_dataloader.dataset)
+    return timer.epochs[1], timer.epochs[2], interval, n
+
+
+def schedule(durations, gpus):
+    """Longest first onto the least-loaded GPU; returns the makespan."""
+    loads = [0.0] * gpus
+    for d in sorted(durations, reverse=True):
+        i = loads.index(min(loads))
+        loads[i] += d
+    return max(loads)
+
+
+def fmt(s):
+    return f'{s / 60:6.1f} min' if s >= 60 else f'{s:6.1f} s  '
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--backbone-method', default='vim_s_memba',
+                   help='config family, e.g. vim_s_memba or vmamba_s_lora (default: %(default)s)')
+    p.add_argument('--gpus', type=int, default=1)
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--data-root', help='VTAB-1k root: also time one real training epoch')
+    p.add_argument('--task', default='dsprites_loc', help='task for the measured epoch')
+    p.add_argument('--warmup', type=int, default=5)
+    p.add_argument('--reps', type=int, default=20)
+    args = p.parse_args()
+    from memba_vision.datasets.vtab1k_tasks import VTAB1K_TASKS
+    backbone, method = None, None
+    for b in ('vim_s', 'vmamba_s'):
+        if args.backbone_method.startswith(b + '_'):
+            backbone, method = b, args.backbone_method[len(b) + 1:]
+    if backbone is None:
+        raise SystemExit(f'error: --backbone-method must start with vim_s_ or vmamba_s_, '
+                         f'got {args.backbone_method!r}')
+    if args.data_root and args.device != 'cuda':
+        raise SystemExit('error: --data-root times a real Vim-S/VMamba-S epoch, which needs a GPU')
+    if args.device == 'cpu':
+        print('device: cpu (tiny architectures: a smoke run of the tool, not a projection)')
+    else:
+        print(f'device: {torch.cuda.get_device_name()}, torch {torch.__version__}')
+
+    t32, t_last, t_eval_img, build_s = bare_costs(backbone, method, args.device, args.warmup,
+                                                  args.reps)
+    first_s = first_step_cost(backbone, method, args.device)
+    start_s = process_start_cost()
+    iters = math.ceil(TRAIN_IMAGES / TRAIN_BATCH)
+    epoch_bare = (iters - 1) * t32 + t_last
+    epoch = epoch_bare
+    print(f'training step: {t32 * 1e3:.1f} ms at batch {TRAIN_BATCH} '
+          f'({TRAIN_BATCH / t32:.0f} img/s), {t_last * 1e3:.1f} ms at the last batch of '
+          f'{TRAIN_IMAGES % TRAIN_BATCH}; bare epoch {epoch_bare:.2f} s')
+    print(f'evaluation: {1 / t_eval_img:.0f} img/s at batch {TEST_BATCH}')
+    fixed = 2 * start_s + build_s + first_s  # tools/sweep.py starts train.py, then test.py
+    print(f'per task fixed: 2 process starts (train, test) {start_s:.1f} s each, model build '
+          f'{build_s:.1f} s, first step with graph capture {first_s:.1f} s')
+    if args.data_root:
+        with tempfile.TemporaryDirectory() as wd:
+            real, last, interval, n = measured_epoch(args.backbone_method, args.data_root,
+                                                     args.task, wd)
+        idle = 1 - epoch_bare / real['total']
+        print(f'measured epoch ({args.task}, {n} images, real loop): {real["total"]:.2f} s vs '
+              f'bare {epoch_bare:.2f} s, so the GPU idles {100 * idle:.0f}% of the loop; '
+              f'iterations {real["iters"]:.2f} s, waiting for data {real["data"]:.2f} s, '
+              f'epoch-end hooks (checkpoint) {real["end"]:.2f} s')
+        save = max(0.0, last['end'] - real['end'])
+        print(f'checkpoint save: {save:.2f} s (whole model here: no pretrained file), every '
+              f'{interval} epochs')
+        epoch = real['total'] * TRAIN_IMAGES / n + save / interval
+    else:
+        print('loop overhead not measured (no --data-root): bare steps only')
+
+    print(f'\n{"task":<22} {"test":>6} {"train":>10} {"test":>10} {"total":>10}')
+    durations, tot_train, tot_test = [], 0.0, 0.0
+    for name, task in VTAB1K_TASKS.items():
+        train_s = EPOCHS * epoch
+        test_s = task.num_test * t_eval_img
+        total = train_s + test_s + fixed
+        tot_train, tot_test = tot_train + train_s, tot_test + test_s
+        durations.append(total)
+        print(f'{name:<22} {task.num_test:>6} {fmt(train_s):>10} {fmt(test_s):>10} '
+              f'{fmt(total):>10}')
+    serial = sum(durations)
+    wall = schedule(durations, args.gpus)
+    n_tasks = len(durations)
+    print(f'\nwhere the time goes (all tasks, one GPU): training {fmt(tot_train)} '
+          f'({100 * tot_train / serial:.0f}%), testing {fmt(tot_test)} '
+          f'({100 * tot_test / serial:.0f}%), fixed per-task costs {fmt(fixed * n_tasks)} '
+          f'({100 * fixed * n_tasks / serial:.0f}%)')
+    print(f'{args.backbone_method}: projected 19-task sweep on {args.gpus} GPU(s): '
+          f'{wall / 60:.1f} min')
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+    main()

@@ -69,12 +69,13 @@ class VimMixer(nn.Module):
         conv, x_proj, dt_proj = (getattr(self, n + sfx) for n in ('conv1d', 'x_proj', 'dt_proj'))
         A_log, D = (self.A_b_log, self.D_b) if backward else (self.A_log, self.D)
         x = causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation='silu')
-        x_dbl = F.linear(x.transpose(1, 2), x_proj.weight)             # (B, L, R + 2N)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, dt_proj.weight).transpose(1, 2)               # (B, D, L), bias in scan
-        return selective_scan(x, dt, -torch.exp(A_log.float()), B.transpose(1, 2),
-                              C.transpose(1, 2), D, z=z, delta_bias=dt_proj.bias,
-                              delta_softplus=True)
+        # projections in the channels-first layout: the scan reads x_dbl's slices and dt
+        # directly (time is the contiguous axis), with no transposing copies
+        x_dbl = torch.matmul(x_proj.weight, x)                          # (B, R + 2N, L)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
+        dt = torch.matmul(dt_proj.weight, dt)                           # (B, D, L), bias in scan
+        return selective_scan(x, dt, -torch.exp(A_log.float()), B, C, D, z=z,
+                              delta_bias=dt_proj.bias, delta_softplus=True)
 
     def forward(self, hidden: Tensor, membrane=None):
         x, z = self.in_proj(hidden).chunk(2, dim=-1)                    # (B, L, D) each

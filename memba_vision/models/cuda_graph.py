@@ -10,11 +10,13 @@ state). Capture happens on the first call with a new signature: two warm-up
 passes on a side stream (``torch.autograd.grad``, so no ``.grad`` is touched and
 no optimiser state changes), then the capture itself. Gradients reach the
 trainable parameters through an autograd function, so optimisers, gradient
-clipping, DDP hooks and gradient accumulation see ordinary ``.grad`` tensors.
+clipping and gradient accumulation see ordinary ``.grad`` tensors.
 
 Rules a graphed forward must follow, which the backbones here do: no host
 synchronisation, no data-dependent Python control flow, and parameters updated
-in place (optimisers and ``load_state_dict`` do that). Random ops (dropout, drop
+in place (optimisers and ``load_state_dict`` do that). Each forward of a
+signature must be followed by its backward before the next forward of that
+signature, since the saved activations live in the graph's memory. Random ops (dropout, drop
 path) draw fresh numbers on every replay. Graphs hold their own memory pool, so
 each signature keeps one set of activations alive; ``reset()`` frees them, and
 must be called after changing which parameters require a gradient. Moving the

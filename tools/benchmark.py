@@ -33,6 +33,8 @@ import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from typing import NamedTuple, Optional  # noqa: E402
+
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -105,7 +107,15 @@ def profile_steps(step, steps=5):
     return busy, len(kernels) / steps, top
 
 
-def measure(model, batch, size, amp, device, warmup, reps, profile=False):
+class Measured(NamedTuple):
+    step: float             # median training-step seconds after warm-up
+    peak: float             # peak GiB allocated (nan on the CPU)
+    eval: float             # median evaluation seconds per batch
+    profile: Optional[tuple]  # profile_steps(), when asked for
+    first_step: float       # wall seconds of the first step (CUDA-graph capture included)
+
+
+def measure(model, batch, size, amp, device, warmup, reps, profile=False) -> Measured:
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -128,7 +138,12 @@ def measure(model, batch, size, amp, device, warmup, reps, profile=False):
     if device == 'cuda':
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    t_train = timed(step, device, warmup, reps)
+    t0 = time.perf_counter()
+    step()  # the first step captures the graphs; it counts as one warm-up step
+    if device == 'cuda':
+        torch.cuda.synchronize()
+    t_first = time.perf_counter() - t0
+    t_train = timed(step, device, max(0, warmup - 1), reps)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == 'cuda' else float('nan')
     prof = profile_steps(step) if profile and device == 'cuda' else None
     model.eval()
@@ -138,7 +153,7 @@ def measure(model, batch, size, amp, device, warmup, reps, profile=False):
             model(x, mode='tensor')
 
     t_eval = timed(evaluate, device, max(1, warmup // 2), max(2, reps // 2))
-    return t_train, peak, t_eval, prof
+    return Measured(t_train, peak, t_eval, prof, t_first)
 
 
 def run_baseline(cmd):
@@ -190,7 +205,7 @@ def main():
         for (bs, amp), (t, ev) in sorted(baseline.items()):
             print(f'baseline bs {bs} {"bf16" if amp else "fp32"}: step {t * 1e3:.1f} ms, '
                   f'{bs / t:.0f} img/s, eval {ev:.0f} img/s')
-    rows, by_key, profiles = [], {}, []
+    by_key, profiles = {}, []
     header = (f'{"model":<9} {"method":<16} {"mode":<5} {"batch":>5} {"prec":>5} '
               f'{"step ms":>9} {"train img/s":>11} {"peak GiB":>9} {"eval img/s":>10}')
     print(header)
@@ -209,13 +224,12 @@ def main():
                     for prec in precisions:
                         want_prof = (args.profile and backbone == 'vim_s' and batch == 32
                                      and prec == 'bf16')
-                        t, peak, te, prof = measure(model, batch, size, prec == 'bf16',
-                                                    args.device, warmup, reps, want_prof)
+                        t, peak, te, prof, _ = measure(model, batch, size, prec == 'bf16',
+                                                       args.device, warmup, reps, want_prof)
                         by_key[(backbone, label, mode, batch, prec)] = (t, peak)
                         line = (f'{backbone:<9} {label:<16} {mode:<5} {batch:>5} {prec:>5} '
                                 f'{t * 1e3:>9.1f} {batch / t:>11.0f} {peak:>9.2f} '
                                 f'{batch / te:>10.0f}')
-                        rows.append(line)
                         print(line, flush=True)
                         if prof:
                             profiles.append((f'{backbone} {label} {mode} b{batch} {prec}', t, prof))
@@ -229,14 +243,13 @@ def main():
               f'({100 * busy / (t * 1e3):.0f}%), {launches:.0f} kernel launches per step')
         for kname, ms in top:
             print(f'  {ms:7.2f} ms  {kname[:100]}')
-    if baseline and not cpu:
-        base = baseline.get((32, True))
-        for backbone in args.models:
-            for label in ('lora', 'memba'):
-                mine = by_key.get((backbone, label, modes[0], 32, 'bf16'))
-                if base and mine and backbone == 'vim_s':
-                    print(f'speed-up vs baseline, Vim-S {label} b32 bf16 ({modes[0]}): '
-                          f'{base[0] / mine[0]:.2f}x ({32 / mine[0]:.0f} vs {32 / base[0]:.0f} img/s)')
+    base = baseline.get((32, True))
+    if base and not cpu:
+        for label in ('lora', 'memba'):
+            mine = by_key.get(('vim_s', label, modes[0], 32, 'bf16'))
+            if mine:
+                print(f'speed-up vs baseline, Vim-S {label} b32 bf16 ({modes[0]}): '
+                      f'{base[0] / mine[0]:.2f}x ({32 / mine[0]:.0f} vs {32 / base[0]:.0f} img/s)')
     ref = (modes[0], batches[0] if cpu else 32, precisions[0] if cpu else 'bf16')
     for backbone in args.models:
         lora = by_key.get((backbone, 'lora', *ref))

@@ -21,7 +21,6 @@ interval.
 """
 import argparse
 import math
-import os
 import os.path as osp
 import subprocess
 import sys
@@ -36,7 +35,8 @@ TRAIN_IMAGES, EPOCHS, TRAIN_BATCH, TEST_BATCH = 1000, 100, 32, 64
 
 
 def bare_costs(backbone, method, device, warmup, reps):
-    """Seconds: step at batch 32, step at the last batch, eval per image; build + capture."""
+    """Seconds: step at batch 32, step at the last batch, eval per image, model build, and
+    the first step (graph capture included)."""
     from benchmark import build, measure
     t0 = time.perf_counter()
     model = build(backbone, method, device, tiny=device == 'cpu', cuda_graph=True)
@@ -46,20 +46,12 @@ def bare_costs(backbone, method, device, warmup, reps):
     if device == 'cuda':
         torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
-    t32, _, te, _ = measure(model, TRAIN_BATCH, size, amp, device, warmup, reps)
-    t_last, _, _, _ = measure(model, last, size, amp, device, warmup, reps)
+    full = measure(model, TRAIN_BATCH, size, amp, device, warmup, reps)
+    t_last = measure(model, last, size, amp, device, warmup, reps).step
     # tools/test.py evaluates in fp32
-    te64 = measure(model, TEST_BATCH, size, False, device, 1, 2)[2] if device == 'cuda' else te
-    return t32, t_last, te64 / TEST_BATCH, build_s
-
-
-def first_step_cost(backbone, method, device):
-    """Seconds of the first training step (graph capture included)."""
-    from benchmark import build, measure
-    model = build(backbone, method, device, tiny=device == 'cpu', cuda_graph=True)
-    t0 = time.perf_counter()
-    measure(model, TRAIN_BATCH, 64 if device == 'cpu' else 224, device == 'cuda', device, 0, 1)
-    return time.perf_counter() - t0
+    te64 = measure(model, TEST_BATCH, size, False, device, 1, 2).eval if device == 'cuda' \
+        else full.eval
+    return full.step, t_last, te64 / TEST_BATCH, build_s, full.first_step
 
 
 def process_start_cost():
@@ -175,9 +167,8 @@ def main():
     else:
         print(f'device: {torch.cuda.get_device_name()}, torch {torch.__version__}')
 
-    t32, t_last, t_eval_img, build_s = bare_costs(backbone, method, args.device, args.warmup,
-                                                  args.reps)
-    first_s = first_step_cost(backbone, method, args.device)
+    t32, t_last, t_eval_img, build_s, first_s = bare_costs(backbone, method, args.device,
+                                                           args.warmup, args.reps)
     start_s = process_start_cost()
     iters = math.ceil(TRAIN_IMAGES / TRAIN_BATCH)
     epoch_bare = (iters - 1) * t32 + t_last

@@ -78,15 +78,19 @@ class _Captured:
             self.sizes = [p.numel() for p, u in zip(self.params, self.used) if u]
             self.static_outs = tuple(o.detach() for o in self.static_outs)
 
+    def replay_forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Copies ``x`` in, replays the forward; returns copies of the outputs."""
+        self.static_x.copy_(x)
+        self.fwd.replay()
+        return tuple(o.clone() for o in self.static_outs)
+
 
 class _Replay(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, captured: _Captured, x: Tensor, *params: Tensor):
-        captured.static_x.copy_(x)
-        captured.fwd.replay()
         ctx.captured = captured
-        return tuple(o.clone() for o in captured.static_outs)
+        return captured.replay_forward(x)
 
     @staticmethod
     def backward(ctx, *gouts):
@@ -134,7 +138,5 @@ class CUDAGraphs:
             with_backward = torch.is_grad_enabled() and bool(params)
             captured = self.graphs[key] = _Captured(fn, x, params, with_backward)
         if captured.bwd is None:
-            captured.static_x.copy_(x)
-            captured.fwd.replay()
-            return tuple(o.clone() for o in captured.static_outs)
+            return captured.replay_forward(x)
         return _Replay.apply(captured, x, *captured.params)

@@ -1,9 +1,10 @@
-"""Lazy access to optional CUDA kernels (mamba-ssm, causal-conv1d) and one-time logs.
+"""Lazy access to optional kernels (mamba-ssm, causal-conv1d, the Triton scan) and one-time logs.
 
-Nothing here imports a CUDA package at module import: the first CUDA call tries
+Nothing here imports a CUDA package or triton at module import: the first CUDA call tries
 the import once and remembers the outcome.
 """
 import functools
+import importlib
 from typing import Callable, Optional, Tuple
 
 _logged = set()
@@ -18,31 +19,27 @@ def log_once(key: str, msg: str) -> None:
     print_log(msg, logger='current')
 
 
+def _import_fn(module: str, name: str, label: str) -> Tuple[Optional[Callable], str]:
+    """(``module.name``, '') or (None, why it cannot be imported)."""
+    try:
+        return getattr(importlib.import_module(module, __package__), name), ''
+    except Exception as e:  # ImportError, or a CUDA build that fails to load
+        return None, f'{label} unavailable: {type(e).__name__}: {e}'.split('\n')[0]
+
+
 @functools.lru_cache(maxsize=None)
 def mamba_ssm_scan_fn() -> Tuple[Optional[Callable], str]:
     """(mamba_ssm's selective_scan_fn, '') or (None, why it is unusable)."""
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except Exception as e:  # ImportError, or a CUDA build that fails to load
-        return None, f'mamba-ssm unavailable: {type(e).__name__}: {e}'.split('\n')[0]
-    return selective_scan_fn, ''
+    return _import_fn('mamba_ssm.ops.selective_scan_interface', 'selective_scan_fn', 'mamba-ssm')
 
 
 @functools.lru_cache(maxsize=None)
 def triton_scan_fn() -> Tuple[Optional[Callable], str]:
     """(memba_vision's Triton selective scan, '') or (None, why it is unusable)."""
-    try:
-        from .selective_scan_triton import selective_scan_triton
-    except Exception as e:
-        return None, f'triton unavailable: {type(e).__name__}: {e}'.split('\n')[0]
-    return selective_scan_triton, ''
+    return _import_fn('.selective_scan_triton', 'selective_scan_triton', 'triton')
 
 
 @functools.lru_cache(maxsize=None)
 def causal_conv1d_cuda_fn() -> Tuple[Optional[Callable], str]:
     """(causal_conv1d_fn, '') or (None, why it is unusable)."""
-    try:
-        from causal_conv1d import causal_conv1d_fn
-    except Exception as e:
-        return None, f'causal-conv1d unavailable: {type(e).__name__}: {e}'.split('\n')[0]
-    return causal_conv1d_fn, ''
+    return _import_fn('causal_conv1d', 'causal_conv1d_fn', 'causal-conv1d')

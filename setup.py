@@ -1,8 +1,9 @@
 """memba_vision: Memba fine-tuning of vision Mamba backbones on OpenMMLab.
 
 Install (CPU or GPU):   pip install --no-build-isolation -e .[dev]
-The fused LIM kernel (kernels/lim) is built as ``memba_vision._lim_cuda`` when
-MEMBA_CUDA_EXT allows it:
+The CUDA kernels are built as extensions when MEMBA_CUDA_EXT allows it: the fused
+LIM (kernels/lim -> ``memba_vision._lim_cuda``) and the token-major selective scan
+and depthwise conv (kernels/scan -> ``memba_vision._scan_cuda``):
   MEMBA_CUDA_EXT=auto (default)  build when a CUDA toolkit, a CUDA PyTorch and a
                                  target GPU (visible, or TORCH_CUDA_ARCH_LIST) exist;
                                  otherwise skip with one line
@@ -38,27 +39,31 @@ def _mmcv_requirement():
         return 'mmcv-lite>=2.0.0,<2.4.0'
 
 
-def lim_extension():
-    """Returns ([ext_modules], {cmdclass}) for the LIM CUDA op, or ([], {})."""
+_EXTENSIONS = {'memba_vision._lim_cuda': 'lim', 'memba_vision._scan_cuda': 'scan'}
+
+
+def cuda_extensions():
+    """Returns ([ext_modules], {cmdclass}) for the CUDA kernels, or ([], {})."""
     mode = os.environ.get('MEMBA_CUDA_EXT', 'auto').strip().lower()
     if mode not in ('auto', '1', '0'):
         raise SystemExit(f'MEMBA_CUDA_EXT must be auto, 1 or 0, got {mode!r}')
     if mode == '0':
-        print('memba_vision: MEMBA_CUDA_EXT=0, the LIM CUDA extension is not built')
+        print('memba_vision: MEMBA_CUDA_EXT=0, the CUDA extensions are not built')
         return [], {}
 
     def skip(reason):
         if mode == '1':
-            raise SystemExit(f'memba_vision: MEMBA_CUDA_EXT=1 but the LIM CUDA extension '
+            raise SystemExit(f'memba_vision: MEMBA_CUDA_EXT=1 but the CUDA extensions '
                              f'cannot be built: {reason}')
-        print(f'memba_vision: LIM CUDA extension skipped ({reason}); '
-              'the Triton or PyTorch LIM backend is used instead')
+        print(f'memba_vision: CUDA extensions skipped ({reason}); '
+              'the Triton, mamba-ssm or PyTorch backends are used instead')
         return [], {}
 
-    sources = sorted(glob.glob(os.path.join('kernels', 'lim', '*.cpp')) +
-                     glob.glob(os.path.join('kernels', 'lim', '*.cu')))
-    if not sources:
-        return skip('no sources in kernels/lim')
+    sources = {name: sorted(glob.glob(os.path.join('kernels', folder, '*.cpp')) +
+                            glob.glob(os.path.join('kernels', folder, '*.cu')))
+               for name, folder in _EXTENSIONS.items()}
+    if not all(sources.values()):
+        return skip('kernel sources missing under kernels/')
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
@@ -75,20 +80,21 @@ def lim_extension():
         archs = sorted({'{}.{}'.format(*torch.cuda.get_device_capability(i))
                         for i in range(torch.cuda.device_count())})
         os.environ['TORCH_CUDA_ARCH_LIST'] = ';'.join(archs)
-    print(f"memba_vision: building the LIM CUDA extension for "
+    print(f"memba_vision: building the CUDA extensions for "
           f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
-    ext = CUDAExtension(
-        name='memba_vision._lim_cuda',
-        sources=sources,
+    exts = [CUDAExtension(
+        name=name,
+        sources=srcs,
         # no -std flag: BuildExtension picks the standard the installed torch needs
         extra_compile_args={'cxx': ['-O3'],
                             'nvcc': ['-O3', '--use_fast_math',
                                      '-U__CUDA_NO_HALF_OPERATORS__',
                                      '-U__CUDA_NO_BFLOAT16_CONVERSIONS__']})
-    return [ext], {'build_ext': BuildExtension.with_options(use_ninja=True)}
+        for name, srcs in sources.items()]
+    return exts, {'build_ext': BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = lim_extension()
+ext_modules, cmdclass = cuda_extensions()
 
 setup(
     name='memba_vision',

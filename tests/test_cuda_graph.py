@@ -7,10 +7,11 @@ import torch
 from memba_vision.models.backbones import VanillaVMamba, Vim
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
-TINY_VIM = dict(arch=dict(embed_dims=64, depth=3, d_state=8), img_size=32, patch_size=8,
+TINY_VIM = dict(arch=dict(embed_dims=64, depth=3, d_state=16), img_size=32, patch_size=8,
                 drop_path_rate=0.0)
 # no LoRA dropout: eager and graphed runs draw different random masks
-MEMBA = dict(lora=dict(in_proj=8, out_proj=8, dropout=0.0), gate=dict(rank=4, num_chunks=4))
+# d_state and gate rank 16: on a GPU the memba_vision scan kernels run (with the fused gate)
+MEMBA = dict(lora=dict(in_proj=8, out_proj=8, dropout=0.0), gate=dict(rank=16, num_chunks=4))
 
 
 def _randomise_peft(model, seed=0):

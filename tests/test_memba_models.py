@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from mmengine.optim import build_optim_wrapper
 from mmpretrain.registry import MODELS
 
@@ -41,11 +42,19 @@ def test_memba_at_init_equals_the_pretrained_model(kind, tiny_checkpoints):
 
 
 def capture_gates(model):
+    """Records each gate's ``lim_spikes`` call as (name, gate, (z, membrane), (pairs, membrane)).
+
+    Both backbones go through it: Vim calls it directly (the scan applies the
+    correction), VMamba through the gate's forward.
+    """
     calls = []
     for name, m in model.named_modules():
         if isinstance(m, MembraneGate):
-            m.register_forward_hook(
-                lambda mod, args, out, name=name: calls.append((name, mod, args, out)))
+            def record(*args, inner=m.lim_spikes, name=name, m=m):
+                out = inner(*args)
+                calls.append((name, m, args, out))
+                return out
+            m.lim_spikes = record
     return calls
 
 
@@ -67,9 +76,10 @@ def test_vim_membrane_flows_layer_to_layer_and_changes_the_next_gate():
     # change layer 0's gate input: layer 1's gate output changes through the membrane alone
     _, g0, (z0, _), _ = calls[0]
     _, g1, (z1, _), (out1, _) = calls[1]
-    _, mem0_changed = g0(z0 + 2.0, None)
-    out1_changed, _ = g1(z1, mem0_changed)
-    assert not torch.allclose(out1_changed[0], out1[0]) and not torch.allclose(out1_changed[1], out1[1])
+    _, mem0_changed = g0.lim_spikes(z0 + 2.0, None)
+    out1_changed, _ = g1.lim_spikes(z1, mem0_changed)  # ((spikes, W_out) per direction)
+    assert not torch.allclose(out1_changed[0][0], out1[0][0])
+    assert not torch.allclose(out1_changed[1][0], out1[1][0])
 
 
 def test_no_transfer_means_every_layer_starts_from_zero():
@@ -81,8 +91,8 @@ def test_no_transfer_means_every_layer_starts_from_zero():
     assert all(args[1] is None and out[1] is None for _, _, args, out in calls)
     _, g1, (z1, _), (out1, _) = calls[1]
     handed_in = tuple(torch.full((2, 17 // 4, 4), 0.9) for _ in range(2))
-    out_with, _ = g1(z1, handed_in)
-    assert torch.equal(out_with[0], out1[0]) and torch.equal(out_with[1], out1[1])
+    out_with, _ = g1.lim_spikes(z1, handed_in)
+    assert torch.equal(out_with[0][0], out1[0][0]) and torch.equal(out_with[1][0], out1[1][0])
 
 
 def test_vmamba_membrane_flows_within_a_stage_and_restarts_per_stage():
@@ -137,3 +147,68 @@ def test_bad_peft_settings_fail_at_build():
         tiny('vim', dict(gate=dict(num_chunks=32)))
     with pytest.raises(ValueError, match='exceeds the 4 tokens of stage 3'):
         tiny('vmamba', dict(gate=dict(num_chunks=8)))
+
+
+def literal_vim_mixer(mixer, hidden, membrane):
+    """The official bimamba-v2 mixer written out channels-first with flips, and Memba's gate
+    applied to z literally (z' = z + W_out LIM(W_in z) in each direction's token order).
+
+    Independent of the mixer's token-major path (reversed conv and scan, low-rank gate
+    handed to the scan), which must give the same result.
+    """
+    from memba_vision.ops import lim_reference, selective_scan_reference
+    x, z = mixer.in_proj(hidden).chunk(2, dim=-1)                     # (B, L, D)
+    L, D = x.shape[1], x.shape[2]
+    g = mixer.gate
+    if g is None:
+        z_f, z_b, new_membrane = z, z.flip(1), membrane
+    else:
+        prev = membrane if membrane is not None and g.transfer else (None, None)
+        v_f, v_b = g.proj_in[0](z), g.proj_in[0](z.flip(1))
+        s_f, m_f = lim_reference(v_f, g.num_chunks, g.leak, g.threshold, prev[0])
+        s_b, m_b = lim_reference(v_b, g.num_chunks, g.leak, g.threshold, prev[1])
+        base_f, base_b = (z, z.flip(1)) if g.residual else (0., 0.)
+        z_f, z_b = base_f + g.proj_out[0](s_f), base_b + g.proj_out[0](s_b)
+        new_membrane = (m_f, m_b) if g.transfer else None
+
+    def ssm(x_dir, z_dir, sfx):  # one direction, inputs in its own token order
+        conv = getattr(mixer, 'conv1d' + sfx)
+        xc = F.silu(F.conv1d(x_dir.transpose(1, 2), conv.weight, conv.bias,
+                             padding=conv.weight.shape[-1] - 1, groups=D)[..., :L])
+        dt, B, C = getattr(mixer, 'x_proj' + sfx)(xc.transpose(1, 2)).split(
+            [mixer.dt_rank, mixer.d_state, mixer.d_state], dim=-1)
+        dt_proj = getattr(mixer, 'dt_proj' + sfx)
+        A_log, Dp = (mixer.A_b_log, mixer.D_b) if sfx else (mixer.A_log, mixer.D)
+        y = selective_scan_reference(xc, (dt @ dt_proj.weight.t()).transpose(1, 2),
+                                     -torch.exp(A_log), B.transpose(1, 2), C.transpose(1, 2),
+                                     Dp, z_dir.transpose(1, 2), dt_proj.bias, True)
+        return y.transpose(1, 2)
+
+    y = (ssm(x, z_f, '') + ssm(x.flip(1), z_b, '_b').flip(1)) / 2
+    return mixer.out_proj(y), new_membrane
+
+
+@pytest.mark.parametrize('gate', [dict(rank=3, num_chunks=3),
+                                  dict(rank=3, num_chunks=3, residual=False),
+                                  dict(rank=3, num_chunks=3, transfer=False), None])
+def test_vim_mixer_equals_the_literal_flip_formulation(gate):
+    from memba_vision.models.backbones.vim import VimMixer
+    from memba_vision.models.peft import parse_peft
+    peft = parse_peft(dict(lora=dict(in_proj=4, out_proj=4, dropout=0.0),
+                           **({'gate': gate} if gate else {})))
+    mixer = VimMixer(16, d_state=4, num_layers=2, peft=peft).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # random weights everywhere, LoRA and gates included
+        for p in mixer.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        mixer.A_log.copy_(torch.randn(mixer.A_log.shape, generator=g) * 0.5)
+        mixer.A_b_log.copy_(torch.randn(mixer.A_b_log.shape, generator=g) * 0.5)
+    hidden = torch.randn(2, 13, 16, generator=g)
+    membrane = (torch.randn(2, 4, 3, generator=g), torch.randn(2, 4, 3, generator=g))
+    out, mem = mixer(hidden, membrane if gate else None)
+    ref, mem_ref = literal_vim_mixer(mixer, hidden, membrane if gate else None)
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-5
+    if gate and gate.get('transfer', True):
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mem, mem_ref))
+    else:
+        assert mem is None

@@ -53,7 +53,7 @@ def gate_with_random_out(**kw):
 def test_gate_is_identity_at_init_and_literal_form_is_zero():
     z = torch.randn(2, 9, 10)
     (zf, zb), mem = MembraneGate(10, rank=4)(z)
-    assert torch.equal(zf, z) and torch.equal(zb, z.flip(1))
+    assert torch.equal(zf, z) and torch.equal(zb, z)  # both in input token order
     (lf, lb), _ = MembraneGate(10, rank=4, residual=False)(z)
     assert torch.equal(lf, torch.zeros_like(z)) and torch.equal(lb, torch.zeros_like(z))
     assert mem[0].shape == (2, 9 // 4, 4)
@@ -68,13 +68,19 @@ def test_gate_backward_direction_sees_reversed_tokens(shared):
     k = 0 if shared else 1
     zr = z.flip(1)
     spikes_b, ub_ref = lim_reference(gate.proj_in[k](zr), 3, 0.5, 0.7, u_prev[1])
-    assert torch.allclose(zb, zr + gate.proj_out[k](spikes_b), atol=1e-6)
+    # z' of the reversed direction comes back in input token order
+    assert torch.allclose(zb, (zr + gate.proj_out[k](spikes_b)).flip(1), atol=1e-6)
     assert torch.allclose(ub, ub_ref)
     spikes_f, uf_ref = lim_reference(gate.proj_in[0](z), 3, 0.5, 0.7, u_prev[0])
     assert torch.allclose(zf, z + gate.proj_out[0](spikes_f), atol=1e-6)
     # the reversed order matters: the forward-order answer differs
     spikes_wrong, _ = lim_reference(gate.proj_in[k](z), 3, 0.5, 0.7, u_prev[1])
-    assert not torch.allclose(zb, zr + gate.proj_out[k](spikes_wrong).flip(1), atol=1e-3)
+    assert not torch.allclose(zb, z + gate.proj_out[k](spikes_wrong), atol=1e-3)
+    # the low-rank form hands the same correction to a fused scan
+    pairs, _ = gate.lim_spikes(z, u_prev)
+    for (spikes, weight), gated in zip(pairs, (zf, zb)):
+        assert weight.shape == (10, 4) and spikes.shape == (2, 12, 4)
+        assert torch.allclose(z + spikes @ weight.t(), gated, atol=1e-6)
 
 
 def test_gate_transfer_flag():

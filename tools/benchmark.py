@@ -43,6 +43,7 @@ METHODS = {  # label -> (config method, LIM backend or None for the default)
     'memba (ref LIM)': ('memba', 'torch'),
     'memba': ('memba', None),
 }
+TOP_KERNELS = 20  # kernels listed per profiled row
 TINY = {'vim_s': dict(embed_dims=64, depth=2, d_state=8),
         'vmamba_s': dict(dims=16, depths=[1, 1, 1, 1], d_state=8)}
 
@@ -100,10 +101,12 @@ def profile_steps(step, steps=5):
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     busy = sum(e.device_time for e in kernels) / 1e3 / steps
-    by_name = {}
+    by_name = {}  # name -> [ms per step, launches per step]
     for e in kernels:
-        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time / 1e3 / steps
-    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:8]
+        acc = by_name.setdefault(e.name, [0.0, 0.0])
+        acc[0] += e.device_time / 1e3 / steps
+        acc[1] += 1 / steps
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:TOP_KERNELS]
     return busy, len(kernels) / steps, top
 
 
@@ -241,8 +244,8 @@ def main():
     for name, t, (busy, launches, top) in profiles:
         print(f'\nprofile {name}: step {t * 1e3:.1f} ms, GPU busy {busy:.1f} ms '
               f'({100 * busy / (t * 1e3):.0f}%), {launches:.0f} kernel launches per step')
-        for kname, ms in top:
-            print(f'  {ms:7.2f} ms  {kname[:100]}')
+        for kname, (ms, calls) in top:
+            print(f'  {ms:7.2f} ms {calls:5.0f}x  {kname[:100]}')
     base = baseline.get((32, True))
     if base and not cpu:
         for label in ('lora', 'memba'):

@@ -1,6 +1,7 @@
 """Runs the 19 VTAB-1k tasks of one backbone/method on a node, one task per GPU at a time.
 
     python tools/sweep.py vim_s_memba --gpus 8                  # train, then test, every task
+                                                                # (one process per task)
     python tools/sweep.py vim_s_memba --gpus 8 --mode test      # test the trained ones
     python tools/sweep.py --config configs/demo/vim_tiny_memba_synthetic.py \
         --tasks dsprites_loc clevr_count --gpus 1 --work-root work_dirs/demo
@@ -121,17 +122,21 @@ class Sweep:
         opts = [*opts, *self.cfg_options]
         cfg_opts = ['--cfg-options', *opts] if opts else []
         ok = True
-        if self.mode == 'train':
-            cmd = [self.python, 'tools/train.py', cfg, '--work-dir', wd, '--resume',
+        if self.mode == 'train':  # train, then test in the same process
+            cmd = [self.python, 'tools/train.py', cfg, '--work-dir', wd, '--resume', '--test',
                    *self.train_args, *cfg_opts]
             ok = self.run_step(cmd, env, log_file, task) == 0
-        ckpt = final_checkpoint(wd) if ok else None
-        if ok and ckpt is None:
-            ok = False
-            self.log(f'{task}: no checkpoint in {wd}')
-        if ok:
-            cmd = [self.python, 'tools/test.py', cfg, ckpt, '--work-dir', wd, *cfg_opts]
-            ok = self.run_step(cmd, env, log_file, task) == 0
+            if ok and not osp.isfile(result_path(wd, task)):
+                ok = False
+                self.log(f'{task}: training ended without a result file in {wd}')
+        else:
+            ckpt = final_checkpoint(wd)
+            if ckpt is None:
+                ok = False
+                self.log(f'{task}: no checkpoint in {wd}')
+            else:
+                cmd = [self.python, 'tools/test.py', cfg, ckpt, '--work-dir', wd, *cfg_opts]
+                ok = self.run_step(cmd, env, log_file, task) == 0
         del self.running[task]
         if ok:
             self.durations.append(time.time() - t0)

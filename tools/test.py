@@ -34,7 +34,7 @@ def parse_args():
 def main():
     args = parse_args()
     from memba_vision.engine.runner_utils import (check_pretrained, check_task_data,
-                                                  experiment_info, load_config, write_result)
+                                                  load_config, test_and_record)
     cfg = load_config(args.config, args.cfg_options, args.work_dir)
     cfg.launcher = args.launcher
     if not osp.isfile(args.checkpoint):
@@ -46,20 +46,9 @@ def main():
     except (FileNotFoundError, KeyError) as e:
         raise SystemExit(f'error: {e.args[0] if e.args else e}')
 
-    from mmengine.dist import is_main_process
     from mmengine.runner import Runner
     runner = Runner.from_cfg(cfg)
-    metrics = runner.test()
-    if 'accuracy/top1' not in metrics:
-        raise SystemExit(f'error: the test loop returned no top-1 accuracy: {metrics}')
-    info = experiment_info(cfg, args.config)
-    result = dict(task=info['task'], top1=float(metrics['accuracy/top1']),
-                  num_images=len(runner.test_dataloader.dataset), config=args.config,
-                  checkpoint=args.checkpoint, backbone=info['backbone'], method=info['method'])
-    if is_main_process():
-        path = write_result(runner.work_dir, result)
-        runner.logger.info(f"{result['task']}: top-1 {result['top1']:.2f}% on "
-                           f"{result['num_images']} images -> {path}")
+    test_and_record(runner, cfg, args.config, args.checkpoint)
 
 
 if __name__ == '__main__':

@@ -3,6 +3,7 @@
     python tools/train.py configs/vtab1k/vim_s_memba_caltech101.py
     python tools/train.py CONFIG --resume            # continue from the work dir's last checkpoint
     python tools/train.py CONFIG --fp32              # the fp32 reference instead of bf16 autocast
+    python tools/train.py CONFIG --test              # then test the final model in this process
     python tools/train.py CONFIG --cfg-options model.backbone.cuda_graph=False   # eager backbone
 
 The VTAB-1k configs train with bf16 autocast and CUDA-graph replay of the backbone
@@ -31,6 +32,9 @@ def parse_args():
                            help='bf16 automatic mixed precision (GPU; on in the VTAB configs)')
     precision.add_argument('--fp32', action='store_true',
                            help='train in fp32 even where the config asks for bf16 autocast')
+    p.add_argument('--test', action='store_true',
+                   help='after training, test the final model in this process and write '
+                        'result_<task>.json, as tools/test.py does (saves a process start)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0)
@@ -42,7 +46,7 @@ def parse_args():
 def main():
     args = parse_args()
     from memba_vision.engine.runner_utils import (check_pretrained, check_task_data,
-                                                  load_config, set_precision)
+                                                  load_config, set_precision, test_and_record)
     cfg = load_config(args.config, args.cfg_options, args.work_dir)
     cfg.launcher = args.launcher
     set_precision(cfg, amp=args.amp, fp32=args.fp32)
@@ -55,6 +59,8 @@ def main():
     try:
         check_pretrained(cfg)
         check_task_data(cfg.train_dataloader.dataset)
+        if args.test:
+            check_task_data(cfg.test_dataloader.dataset)
     except (FileNotFoundError, KeyError) as e:
         raise SystemExit(f'error: {e.args[0] if e.args else e}')
 
@@ -62,6 +68,10 @@ def main():
     runner = Runner.from_cfg(cfg)
     runner.train()
     runner.logger.info(f'training finished; checkpoints in {runner.work_dir}')
+    if args.test:
+        marker = osp.join(runner.work_dir, 'last_checkpoint')
+        last = open(marker).read().strip() if osp.isfile(marker) else None
+        test_and_record(runner, cfg, args.config, last)
 
 
 if __name__ == '__main__':

@@ -108,3 +108,24 @@ def write_result(work_dir: str, result: dict) -> str:
         f.write('\n')
     os.replace(tmp, path)
     return path
+
+
+def test_and_record(runner, cfg: Config, config_path: str, checkpoint: Optional[str]) -> dict:
+    """Runs the test loop on ``runner``'s model and writes result_<task>.json (main process).
+
+    Used by tools/test.py (a checkpoint loaded into a fresh runner) and by
+    ``tools/train.py --test`` (the model just trained, in the same process).
+    """
+    from mmengine.dist import is_main_process
+    metrics = runner.test()
+    if 'accuracy/top1' not in metrics:
+        raise SystemExit(f'error: the test loop returned no top-1 accuracy: {metrics}')
+    info = experiment_info(cfg, config_path)
+    result = dict(task=info['task'], top1=float(metrics['accuracy/top1']),
+                  num_images=len(runner.test_dataloader.dataset), config=config_path,
+                  checkpoint=checkpoint, backbone=info['backbone'], method=info['method'])
+    if is_main_process():
+        path = write_result(runner.work_dir, result)
+        runner.logger.info(f"{result['task']}: top-1 {result['top1']:.2f}% on "
+                           f"{result['num_images']} images -> {path}")
+    return result

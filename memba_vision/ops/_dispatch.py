@@ -27,6 +27,24 @@ def _import_fn(module: str, name: str, label: str) -> Tuple[Optional[Callable], 
         return None, f'{label} unavailable: {type(e).__name__}: {e}'.split('\n')[0]
 
 
+def load_extension(name: str) -> Tuple[Optional[object], str]:
+    """(the extension module ``memba_vision.<name>``, '') or (None, why it cannot be imported:
+    not built, or built against another torch/CUDA)."""
+    try:
+        return importlib.import_module(f'memba_vision.{name}'), ''
+    except Exception as e:
+        return None, f'memba_vision.{name} unavailable: {type(e).__name__}: {e}'.split('\n')[0]
+
+
+def extension_unavailable(loaded: Tuple[Optional[object], str]) -> str:
+    """'' when a CUDA device is visible and ``loaded`` (a ``(thing, why not)`` pair) holds
+    something, else why not."""
+    import torch
+    if not torch.cuda.is_available():
+        return 'no CUDA device'
+    return loaded[1]
+
+
 @functools.lru_cache(maxsize=None)
 def mamba_ssm_scan_fn() -> Tuple[Optional[Callable], str]:
     """(mamba_ssm's selective_scan_fn, '') or (None, why it is unusable)."""

@@ -2,17 +2,25 @@
 
 x (b, d, l), weight (d, w), bias (d,) -> (b, d, l), where output t sees inputs
 t-w+1 .. t. On CUDA the causal-conv1d kernel runs when installed
-(``MEMBA_CONV_BACKEND=cuda|torch`` forces a path); otherwise F.conv1d.
+(``MEMBA_CONV_BACKEND=memba|cuda|torch`` forces a path); otherwise F.conv1d.
+
+``causal_conv1d_tokens`` is the same conv on token-major x (b, l, d), optionally
+anti-causal (``reverse``: the causal conv of the flipped sequence, flipped back).
+On CUDA it runs memba_vision's own kernel (``ops.scan_cuda``, width 4, frozen
+weight and bias); otherwise it transposes into the layout above.
 """
 import os
 from typing import Optional
 
+import torch
+
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import scan_cuda
 from ._dispatch import causal_conv1d_cuda_fn, log_once
 
-__all__ = ['causal_conv1d', 'causal_conv1d_reference']
+__all__ = ['causal_conv1d', 'causal_conv1d_reference', 'causal_conv1d_tokens']
 
 _BACKEND_ENV = 'MEMBA_CONV_BACKEND'
 
@@ -29,9 +37,9 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                   activation: Optional[str] = 'silu') -> Tensor:
     if activation not in (None, 'silu', 'swish'):
         raise ValueError(f'causal_conv1d: activation must be None or silu, got {activation!r}')
-    forced = os.environ.get(_BACKEND_ENV, '').strip().lower()
-    if forced not in ('', 'cuda', 'torch'):
-        raise ValueError(f'{_BACKEND_ENV} must be cuda or torch, got {forced!r}')
+    forced = _forced()
+    if forced == 'memba':  # token-major kernel only; this layout falls through to the rest
+        forced = ''
     if x.is_cuda and forced != 'torch':
         fn, reason = causal_conv1d_cuda_fn()
         if fn is not None:
@@ -44,3 +52,42 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     elif forced == 'cuda':
         raise RuntimeError(f'{_BACKEND_ENV}=cuda needs CUDA tensors, got {x.device}')
     return causal_conv1d_reference(x, weight, bias, activation)
+
+
+def _forced() -> str:
+    forced = os.environ.get(_BACKEND_ENV, '').strip().lower()
+    if forced not in ('', 'memba', 'cuda', 'torch'):
+        raise ValueError(f'{_BACKEND_ENV} must be memba, cuda or torch, got {forced!r}')
+    return forced
+
+
+def _tokens_kernel_reason(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
+    if not x.is_cuda:
+        return 'tensors are on the CPU'
+    if not scan_cuda.is_available():
+        return scan_cuda.unavailable_reason()
+    if weight.shape[1] != scan_cuda.CONV_WIDTH:
+        return f'width {weight.shape[1]} != {scan_cuda.CONV_WIDTH}'
+    if torch.is_grad_enabled() and (weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return 'the conv weight or bias requires a gradient'
+    return ''
+
+
+def causal_conv1d_tokens(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                         activation: Optional[str] = 'silu', reverse: bool = False) -> Tensor:
+    """x (b, l, d), weight (d, w), bias (d,) -> (b, l, d); ``reverse`` convolves anti-causally."""
+    if activation not in (None, 'silu', 'swish'):
+        raise ValueError(f'causal_conv1d: activation must be None or silu, got {activation!r}')
+    forced = _forced()
+    reason = _tokens_kernel_reason(x, weight, bias) if forced in ('', 'memba') \
+        else f'{_BACKEND_ENV}={forced}'
+    if not reason:
+        log_once('conv:memba', 'memba_vision.ops: token-major conv uses the memba_vision CUDA kernel')
+        return scan_cuda.conv_tokens_cuda(x, weight, bias, reverse, activation is not None)
+    if forced == 'memba':
+        raise RuntimeError(f'{_BACKEND_ENV}=memba but the token-major kernel does not apply: {reason}')
+    xt = x.transpose(1, 2)
+    if reverse:
+        return causal_conv1d(xt.flip(-1), weight, bias, activation).flip(-1).transpose(1, 2)
+    return causal_conv1d(xt, weight, bias, activation).transpose(1, 2)

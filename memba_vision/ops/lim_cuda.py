@@ -13,6 +13,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from ._dispatch import extension_unavailable, load_extension
+
 __all__ = ['is_available', 'unavailable_reason', 'lim_cuda']
 
 _op = None  # torch.ops.memba_vision.lim.default once the extension is loaded
@@ -21,24 +23,23 @@ _op = None  # torch.ops.memba_vision.lim.default once the extension is loaded
 @functools.lru_cache(maxsize=None)
 def _load():
     """(torch.ops.memba_vision.lim.default, '') or (None, why it is unusable)."""
+    ext, why = load_extension('_lim_cuda')  # importing it registers torch.ops.memba_vision.lim
+    if ext is None:
+        return None, why
     try:
-        from .. import _lim_cuda  # noqa: F401  registers torch.ops.memba_vision.lim
-        op = torch.ops.memba_vision.lim.default
-    except Exception as e:  # not built, or built against another torch/CUDA
-        return None, f'memba_vision._lim_cuda unavailable: {type(e).__name__}: {e}'.split('\n')[0]
-    return op, ''
+        return torch.ops.memba_vision.lim.default, ''
+    except Exception as e:  # an extension built without the op
+        return None, f'memba_vision._lim_cuda: no torch.ops.memba_vision.lim: {e}'.split('\n')[0]
 
 
 @functools.lru_cache(maxsize=None)
 def is_available() -> bool:
     """True when the extension imports and a CUDA device is visible."""
-    return torch.cuda.is_available() and _load()[0] is not None
+    return not extension_unavailable(_load())
 
 
 def unavailable_reason() -> str:
-    if not torch.cuda.is_available():
-        return 'no CUDA device'
-    return _load()[1]
+    return extension_unavailable(_load())
 
 
 def _get_op():

@@ -11,23 +11,30 @@ Shapes (as in mamba-ssm): u, delta, z (b, d, l); A (d, n); B, C (b, n, l) or
 (b, g, n, l) with d divisible by g (channel c uses group c // (d // g));
 D, delta_bias (d,).
 
+``selective_scan_tokens`` is the same scan on token-major tensors (b, l, d),
+optionally walked from the last token to the first and with a low-rank gate
+correction; on CUDA it runs memba_vision's own kernels (``ops.scan_cuda``) when
+they apply, and otherwise transposes into this layout.
+
 On CUDA tensors mamba-ssm's ``selective_scan_fn`` runs (the gate z fused into
 the kernel). Without mamba-ssm, when A, D and delta_bias need no gradient (every
 PEFT method: the backbone is frozen), the Triton kernel of
 ``selective_scan_triton`` runs; otherwise the reference below.
-``MEMBA_SCAN_BACKEND=cuda|triton|torch`` forces a path. mamba_ssm and triton are
+``MEMBA_SCAN_BACKEND=memba|cuda|triton|torch`` forces a path (``memba``: the
+token-major kernels of this package; ``cuda``: mamba-ssm). mamba_ssm and triton are
 imported lazily, never at module import.
 """
 import os
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import scan_cuda
 from ._dispatch import log_once, mamba_ssm_scan_fn, triton_scan_fn
 
-__all__ = ['selective_scan', 'selective_scan_reference', 'scan_backend']
+__all__ = ['selective_scan', 'selective_scan_reference', 'selective_scan_tokens', 'scan_backend']
 
 _BACKEND_ENV = 'MEMBA_SCAN_BACKEND'
 # Steps integrated per vectorised block of the reference; bounds the memory of
@@ -93,9 +100,9 @@ def scan_backend(u: Tensor, frozen: bool = True) -> str:
 
 def _resolve(u: Tensor, frozen: bool):
     """(backend, reason the reference runs or '')."""
-    forced = os.environ.get(_BACKEND_ENV, '').strip().lower()
-    if forced not in ('', 'triton', 'cuda', 'torch'):
-        raise ValueError(f'{_BACKEND_ENV} must be triton, cuda or torch, got {forced!r}')
+    forced = _forced()
+    if forced == 'memba':  # token-major kernels only; this layout falls through to the rest
+        forced = ''
     if forced == 'torch':
         return 'torch', f'{_BACKEND_ENV}=torch'
     if not u.is_cuda:
@@ -119,6 +126,13 @@ def _resolve(u: Tensor, frozen: bool):
     if forced == 'triton':
         raise RuntimeError(f'{_BACKEND_ENV}=triton but {triton_reason}')
     return 'torch', f'{reason}; {triton_reason}'
+
+
+def _forced() -> str:
+    forced = os.environ.get(_BACKEND_ENV, '').strip().lower()
+    if forced not in ('', 'memba', 'triton', 'cuda', 'torch'):
+        raise ValueError(f'{_BACKEND_ENV} must be memba, triton, cuda or torch, got {forced!r}')
+    return forced
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
@@ -149,3 +163,60 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                   None if delta_bias is None else delta_bias.float(), delta_softplus)
     log_once('scan:torch', f'memba_vision.ops: selective scan uses the PyTorch reference ({reason})')
     return selective_scan_reference(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+def _tokens_kernel_reason(u: Tensor, A: Tensor, B: Tensor, D, delta_bias, gate) -> str:
+    """'' when the token-major CUDA kernels apply to these inputs, else why not."""
+    if not u.is_cuda:
+        return 'tensors are on the CPU'
+    if not scan_cuda.is_available():
+        return scan_cuda.unavailable_reason()
+    if A.shape[1] != scan_cuda.D_STATE:
+        return f'd_state {A.shape[1]} != {scan_cuda.D_STATE}'
+    if B.dim() != 3:
+        return 'grouped B/C'
+    if gate is not None and gate[1].shape[1] != scan_cuda.GATE_RANK:
+        return f'gate rank {gate[1].shape[1]} != {scan_cuda.GATE_RANK}'
+    if _needs_grad(A, D, delta_bias):
+        return 'A, D or delta_bias requires a gradient'
+    return ''
+
+
+def selective_scan_tokens(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                          D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                          delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                          reverse: bool = False,
+                          gate: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
+    """Selective scan on token-major tensors.
+
+    u, delta, z: (b, l, d); B, C: (b, l, n); A (d, n); D, delta_bias (d,).
+    ``reverse`` scans from the last token to the first (the result stays in input
+    token order), which is the scan of the flipped sequence, flipped back.
+    ``gate = (S, W)`` with S (b, l, r) and W (d, r) gates with z' = z + S W^T
+    (z' = S W^T when z is None) in place of z. Returns y (b, l, d) in u's dtype.
+    """
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f'selective_scan_tokens: u and delta must both be (b, l, d), got '
+                         f'{tuple(u.shape)} and {tuple(delta.shape)}')
+    forced = _forced()
+    reason = _tokens_kernel_reason(u, A, B, D, delta_bias, gate) if forced in ('', 'memba') \
+        else f'{_BACKEND_ENV}={forced}'
+    if not reason:
+        log_once('scan:memba', 'memba_vision.ops: token-major selective scan uses the '
+                               'memba_vision CUDA kernels')
+        return scan_cuda.scan_tokens_cuda(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                          reverse, gate)
+    if forced == 'memba':
+        raise RuntimeError(f'{_BACKEND_ENV}=memba but the token-major kernels do not apply: {reason}')
+    if gate is not None:
+        S, W = gate
+        correction = torch.matmul(S, W.to(S.dtype).t())
+        z = correction if z is None else z + correction.to(z.dtype)
+
+    def to_scan(t):  # (b, l, k) -> (b, k, l) in scan order
+        t = t.transpose(1, 2)
+        return t.flip(-1) if reverse else t
+
+    y = selective_scan(to_scan(u), to_scan(delta), A, to_scan(B), to_scan(C), D,
+                       None if z is None else to_scan(z), delta_bias, delta_softplus)
+    return (y.flip(-1) if reverse else y).transpose(1, 2)

@@ -13,7 +13,7 @@ from mmcv.cnn.bricks import DropPath
 from mmpretrain.registry import MODELS
 from torch import Tensor
 
-from ...ops import causal_conv1d, selective_scan
+from ...ops import causal_conv1d_tokens, selective_scan_tokens
 from ..peft import PEFTConfig, build_gate, freeze_all_but_peft, parse_peft, wrap_lora
 from .base import MambaBackbone
 from .ssm_layers import RMSNorm, init_A_log, init_dt_bias, resolve_dt_rank
@@ -34,6 +34,11 @@ class VimMixer(nn.Module):
     with its own conv1d_b / x_proj_b / dt_proj_b / A_b_log / D_b. The gate branch
     z is where Memba's MembraneGate acts (one LIM per direction). Output:
     out_proj((y_fwd + flip(y_bwd)) / 2) (B, L, C).
+
+    Everything stays token-major (B, L, D): the backward direction is scanned
+    in reverse token order instead of flipping, and the gate's correction is
+    handed to the scan in low-rank form, so no (B, L, D) tensor is transposed,
+    flipped or copied.
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
@@ -63,31 +68,32 @@ class VimMixer(nn.Module):
         self.out_proj = wrap_lora(out_proj, peft, 'out_proj')
         self.gate = build_gate(peft, d_inner, shared_proj=True)  # one W_in/W_out pair
 
-    def _ssm(self, x: Tensor, z: Tensor, backward: bool) -> Tensor:
-        """One scan direction: x, z (B, D, L) in that direction's order -> y (B, D, L)."""
+    def _ssm(self, x: Tensor, z: Optional[Tensor], gate, backward: bool) -> Tensor:
+        """One scan direction on token-major x, z (B, L, D) -> y (B, L, D).
+
+        The backward direction convolves anti-causally and scans from the last
+        token to the first, which equals the official flip -> scan -> flip.
+        """
         sfx = '_b' if backward else ''
         conv, x_proj, dt_proj = (getattr(self, n + sfx) for n in ('conv1d', 'x_proj', 'dt_proj'))
         A_log, D = (self.A_b_log, self.D_b) if backward else (self.A_log, self.D)
-        x = causal_conv1d(x, conv.weight.squeeze(1), conv.bias, activation='silu')
-        # projections in the channels-first layout: the scan reads x_dbl's slices and dt
-        # directly (time is the contiguous axis), with no transposing copies
-        x_dbl = torch.matmul(x_proj.weight, x)                          # (B, R + 2N, L)
-        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=1)
-        dt = torch.matmul(dt_proj.weight, dt)                           # (B, D, L), bias in scan
-        return selective_scan(x, dt, -torch.exp(A_log.float()), B, C, D, z=z,
-                              delta_bias=dt_proj.bias, delta_softplus=True)
+        x = causal_conv1d_tokens(x, conv.weight.squeeze(1), conv.bias, activation='silu',
+                                 reverse=backward)
+        dt, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, dt_proj.weight)                               # bias in the scan
+        return selective_scan_tokens(x, dt, -torch.exp(A_log.float()), B, C, D, z=z,
+                                     delta_bias=dt_proj.bias, delta_softplus=True,
+                                     reverse=backward, gate=gate)
 
     def forward(self, hidden: Tensor, membrane=None):
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)                    # (B, L, D) each
-        if self.gate is not None:
-            (z_fwd, z_bwd), membrane = self.gate(z, membrane)
-        else:
-            z_fwd, z_bwd = z, z.flip(1)
-        x = x.transpose(1, 2)                                           # (B, D, L)
-        y_fwd = self._ssm(x, z_fwd.transpose(1, 2), backward=False)
-        y_bwd = self._ssm(x.flip(-1), z_bwd.transpose(1, 2), backward=True)
-        y = (y_fwd + y_bwd.flip(-1)).transpose(1, 2) / 2                 # (B, L, D)
-        return self.out_proj(y), membrane
+        x, z = self.in_proj(hidden).chunk(2, dim=-1)                    # (B, L, D) views
+        gates = (None, None)
+        if self.gate is not None:  # z' = z + spikes W_out^T, applied inside the scan
+            gates, membrane = self.gate.lim_spikes(z, membrane)
+        z_scan = z if self.gate is None or self.gate.residual else None
+        y = self._ssm(x, z_scan, gates[0], backward=False) \
+            + self._ssm(x, z_scan, gates[1], backward=True)
+        return self.out_proj(y / 2), membrane
 
 
 class VimBlock(nn.Module):

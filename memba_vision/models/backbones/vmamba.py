@@ -96,7 +96,7 @@ class SS2D(nn.Module):
         z = z.reshape(B, H * W, -1)
         if self.gate is not None:
             (z_fwd, z_bwd), membrane = self.gate(z, membrane)
-            z = (z_fwd + z_bwd.flip(1)) / 2
+            z = (z_fwd + z_bwd) / 2
         y = y * F.silu(z)
         return self.out_proj(y).view(B, H, W, -1), membrane
 

@@ -2,6 +2,7 @@
 from typing import Optional, Tuple
 
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from ...ops import lim
@@ -15,7 +16,8 @@ class MembraneGate(nn.Module):
     """z' = z + W_out(LIM(W_in z, u_prev)) for each scan direction.
 
     Direction 0 sees the tokens in order, direction 1 sees them reversed
-    (flip along L), and each direction has its own LIM and membrane chain.
+    (its LIM runs on the flipped sequence), and each direction has its own LIM
+    and membrane chain. Results are returned in input token order.
 
     Args:
         channels: width of z (Mamba's d_inner).
@@ -33,8 +35,8 @@ class MembraneGate(nn.Module):
     Forward:
         z (B, L, C) and the previous layer's membrane (a tuple with one
         (B, L // num_chunks, R) tensor or None per direction, or None) ->
-        (tuple of z' per direction, each (B, L, C) in that direction's token
-        order; the new membrane tuple, or None when ``transfer`` is False).
+        (tuple of z' per direction, each (B, L, C) in input token order; the
+        new membrane tuple, or None when ``transfer`` is False).
     """
 
     def __init__(self, channels: int, rank: int = 16, directions: int = 2,
@@ -58,24 +60,38 @@ class MembraneGate(nn.Module):
         for proj in self.proj_out:
             nn.init.zeros_(proj.weight)
 
-    def forward(self, z: Tensor, membrane: Membrane = None
-                ) -> Tuple[Tuple[Tensor, ...], Membrane]:
+    def lim_spikes(self, z: Tensor, membrane: Membrane = None
+                   ) -> Tuple[Tuple[Tuple[Tensor, Tensor], ...], Membrane]:
+        """The correction of each direction in low-rank form.
+
+        z (B, L, C) -> (one (spikes (B, L, R), W_out (C, R)) pair per direction,
+        the spikes in input token order, so that the correction is
+        spikes @ W_out^T; the new membrane). A mixer can hand the pair to
+        ``ops.selective_scan_tokens(gate=...)``, which applies it inside the scan.
+        """
         if membrane is None or not self.transfer:
             membrane = (None,) * self.directions
-        gated, new_membrane = [], []
+        pairs, new_membrane = [], []
         shared_in = self.proj_in[0](z) if self.shared_proj else None
         for d in range(self.directions):
             k = 0 if self.shared_proj else d
-            z_d = z if d == 0 else z.flip(1)
-            if shared_in is None:
-                v = self.proj_in[k](z_d)
-            else:  # W_in acts per token, so the reversed direction reuses W_in z
-                v = shared_in if d == 0 else shared_in.flip(1)
+            # W_in acts per token: the reversed direction flips W_in z, not z
+            v = shared_in if shared_in is not None else self.proj_in[k](z)
+            if d == 1:
+                v = v.flip(1)
             spikes, u_mean = lim(v, self.num_chunks, self.leak, self.threshold, membrane[d])
-            correction = self.proj_out[k](spikes)
-            gated.append(z_d + correction if self.residual else correction)
+            pairs.append((spikes.flip(1) if d == 1 else spikes, self.proj_out[k].weight))
             new_membrane.append(u_mean)
-        return tuple(gated), (tuple(new_membrane) if self.transfer else None)
+        return tuple(pairs), (tuple(new_membrane) if self.transfer else None)
+
+    def forward(self, z: Tensor, membrane: Membrane = None
+                ) -> Tuple[Tuple[Tensor, ...], Membrane]:
+        pairs, membrane = self.lim_spikes(z, membrane)
+        gated = []
+        for spikes, weight in pairs:
+            correction = F.linear(spikes, weight)
+            gated.append(z + correction if self.residual else correction)
+        return tuple(gated), membrane
 
     def extra_repr(self) -> str:
         return (f'channels={self.channels}, rank={self.rank}, directions={self.directions}, '

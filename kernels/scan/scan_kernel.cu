@@ -1,0 +1,486 @@
+// Kernels of scan_kernel.h.
+//
+// Selective scan, per channel d and state n (scan order s = t, or L-1-t when reversed):
+//   dt[s] = softplus(delta[s] + bias[d])
+//   h[s]  = exp(dt[s] A[d,n]) h[s-1] + dt[s] B[s,n] u[s]
+//   y[s]  = (sum_n C[s,n] h[s,n] + D[d] u[s]) * silu(z'[s]),  z' = z + sum_r S[s,r] W[d,r]
+//
+// Layout: a block owns 64 channels of one batch item; 4 threads share a channel,
+// each holding 4 of its 16 states. The sequence is walked in chunks of 16 steps
+// whose inputs are first staged in shared memory (coalesced loads, softplus done
+// once per element). Sums over states take 2 shuffles. Chunks are short so that
+// the backward's per-step states fit in registers with 3 blocks per multiprocessor.
+//
+// Backward, per chunk from last to first: the chunk's states are recomputed from
+// the checkpoint stored at its start (kept in registers), then the adjoint
+//   dh[s] = C[s] dy[s] + exp(dt[s+1] A) dh[s+1]
+// runs backwards. dB[s] and dC[s] are sums over channels: 7 shuffles reduce a
+// warp's 8 channels (each lane ends with one of the 32 sums), shared memory the
+// block's 8 warps, and each block writes its partial sums (no atomics, so the
+// result is deterministic); the caller adds the blocks' partials.
+#include "scan_kernel.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace memba_scan {
+namespace {
+
+constexpr int kLanesPerCh = 4;
+constexpr int kSPT = kStates / kLanesPerCh;  // states per thread
+constexpr int kCh = 64;                       // channels per block
+constexpr int kThreads = kCh * kLanesPerCh;   // 256
+constexpr int kWarps = kThreads / 32;
+constexpr int kK = 8;                         // steps per chunk
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr unsigned kFull = 0xffffffffu;
+static_assert(kGateRank == kStates, "B, C and S are staged together");
+
+template <typename T> __device__ __forceinline__ float to_f(T v);
+template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
+template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <typename T> __device__ __forceinline__ T from_f(float v);
+template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T>
+__device__ __forceinline__ float ld(const void* base, int64_t off) {
+  return to_f<T>(static_cast<const T*>(base)[off]);
+}
+
+__device__ __forceinline__ float softplus(float v) { return v <= 20.f ? log1pf(__expf(v)) : v; }
+__device__ __forceinline__ float sigmoid(float v) { return 1.f / (1.f + __expf(-v)); }
+
+__device__ __forceinline__ float sum4lanes(float v) {
+  v += __shfl_xor_sync(kFull, v, 1);
+  v += __shfl_xor_sync(kFull, v, 2);
+  return v;
+}
+
+__device__ __forceinline__ int time_of(const ScanParams& p, int s) {
+  return p.reverse ? p.seqlen - 1 - s : s;
+}
+
+// Shared-memory staging of one chunk (steps k0 .. k0+nk-1 in scan order).
+struct Stage {
+  float u[kK][kCh], dt[kK][kCh], z[kK][kCh];
+  float B[kK][kStates], C[kK][kStates], S[kK][kGateRank];
+};
+
+// With ``dsp`` set, also stores d softplus / d delta = 1 - exp(-dt) there (1 without softplus).
+template <typename T>
+__device__ void stage_chunk(const ScanParams& p, Stage& st, int b, int d0, int k0, int nk,
+                            bool need_z, bool need_C, float (*dsp)[kCh] = nullptr) {
+  const int tid = threadIdx.x;
+  for (int i = tid; i < kK * kCh; i += kThreads) {
+    const int k = i / kCh, c = i % kCh, d = d0 + c;
+    float u = 0.f, dt = 0.f, z = 0.f;
+    if (k < nk && d < p.dim) {
+      const int t = time_of(p, k0 + k);
+      u = ld<T>(p.u, b * p.u_sb + t * p.u_sl + d);
+      dt = ld<T>(p.delta, b * p.dl_sb + t * p.dl_sl + d);
+      if (p.has_bias) dt += p.bias[d];
+      if (p.softplus) dt = softplus(dt);
+      if (need_z && p.z != nullptr) z = ld<T>(p.z, b * p.z_sb + t * p.z_sl + d);
+    }
+    st.u[k][c] = u;
+    st.dt[k][c] = dt;
+    if (need_z) st.z[k][c] = z;
+    if (dsp != nullptr) dsp[k][c] = p.softplus ? -expm1f(-dt) : 1.f;
+  }
+  for (int i = tid; i < kK * kStates; i += kThreads) {
+    const int k = i / kStates, n = i % kStates;
+    float bv = 0.f, cv = 0.f, sv = 0.f;
+    if (k < nk) {
+      const int t = time_of(p, k0 + k);
+      bv = ld<T>(p.Bm, b * p.B_sb + t * p.B_sl + n);
+      if (need_C) cv = ld<T>(p.Cm, b * p.C_sb + t * p.C_sl + n);
+      if (need_z && p.has_gate) sv = ld<T>(p.S, b * p.S_sb + t * p.S_sl + n);
+    }
+    st.B[k][n] = bv;
+    if (need_C) st.C[k][n] = cv;
+    if (need_z) st.S[k][n] = sv;
+  }
+}
+
+// Writes a (kK, kCh) shared tile to a contiguous (B, L, D) tensor.
+template <typename T>
+__device__ void store_tile(const ScanParams& p, const float (*tile)[kCh], void* out, int b,
+                           int d0, int k0, int nk) {
+  T* o = static_cast<T*>(out);
+  for (int i = threadIdx.x; i < kK * kCh; i += kThreads) {
+    const int k = i / kCh, c = i % kCh, d = d0 + c;
+    if (k < nk && d < p.dim) {
+      const int t = time_of(p, k0 + k);
+      o[(static_cast<int64_t>(b) * p.seqlen + t) * p.dim + d] = from_f<T>(tile[k][c]);
+    }
+  }
+}
+
+template <typename T, bool kOut>
+__global__ void __launch_bounds__(kThreads)
+scan_fwd_kernel(const ScanParams p) {
+  __shared__ Stage st;
+  __shared__ float s_y[kK][kCh];
+  const int tid = threadIdx.x, cl = tid / kLanesPerCh, sg = tid % kLanesPerCh;
+  const int b = blockIdx.y, d0 = blockIdx.x * kCh, d = d0 + cl;
+  const bool dvalid = d < p.dim;
+  float A2[kSPT], W4[kSPT], h[kSPT];
+#pragma unroll
+  for (int j = 0; j < kSPT; ++j) {
+    A2[j] = dvalid ? p.A[d * kStates + sg * kSPT + j] * kLog2e : 0.f;
+    W4[j] = (p.has_gate && dvalid) ? p.W[d * kGateRank + sg * kSPT + j] : 0.f;
+    h[j] = 0.f;
+  }
+  const float Dd = (p.has_D && dvalid) ? p.Dv[d] : 0.f;
+
+  for (int c = 0; c < p.nchunks; ++c) {
+    const int k0 = c * kK, nk = min(kK, p.seqlen - k0);
+    stage_chunk<T>(p, st, b, d0, k0, nk, kOut, kOut);
+    __syncthreads();
+    if (p.ckpt != nullptr && dvalid) {
+      float4 v = make_float4(h[0], h[1], h[2], h[3]);
+      *reinterpret_cast<float4*>(
+          p.ckpt + ((static_cast<int64_t>(b) * p.nchunks + c) * p.dim + d) * kStates + sg * kSPT) = v;
+    }
+    // Steps past the end (k >= nk, last chunk only) were staged as zeros: dt = 0
+    // leaves h unchanged and their outputs are not stored, so no guard is needed
+    // and the unrolled steps can overlap.
+#pragma unroll
+    for (int k = 0; k < kK; ++k) {
+      const float u = st.u[k][cl], dt = st.dt[k][cl], dtu = dt * u;
+      const float4 Bv = *reinterpret_cast<const float4*>(&st.B[k][sg * kSPT]);
+      const float Bj[kSPT] = {Bv.x, Bv.y, Bv.z, Bv.w};
+#pragma unroll
+      for (int j = 0; j < kSPT; ++j) h[j] = fmaf(exp2f(dt * A2[j]), h[j], dtu * Bj[j]);
+      if (kOut) {
+        const float4 Cv = *reinterpret_cast<const float4*>(&st.C[k][sg * kSPT]);
+        const float y = sum4lanes(Cv.x * h[0] + Cv.y * h[1] + Cv.z * h[2] + Cv.w * h[3]);
+        float corr = 0.f;
+        if (p.has_gate) {
+          const float4 Sv = *reinterpret_cast<const float4*>(&st.S[k][sg * kSPT]);
+          corr = sum4lanes(Sv.x * W4[0] + Sv.y * W4[1] + Sv.z * W4[2] + Sv.w * W4[3]);
+        }
+        float o = y + Dd * u;
+        if (p.has_z) {
+          const float zz = st.z[k][cl] + corr;
+          o *= zz * sigmoid(zz);
+        }
+        if (sg == 0) s_y[k][cl] = o;
+      }
+    }
+    __syncthreads();
+    if (kOut) {
+      store_tile<T>(p, s_y, p.out, b, d0, k0, nk);
+      __syncthreads();
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 3)
+scan_bwd_kernel(const ScanParams p) {
+  __shared__ Stage st;
+  __shared__ float s_do[kK][kCh], s_dsp[kK][kCh];
+  __shared__ float s_du[kK][kCh], s_ddt[kK][kCh], s_dz[kK][kCh];
+  __shared__ float s_red[kWarps][kK][2 * kStates];
+  const int tid = threadIdx.x, cl = tid / kLanesPerCh, sg = tid % kLanesPerCh;
+  const int lane = tid % 32, warp = tid / 32;
+  const int b = blockIdx.y, d0 = blockIdx.x * kCh, d = d0 + cl;
+  const bool dvalid = d < p.dim;
+  float A2[kSPT], W4[kSPT], g[kSPT];
+#pragma unroll
+  for (int j = 0; j < kSPT; ++j) {
+    A2[j] = dvalid ? p.A[d * kStates + sg * kSPT + j] * kLog2e : 0.f;
+    W4[j] = (p.has_gate && dvalid) ? p.W[d * kGateRank + sg * kSPT + j] : 0.f;
+    g[j] = 0.f;  // exp(dt[s+1] A) dh[s+1], carried backwards
+  }
+  const float Dd = (p.has_D && dvalid) ? p.Dv[d] : 0.f;
+  const T* dout = static_cast<const T*>(p.dout);
+  // Reduced dB/dC slot of this lane after the transposing reduction (see below).
+  const int red_ch = lane >> 2;
+  const int red_slot = (red_ch >> 2) * kStates + sg * kSPT + (red_ch & 3);
+
+  for (int c = p.nchunks - 1; c >= 0; --c) {
+    const int k0 = c * kK, nk = min(kK, p.seqlen - k0);
+    stage_chunk<T>(p, st, b, d0, k0, nk, true, true, s_dsp);
+    for (int i = tid; i < kK * kCh; i += kThreads) {
+      const int k = i / kCh, cc = i % kCh, dd = d0 + cc;
+      float v = 0.f;
+      if (k < nk && dd < p.dim) {
+        const int t = time_of(p, k0 + k);
+        v = to_f<T>(dout[b * p.do_sb + t * p.do_sl + dd]);
+      }
+      s_do[k][cc] = v;
+    }
+    __syncthreads();
+
+    // 1. recompute the chunk's states from its checkpoint; dy and dz' per step
+    float h[kSPT], hist[kK][kSPT], dys[kK];
+    {
+      const float4 v = dvalid ? *reinterpret_cast<const float4*>(
+          p.ckpt + ((static_cast<int64_t>(b) * p.nchunks + c) * p.dim + d) * kStates + sg * kSPT)
+                              : make_float4(0.f, 0.f, 0.f, 0.f);
+      h[0] = v.x; h[1] = v.y; h[2] = v.z; h[3] = v.w;
+    }
+    // As in the forward kernel, padded steps (k >= nk) are harmless: dt = 0 and
+    // dout = 0 there, and in the adjoint below they come first, while g is still 0.
+#pragma unroll
+    for (int k = 0; k < kK; ++k) {
+      const float u = st.u[k][cl], dt = st.dt[k][cl], dtu = dt * u;
+      const float4 Bv = *reinterpret_cast<const float4*>(&st.B[k][sg * kSPT]);
+      const float4 Cv = *reinterpret_cast<const float4*>(&st.C[k][sg * kSPT]);
+      const float Bj[kSPT] = {Bv.x, Bv.y, Bv.z, Bv.w};
+#pragma unroll
+      for (int j = 0; j < kSPT; ++j) {
+        h[j] = fmaf(exp2f(dt * A2[j]), h[j], dtu * Bj[j]);
+        hist[k][j] = h[j];
+      }
+      const float y = sum4lanes(Cv.x * h[0] + Cv.y * h[1] + Cv.z * h[2] + Cv.w * h[3]);
+      float corr = 0.f;
+      if (p.has_gate) {
+        const float4 Sv = *reinterpret_cast<const float4*>(&st.S[k][sg * kSPT]);
+        corr = sum4lanes(Sv.x * W4[0] + Sv.y * W4[1] + Sv.z * W4[2] + Sv.w * W4[3]);
+      }
+      const float go = s_do[k][cl];
+      float dy = go;
+      if (p.has_z) {
+        const float zz = st.z[k][cl] + corr, sz = sigmoid(zz);
+        const float o = y + Dd * u;
+        dy = go * zz * sz;
+        if (sg == 0) s_dz[k][cl] = go * o * sz * (1.f + zz * (1.f - sz));
+      }
+      dys[k] = dy;
+    }
+
+
+    // 2. adjoint recurrence, last step of the chunk first
+#pragma unroll
+    for (int k = kK - 1; k >= 0; --k) {
+      {
+        const float u = st.u[k][cl], dt = st.dt[k][cl], dtu = dt * u, dy = dys[k];
+        const float4 Bv = *reinterpret_cast<const float4*>(&st.B[k][sg * kSPT]);
+        const float4 Cv = *reinterpret_cast<const float4*>(&st.C[k][sg * kSPT]);
+        const float Bj[kSPT] = {Bv.x, Bv.y, Bv.z, Bv.w};
+        const float Cj[kSPT] = {Cv.x, Cv.y, Cv.z, Cv.w};
+        float ddt = 0.f, du = 0.f, v[2 * kSPT];
+#pragma unroll
+        for (int j = 0; j < kSPT; ++j) {
+          const float dh = fmaf(Cj[j], dy, g[j]);
+          // d h[s] / d dt[s] = A exp(dt A) h[s-1] + B u = A (h[s] - dt B u) + B u
+          ddt = fmaf(dh, fmaf(A2[j] * (1.f / kLog2e), hist[k][j] - dtu * Bj[j], Bj[j] * u), ddt);
+          du = fmaf(dh, Bj[j], du);
+          v[j] = dh * dtu;              // dB partial
+          v[kSPT + j] = dy * hist[k][j];  // dC partial
+          g[j] = exp2f(dt * A2[j]) * dh;
+        }
+        ddt = sum4lanes(ddt);
+        du = sum4lanes(du);
+        if (sg == 0) {
+          s_du[k][cl] = fmaf(du, dt, Dd * dy);
+          s_ddt[k][cl] = ddt * s_dsp[k][cl];
+        }
+        // Sum v over the warp's 8 channels (lanes with equal sg): halve the values held
+        // per lane at each of the 3 levels; lane (ch, sg) ends with slot red_slot.
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const bool up = lane & 16;
+          const float send = up ? v[i] : v[i + 4], keep = up ? v[i + 4] : v[i];
+          v[i] = keep + __shfl_xor_sync(kFull, send, 16);
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const bool up = lane & 8;
+          const float send = up ? v[i] : v[i + 2], keep = up ? v[i + 2] : v[i];
+          v[i] = keep + __shfl_xor_sync(kFull, send, 8);
+        }
+        {
+          const bool up = lane & 4;
+          const float send = up ? v[0] : v[1], keep = up ? v[1] : v[0];
+          v[0] = keep + __shfl_xor_sync(kFull, send, 4);
+        }
+        s_red[warp][k][red_slot] = v[0];
+      }
+    }
+    __syncthreads();
+
+    // 3. write the chunk's gradients and dB/dC partials
+    store_tile<T>(p, s_du, p.du, b, d0, k0, nk);
+    store_tile<T>(p, s_ddt, p.ddelta, b, d0, k0, nk);
+    if (p.has_z) store_tile<T>(p, s_dz, p.dz, b, d0, k0, nk);
+    for (int i = tid; i < kK * 2 * kStates; i += kThreads) {
+      const int k = i / (2 * kStates), q = i % (2 * kStates);
+      if (k < nk) {
+        float s = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) s += s_red[w][k][q];
+        const int t = time_of(p, k0 + k);
+        p.dbc[((static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * p.seqlen + t) * 2 * kStates + q] = s;
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// ------------------------------------------------------------------ conv
+// Depthwise conv of width W along L, per channel: forward direction
+//   pre[t] = bias + sum_k w[k] x[t - (W-1) + k]      (causal)
+// reversed direction (the causal conv of the flipped sequence, in input order)
+//   pre[t] = bias + sum_k w[k] x[t + (W-1) - k]
+// y = silu(pre). A thread owns one channel and kRun consecutive tokens.
+constexpr int kRun = 8;
+constexpr int kConvThreads = 128;
+
+template <typename T, int W, bool kRev>
+__global__ void __launch_bounds__(kConvThreads)
+conv_fwd_kernel(const ConvParams p) {
+  const int d = blockIdx.x * kConvThreads + threadIdx.x;
+  const int t0 = blockIdx.y * kRun, b = blockIdx.z;
+  if (d >= p.dim) return;
+  float w[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) w[k] = p.w[d * W + k];
+  const float bias = p.bias ? p.bias[d] : 0.f;
+  // xs[i] = x[tb + i], tb = t0 - (W-1) forward, t0 reversed
+  const int tb = kRev ? t0 : t0 - (W - 1);
+  float xs[kRun + W - 1];
+#pragma unroll
+  for (int i = 0; i < kRun + W - 1; ++i) {
+    const int t = tb + i;
+    xs[i] = (t >= 0 && t < p.seqlen) ? ld<T>(p.x, b * p.x_sb + static_cast<int64_t>(t) * p.x_sl + d) : 0.f;
+  }
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int r = 0; r < kRun; ++r) {
+    const int t = t0 + r;
+    if (t < p.seqlen) {
+      float acc = bias;
+#pragma unroll
+      for (int k = 0; k < W; ++k) acc = fmaf(w[k], xs[kRev ? r + W - 1 - k : r + k], acc);
+      if (p.silu) acc = acc * sigmoid(acc);
+      out[(static_cast<int64_t>(b) * p.seqlen + t) * p.dim + d] = from_f<T>(acc);
+    }
+  }
+}
+
+// dx[t] = sum over the outputs s that read x[t] of w[k] * g[s] * silu'(pre[s]).
+template <typename T, int W, bool kRev>
+__global__ void __launch_bounds__(kConvThreads)
+conv_bwd_kernel(const ConvParams p) {
+  const int d = blockIdx.x * kConvThreads + threadIdx.x;
+  const int t0 = blockIdx.y * kRun, b = blockIdx.z;
+  if (d >= p.dim) return;
+  float w[W];
+#pragma unroll
+  for (int k = 0; k < W; ++k) w[k] = p.w[d * W + k];
+  const float bias = p.bias ? p.bias[d] : 0.f;
+  constexpr int kX = kRun + 2 * (W - 1);  // xs[i] = x[t0 - (W-1) + i]
+  constexpr int kG = kRun + W - 1;        // gp[i] = g'[s], s = t0 + i (fwd), t0 - (W-1) + i (rev)
+  float xs[kX], gp[kG];
+#pragma unroll
+  for (int i = 0; i < kX; ++i) {
+    const int t = t0 - (W - 1) + i;
+    xs[i] = (t >= 0 && t < p.seqlen) ? ld<T>(p.x, b * p.x_sb + static_cast<int64_t>(t) * p.x_sl + d) : 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < kG; ++i) {
+    const int s = kRev ? t0 - (W - 1) + i : t0 + i;
+    float v = 0.f;
+    if (s >= 0 && s < p.seqlen) {
+      float pre = bias;
+      // forward: x[s - (W-1) + k] = xs[i + k]; reversed: x[s + (W-1) - k] = xs[i + (W-1) - k]
+#pragma unroll
+      for (int k = 0; k < W; ++k) pre = fmaf(w[k], xs[kRev ? i + W - 1 - k : i + k], pre);
+      v = ld<T>(p.g, b * p.g_sb + static_cast<int64_t>(s) * p.g_sl + d);
+      if (p.silu) {
+        const float sg = sigmoid(pre);
+        v *= sg * (1.f + pre * (1.f - sg));
+      }
+    }
+    gp[i] = v;
+  }
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int r = 0; r < kRun; ++r) {
+    const int t = t0 + r;
+    if (t < p.seqlen) {
+      float acc = 0.f;
+      // forward: s = t + (W-1) - k -> i = r + (W-1) - k; reversed: s = t - (W-1) + k -> i = r + k
+#pragma unroll
+      for (int k = 0; k < W; ++k) acc = fmaf(w[k], gp[kRev ? r + k : r + W - 1 - k], acc);
+      out[(static_cast<int64_t>(b) * p.seqlen + t) * p.dim + d] = from_f<T>(acc);
+    }
+  }
+}
+
+template <template <typename> class F, typename... Args>
+cudaError_t dispatch_dtype(DType dtype, Args&&... args) {
+  switch (dtype) {
+    case DType::kFloat32: return F<float>::run(args...);
+    case DType::kFloat16: return F<__half>::run(args...);
+    case DType::kBFloat16: return F<__nv_bfloat16>::run(args...);
+  }
+  return cudaErrorInvalidValue;
+}
+
+dim3 scan_grid(const ScanParams& p) { return dim3((p.dim + kCh - 1) / kCh, p.batch); }
+
+template <typename T> struct ScanFwd {
+  static cudaError_t run(const ScanParams& p, bool ckpt_only, cudaStream_t s) {
+    if (ckpt_only) scan_fwd_kernel<T, false><<<scan_grid(p), kThreads, 0, s>>>(p);
+    else scan_fwd_kernel<T, true><<<scan_grid(p), kThreads, 0, s>>>(p);
+    return cudaGetLastError();
+  }
+};
+template <typename T> struct ScanBwd {
+  static cudaError_t run(const ScanParams& p, cudaStream_t s) {
+    scan_bwd_kernel<T><<<scan_grid(p), kThreads, 0, s>>>(p);
+    return cudaGetLastError();
+  }
+};
+
+template <typename T, bool kBackward>
+cudaError_t conv_launch(const ConvParams& p, cudaStream_t s) {
+  const dim3 grid((p.dim + kConvThreads - 1) / kConvThreads, (p.seqlen + kRun - 1) / kRun, p.batch);
+  if (p.width != 4) return cudaErrorInvalidValue;  // the host side checks this first
+  if (kBackward) {
+    if (p.reverse) conv_bwd_kernel<T, 4, true><<<grid, kConvThreads, 0, s>>>(p);
+    else conv_bwd_kernel<T, 4, false><<<grid, kConvThreads, 0, s>>>(p);
+  } else {
+    if (p.reverse) conv_fwd_kernel<T, 4, true><<<grid, kConvThreads, 0, s>>>(p);
+    else conv_fwd_kernel<T, 4, false><<<grid, kConvThreads, 0, s>>>(p);
+  }
+  return cudaGetLastError();
+}
+template <typename T> struct ConvFwd {
+  static cudaError_t run(const ConvParams& p, cudaStream_t s) { return conv_launch<T, false>(p, s); }
+};
+template <typename T> struct ConvBwd {
+  static cudaError_t run(const ConvParams& p, cudaStream_t s) { return conv_launch<T, true>(p, s); }
+};
+
+}  // namespace
+
+int scan_chunk_len() { return kK; }
+int scan_channels_per_block() { return kCh; }
+
+cudaError_t scan_forward(const ScanParams& p, DType dtype, bool ckpt_only, cudaStream_t stream) {
+  return dispatch_dtype<ScanFwd>(dtype, p, ckpt_only, stream);
+}
+cudaError_t scan_backward(const ScanParams& p, DType dtype, cudaStream_t stream) {
+  return dispatch_dtype<ScanBwd>(dtype, p, stream);
+}
+cudaError_t conv_forward(const ConvParams& p, DType dtype, cudaStream_t stream) {
+  return dispatch_dtype<ConvFwd>(dtype, p, stream);
+}
+cudaError_t conv_backward(const ConvParams& p, DType dtype, cudaStream_t stream) {
+  return dispatch_dtype<ConvBwd>(dtype, p, stream);
+}
+
+}  // namespace memba_scan

@@ -1,0 +1,63 @@
+// Token-major selective scan and depthwise causal conv for frozen SSM parameters.
+//
+// "Token-major" means (B, L, D) tensors with the channel axis contiguous: a
+// thread owns a channel and walks the sequence, so every load across a warp is
+// coalesced and no transposing copy is needed around the kernels. A scan may
+// run in reverse token order (Vim's backward direction) without any flip.
+//
+// Plain CUDA (no torch headers): scan.cpp checks tensors and calls these
+// launchers with raw pointers and the current stream.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+
+namespace memba_scan {
+
+constexpr int kStates = 16;    // d_state (N); other sizes take the fallback path
+constexpr int kGateRank = 16;  // rank of the fused gate correction (Memba's LIM width)
+
+enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// One direction of the scan. Token-major tensors are addressed as
+// ptr[b * s_b + t * s_l + d] (channel stride 1); B, C and the gate spikes S as
+// ptr[b * s_b + t * s_l + n] (state stride 1).
+struct ScanParams {
+  int batch, seqlen, dim, nchunks;
+  bool reverse, softplus, has_z, has_D, has_bias, has_gate;  // has_z: gate y with silu(z')
+  const void *u, *delta, *z /* null: z = 0 */, *Bm, *Cm, *S, *dout;
+  int64_t u_sb, u_sl, dl_sb, dl_sl, z_sb, z_sl, B_sb, B_sl, C_sb, C_sl, S_sb, S_sl,
+      do_sb, do_sl;
+  const float *A;     // (D, N)
+  const float *Dv;    // (D,) or null
+  const float *bias;  // (D,) or null
+  const float *W;     // (D, kGateRank) gate up-projection, or null
+  void *out;          // (B, L, D) contiguous
+  float *ckpt;        // (B, nchunks, D, N): state at the start of every chunk
+  void *du, *ddelta, *dz;  // (B, L, D) contiguous
+  float *dbc;         // (B, nblocks, L, 2N): per-block partial sums of dB | dC
+};
+
+// Steps per chunk and channels per block, fixed by the kernels.
+int scan_chunk_len();
+int scan_channels_per_block();
+
+// y = scan (out); with ckpt set, also the chunk-start states. ckpt_only skips y.
+cudaError_t scan_forward(const ScanParams& p, DType dtype, bool ckpt_only, cudaStream_t stream);
+// du, ddelta, dz and the dB/dC partials; needs ckpt from scan_forward.
+cudaError_t scan_backward(const ScanParams& p, DType dtype, cudaStream_t stream);
+
+struct ConvParams {
+  int batch, seqlen, dim, width;
+  bool reverse, silu;
+  const void *x, *g;  // x (B, L, D) with strides x_sb, x_sl; g likewise
+  int64_t x_sb, x_sl, g_sb, g_sl;
+  const float *w;     // (D, width)
+  const float *bias;  // (D,) or null
+  void *out;          // (B, L, D) contiguous: y (forward) or dx (backward)
+};
+
+cudaError_t conv_forward(const ConvParams& p, DType dtype, cudaStream_t stream);
+cudaError_t conv_backward(const ConvParams& p, DType dtype, cudaStream_t stream);
+
+}  // namespace memba_scan

@@ -1,0 +1,128 @@
+"""Per-call speed of the selective-scan and conv kernels at one layer's shape.
+
+    python tools/benchmark_scan.py                      # Vim-S: (32, 197, 768), bf16
+    python tools/benchmark_scan.py --batch 128 --dtype fp32
+
+Times, side by side in one run (CUDA events, median of --reps after warm-up):
+the token-major kernels of memba_vision (``ops.selective_scan_tokens`` and
+``ops.causal_conv1d_tokens``, one direction, with and without Memba's fused gate)
+and mamba-ssm's ``selective_scan_fn`` on the same data in its (b, d, l) layout,
+forward and forward+backward (gradients for u, delta, B, C and z, as in PEFT).
+It also prints the memory-traffic floor of each call at the measured copy
+bandwidth, so the gap to the hardware is visible. Needs a CUDA GPU.
+"""
+import argparse
+import os.path as osp
+import statistics
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+import torch  # noqa: E402
+
+
+def time_ms(fn, warmup, reps):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth():
+    """Bytes read + written per second by a large device-to-device copy."""
+    a = torch.empty(1 << 28, dtype=torch.uint8, device='cuda')
+    b = torch.empty_like(a)
+    ms = time_ms(lambda: b.copy_(a), 3, 10)
+    return 2 * a.numel() / (ms * 1e-3)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--batch', type=int, default=32)
+    p.add_argument('--length', type=int, default=197)
+    p.add_argument('--dim', type=int, default=768)
+    p.add_argument('--dtype', choices=['bf16', 'fp32'], default='bf16')
+    p.add_argument('--warmup', type=int, default=10)
+    p.add_argument('--reps', type=int, default=50)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit('benchmark_scan: needs a CUDA GPU')
+    from memba_vision.ops import causal_conv1d_tokens, selective_scan_tokens
+    from memba_vision.ops._dispatch import mamba_ssm_scan_fn
+
+    dt = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
+    b, l, d, n, r = args.batch, args.length, args.dim, 16, 16
+    g = torch.Generator(device='cuda').manual_seed(0)
+
+    def rnd(*shape, scale=1.0, dtype=dt):
+        return (torch.randn(*shape, device='cuda', generator=g) * scale).to(dtype)
+
+    xz = rnd(b, l, 2 * d).requires_grad_()
+    x_dbl = rnd(b, l, 24 + 2 * n).requires_grad_()
+    delta = (rnd(b, l, d, scale=0.5) - 1).requires_grad_()
+    A = -torch.exp(rnd(d, n, scale=0.5, dtype=torch.float32))
+    Dp, bias = rnd(d, dtype=torch.float32), rnd(d, scale=0.3, dtype=torch.float32)
+    S, W = rnd(b, l, r, scale=0.5).requires_grad_(), rnd(d, r, scale=0.2, dtype=torch.float32)
+    W.requires_grad_()
+    conv_w, conv_b = rnd(d, 4, dtype=torch.float32), rnd(d, dtype=torch.float32)
+    dy = rnd(b, l, d)
+    u, z = xz[..., :d], xz[..., d:]
+    Bm, Cm = x_dbl[..., 24:24 + n], x_dbl[..., 24 + n:]
+
+    def ours(gate):
+        return lambda: selective_scan_tokens(u, delta, A, Bm, Cm, Dp, z=z, delta_bias=bias,
+                                             delta_softplus=True, reverse=True,
+                                             gate=(S, W) if gate else None)
+
+    rows = []
+
+    def add(name, fwd, nbytes):
+        f = time_ms(lambda: fwd(), args.warmup, args.reps)
+        fb = time_ms(lambda: fwd().backward(dy), args.warmup, args.reps)
+        rows.append((name, f * 1e3, fb * 1e3, nbytes))
+
+    elt = torch.finfo(dt).bits // 8
+    tok = b * l * d * elt
+    # forward floor: read u, delta, z, write y (B, C, S are small); backward also reads
+    # dy and writes du, ddelta, dz
+    add('memba_vision scan', ours(False), (4 + 7) * tok)
+    add('memba_vision scan + gate', ours(True), (4 + 7) * tok)
+    fn, why = mamba_ssm_scan_fn()
+    if fn is not None:
+        u_t = u.detach().transpose(1, 2).contiguous().requires_grad_()
+        dl_t = delta.detach().transpose(1, 2).contiguous().requires_grad_()
+        z_t = z.detach().transpose(1, 2).contiguous().requires_grad_()
+        B_t = Bm.detach().transpose(1, 2).contiguous().requires_grad_()
+        C_t = Cm.detach().transpose(1, 2).contiguous().requires_grad_()
+        dy_t = dy.transpose(1, 2).contiguous()
+
+        def mamba():
+            return fn(u_t, dl_t, A, B_t, C_t, Dp, z_t, bias, True)
+        f = time_ms(mamba, args.warmup, args.reps)
+        fb = time_ms(lambda: mamba().backward(dy_t), args.warmup, args.reps)
+        rows.append(('mamba-ssm selective_scan_fn', f * 1e3, fb * 1e3, (4 + 7) * tok))
+    else:
+        print(f'mamba-ssm not timed: {why}')
+    add('memba_vision conv (reversed)',
+        lambda: causal_conv1d_tokens(u, conv_w, conv_b, activation='silu', reverse=True),
+        (2 + 3) * tok)
+
+    bw = copy_bandwidth()
+    print(f'device: {torch.cuda.get_device_name()}, shape (b, l, d) = ({b}, {l}, {d}), {args.dtype}, '
+          f'copy bandwidth {bw / 1e12:.2f} TB/s')
+    print(f'{"kernel":32s} {"fwd us":>9s} {"fwd+bwd us":>11s} {"floor us":>9s}')
+    for name, f, fb, nbytes in rows:
+        print(f'{name:32s} {f:9.1f} {fb:11.1f} {nbytes / bw * 1e6:9.1f}')
+    if fn is not None:
+        print(f'ratio mamba-ssm/memba_vision scan (fwd+bwd): {rows[2][2] / rows[0][2]:.2f}')
+
+
+if __name__ == '__main__':
+    main()

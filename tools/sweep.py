@@ -60,14 +60,6 @@ def task_configs(args):
     return out, root
 
 
-def final_checkpoint(work_dir):
-    marker = osp.join(work_dir, 'last_checkpoint')
-    if not osp.isfile(marker):
-        return None
-    path = open(marker).read().strip()
-    return path if osp.isfile(path) else None
-
-
 class Sweep:
     def __init__(self, items, slots, mode, train_args, python, verbose=False, cfg_options=()):
         self.items, self.slots, self.mode, self.verbose = items, slots, mode, verbose
@@ -108,7 +100,7 @@ class Sweep:
 
     def run_task(self, slot, item):
         task, cfg, opts, wd = item
-        from memba_vision.engine.runner_utils import result_path
+        from memba_vision.engine.runner_utils import final_checkpoint, result_path
         if osp.isfile(result_path(wd, task)):
             self.skipped.append(task)
             self.log(f'{task}: result exists, skipped ({self.progress()})')

@@ -46,7 +46,8 @@ def parse_args():
 def main():
     args = parse_args()
     from memba_vision.engine.runner_utils import (check_pretrained, check_task_data,
-                                                  load_config, set_precision, test_and_record)
+                                                  final_checkpoint, load_config, set_precision,
+                                                  test_and_record)
     cfg = load_config(args.config, args.cfg_options, args.work_dir)
     cfg.launcher = args.launcher
     set_precision(cfg, amp=args.amp, fp32=args.fp32)
@@ -69,9 +70,7 @@ def main():
     runner.train()
     runner.logger.info(f'training finished; checkpoints in {runner.work_dir}')
     if args.test:
-        marker = osp.join(runner.work_dir, 'last_checkpoint')
-        last = open(marker).read().strip() if osp.isfile(marker) else None
-        test_and_record(runner, cfg, args.config, last)
+        test_and_record(runner, cfg, args.config, final_checkpoint(runner.work_dir))
 
 
 if __name__ == '__main__':

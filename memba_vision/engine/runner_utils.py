@@ -110,6 +110,15 @@ def write_result(work_dir: str, result: dict) -> str:
     return path
 
 
+def final_checkpoint(work_dir: str) -> Optional[str]:
+    """The checkpoint named by the work dir's ``last_checkpoint`` marker, if it exists."""
+    marker = osp.join(work_dir, 'last_checkpoint')
+    if not osp.isfile(marker):
+        return None
+    path = open(marker).read().strip()
+    return path if osp.isfile(path) else None
+
+
 def test_and_record(runner, cfg: Config, config_path: str, checkpoint: Optional[str]) -> dict:
     """Runs the test loop on ``runner``'s model and writes result_<task>.json (main process).
 

@@ -5,6 +5,7 @@ the import once and remembers the outcome.
 """
 import functools
 import importlib
+import os
 from typing import Callable, Optional, Tuple
 
 _logged = set()
@@ -25,6 +26,15 @@ def _import_fn(module: str, name: str, label: str) -> Tuple[Optional[Callable], 
         return getattr(importlib.import_module(module, __package__), name), ''
     except Exception as e:  # ImportError, or a CUDA build that fails to load
         return None, f'{label} unavailable: {type(e).__name__}: {e}'.split('\n')[0]
+
+
+def forced_backend(env: str, choices: Tuple[str, ...]) -> str:
+    """The backend the environment variable ``env`` forces ('' for none), one of ``choices``."""
+    forced = os.environ.get(env, '').strip().lower()
+    if forced not in ('',) + choices:
+        allowed = ', '.join(choices[:-1]) + ' or ' + choices[-1]
+        raise ValueError(f'{env} must be {allowed}, got {forced!r}')
+    return forced
 
 
 def load_extension(name: str) -> Tuple[Optional[object], str]:

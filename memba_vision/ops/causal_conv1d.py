@@ -9,16 +9,14 @@ anti-causal (``reverse``: the causal conv of the flipped sequence, flipped back)
 On CUDA it runs memba_vision's own kernel (``ops.scan_cuda``, width 4, frozen
 weight and bias); otherwise it transposes into the layout above.
 """
-import os
 from typing import Optional
 
 import torch
-
 import torch.nn.functional as F
 from torch import Tensor
 
 from . import scan_cuda
-from ._dispatch import causal_conv1d_cuda_fn, log_once
+from ._dispatch import causal_conv1d_cuda_fn, forced_backend, log_once
 
 __all__ = ['causal_conv1d', 'causal_conv1d_reference', 'causal_conv1d_tokens']
 
@@ -55,17 +53,13 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 
 def _forced() -> str:
-    forced = os.environ.get(_BACKEND_ENV, '').strip().lower()
-    if forced not in ('', 'memba', 'cuda', 'torch'):
-        raise ValueError(f'{_BACKEND_ENV} must be memba, cuda or torch, got {forced!r}')
-    return forced
+    return forced_backend(_BACKEND_ENV, ('memba', 'cuda', 'torch'))
 
 
 def _tokens_kernel_reason(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> str:
-    if not x.is_cuda:
-        return 'tensors are on the CPU'
-    if not scan_cuda.is_available():
-        return scan_cuda.unavailable_reason()
+    reason = scan_cuda.unavailable_for(x)
+    if reason:
+        return reason
     if weight.shape[1] != scan_cuda.CONV_WIDTH:
         return f'width {weight.shape[1]} != {scan_cuda.CONV_WIDTH}'
     if torch.is_grad_enabled() and (weight.requires_grad

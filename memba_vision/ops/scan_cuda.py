@@ -44,6 +44,13 @@ def unavailable_reason() -> str:
     return extension_unavailable(_load())
 
 
+def unavailable_for(t: Tensor) -> str:
+    """'' when the kernels can run on tensors like ``t``, else why not."""
+    if not t.is_cuda:
+        return 'tensors are on the CPU'
+    return '' if is_available() else unavailable_reason()
+
+
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach().float().contiguous()
 

@@ -24,7 +24,6 @@ PEFT method: the backbone is frozen), the Triton kernel of
 token-major kernels of this package; ``cuda``: mamba-ssm). mamba_ssm and triton are
 imported lazily, never at module import.
 """
-import os
 from typing import Optional, Tuple
 
 import torch
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import scan_cuda
-from ._dispatch import log_once, mamba_ssm_scan_fn, triton_scan_fn
+from ._dispatch import forced_backend, log_once, mamba_ssm_scan_fn, triton_scan_fn
 
 __all__ = ['selective_scan', 'selective_scan_reference', 'selective_scan_tokens', 'scan_backend']
 
@@ -129,10 +128,7 @@ def _resolve(u: Tensor, frozen: bool):
 
 
 def _forced() -> str:
-    forced = os.environ.get(_BACKEND_ENV, '').strip().lower()
-    if forced not in ('', 'memba', 'triton', 'cuda', 'torch'):
-        raise ValueError(f'{_BACKEND_ENV} must be memba, triton, cuda or torch, got {forced!r}')
-    return forced
+    return forced_backend(_BACKEND_ENV, ('memba', 'triton', 'cuda', 'torch'))
 
 
 def _needs_grad(*tensors: Optional[Tensor]) -> bool:
@@ -167,10 +163,9 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
 
 def _tokens_kernel_reason(u: Tensor, A: Tensor, B: Tensor, D, delta_bias, gate) -> str:
     """'' when the token-major CUDA kernels apply to these inputs, else why not."""
-    if not u.is_cuda:
-        return 'tensors are on the CPU'
-    if not scan_cuda.is_available():
-        return scan_cuda.unavailable_reason()
+    reason = scan_cuda.unavailable_for(u)
+    if reason:
+        return reason
     if A.shape[1] != scan_cuda.D_STATE:
         return f'd_state {A.shape[1]} != {scan_cuda.D_STATE}'
     if B.dim() != 3:

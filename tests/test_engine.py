@@ -1,6 +1,7 @@
 """Hooks and tools around training: trainable-only checkpoints, NaN stop, results,
 LoRA merging and checkpoint conversion."""
 import json
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -123,3 +124,46 @@ def test_convert_checkpoint_cli(tmp_path):
                               img_size=64, init_cfg=dict(type='Pretrained',
                                                          checkpoint=str(tmp_path / 'c.pth'))))
     model.init_weights()  # strict: zero missing, zero unexpected
+
+
+def _vtab_cfg():
+    from mmengine.config import Config
+    return Config.fromfile(os.path.join(ROOT, 'configs', 'vtab1k', 'vim_s_memba_caltech101.py'))
+
+
+def test_bf16_training_also_tests_in_bf16(monkeypatch):
+    from memba_vision.engine.runner_utils import set_precision
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    cfg = _vtab_cfg()
+    set_precision(cfg)
+    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+    assert cfg.test_cfg == dict(type='AutocastTestLoop', dtype='bfloat16')
+    cfg = _vtab_cfg()
+    set_precision(cfg, fp32=True)  # the fp32 reference trains and tests in fp32
+    assert cfg.optim_wrapper.type == 'OptimWrapper' and 'type' not in cfg.test_cfg
+    cfg = _vtab_cfg()
+    cfg.test_cfg = dict(type='TestLoop')
+    set_precision(cfg)  # a loop the config names is kept
+    assert cfg.test_cfg == dict(type='TestLoop')
+
+
+def test_cpu_runs_fall_back_to_fp32_for_training_and_testing(monkeypatch):
+    from memba_vision.engine.runner_utils import set_precision
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    cfg = _vtab_cfg()
+    set_precision(cfg)
+    assert cfg.optim_wrapper.type == 'OptimWrapper' and 'type' not in (cfg.test_cfg or {})
+
+
+def test_autocast_test_loop_restores_the_autocast_dtype(monkeypatch):
+    from mmengine.runner import TestLoop
+    from memba_vision.engine import AutocastTestLoop
+    seen = []
+    monkeypatch.setattr(TestLoop, '__init__', lambda self, *a, **k: None)
+    monkeypatch.setattr(TestLoop, 'run', lambda self: seen.append(torch.get_autocast_dtype('cuda')))
+    before = torch.get_autocast_dtype('cuda')
+    loop = AutocastTestLoop(None, None, None, dtype='bfloat16')
+    loop.run()
+    assert seen == [torch.bfloat16] and torch.get_autocast_dtype('cuda') == before
+    with pytest.raises(ValueError, match='dtype must name'):
+        AutocastTestLoop(None, None, None, dtype='int8')

@@ -4,8 +4,9 @@
     python tools/benchmark_sweep.py --backbone-method vmamba_s_memba --gpus 8
     python tools/benchmark_sweep.py --data-root data/vtab-1k --task dsprites_loc
 
-Costs measured here, with the VTAB settings (bf16 autocast for training, fp32
-evaluation as tools/test.py runs it, CUDA graphs, generated 224x224 inputs): the training step at batch 32 and at the last batch of an epoch
+Costs measured here, with the VTAB settings (bf16 autocast for training and
+testing, CUDA graphs, generated 224x224 inputs): the training step at batch 32
+and at the last batch of an epoch
 (1,000 = 31 x 32 + 8), evaluation images/s at the test batch size, and the fixed
 cost of one task (one process start: tools/sweep.py trains and tests a task in
 one ``tools/train.py --test`` process; model build; graph capture). The sweep is then
@@ -21,8 +22,11 @@ checkpoint save (timed at the end of the third, last epoch) per checkpoint
 interval.
 """
 import argparse
+import json
 import math
+import os
 import os.path as osp
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,8 +53,8 @@ def bare_costs(backbone, method, device, warmup, reps):
     build_s = time.perf_counter() - t0
     full = measure(model, TRAIN_BATCH, size, amp, device, warmup, reps)
     t_last = measure(model, last, size, amp, device, warmup, reps).step
-    # tools/test.py evaluates in fp32
-    te64 = measure(model, TEST_BATCH, size, False, device, 1, 2).eval if device == 'cuda' \
+    # tests run in the training precision (bf16 autocast on a GPU, see set_precision)
+    te64 = measure(model, TEST_BATCH, size, amp, device, 1, 2).eval if device == 'cuda' \
         else full.eval
     return full.step, t_last, te64 / TEST_BATCH, build_s, full.first_step
 
@@ -68,12 +72,15 @@ def process_start_cost():
     return times[-1]
 
 
-def _epoch_timer():
+def _epoch_timer(barrier=None):
     """An mmengine hook splitting each training epoch's wall time.
 
     ``iters``: from the last before_train_iter hook to the last after_train_iter
     hook (data preprocessing, the training step, logging); ``data``: waiting for
     the next batch between iterations; ``end``: the epoch-end hooks (checkpoint).
+    ``barrier`` = (folder, n): before its second epoch the process waits until n
+    processes have reached that point, so that concurrent runs time the same
+    stretch of wall time.
     """
     from mmengine.hooks import Hook
 
@@ -89,6 +96,14 @@ def _epoch_timer():
             self.epochs = []
 
         def before_train_epoch(self, runner):
+            if barrier is not None and runner.epoch == 1:
+                folder, n = barrier
+                open(osp.join(folder, f'ready_{os.getpid()}'), 'w').close()
+                deadline = time.time() + 600
+                while len([f for f in os.listdir(folder) if f.startswith('ready_')]) < n:
+                    if time.time() > deadline:
+                        raise RuntimeError(f'only some of the {n} concurrent runs started')
+                    time.sleep(0.01)
             self._start = self._last = now()
             self._iters = self._data = 0.0
 
@@ -109,9 +124,10 @@ def _epoch_timer():
     return EpochTimer()
 
 
-def measured_epoch(backbone_method, data_root, task, work_dir):
-    """Epochs 2 (steady) and 3 (last: saves a checkpoint) of ``task`` through mmengine's
-    Runner, each split by ``_epoch_timer``; and the config's checkpoint interval."""
+def measured_epoch(backbone_method, data_root, task, work_dir, epochs=3, barrier=None):
+    """The epochs of a short run of ``task`` through mmengine's Runner, each split by
+    ``_epoch_timer`` (the first one captures the graphs, the last one saves a
+    checkpoint); and the config's checkpoint interval."""
     from mmengine.runner import Runner
 
     from memba_vision.datasets.vtab1k_tasks import get_task
@@ -123,16 +139,48 @@ def measured_epoch(backbone_method, data_root, task, work_dir):
     cfg.train_dataloader.dataset.data_root = data_root
     cfg.test_dataloader.dataset.data_root = data_root
     cfg.model.head.num_classes = get_task(task).num_classes
-    cfg.train_cfg.max_epochs = 3
+    cfg.train_cfg.max_epochs = epochs
     interval = cfg.default_hooks.checkpoint.interval
     set_precision(cfg)  # the config's bf16 autocast (fp32 on a CPU machine)
     cfg.default_hooks.logger.interval = 1000
     runner = Runner.from_cfg(cfg)
-    timer = _epoch_timer()
+    timer = _epoch_timer(barrier)
     runner.register_hook(timer)
     runner.train()
     n = len(runner.train_dataloader.dataset)
-    return timer.epochs[1], timer.epochs[2], interval, n
+    return timer.epochs, interval, n
+
+
+def concurrent_epochs(worker_cmd, jobs):
+    """Mean steady epoch (epochs 2 .. 4) of ``jobs`` training processes sharing this GPU.
+
+    ``worker_cmd`` runs one of them (this tool with ``--epoch-worker``: ``measured_epoch``
+    for 5 epochs, printing a line ``EPOCHS <json>``); a ``--barrier`` argument is added so
+    that they all start epoch 2 together."""
+    barrier = tempfile.mkdtemp(prefix='sweep_barrier_')
+    cmd = [*worker_cmd, f'--barrier={barrier}:{jobs}']
+    # each worker logs to its own file: a pipe left unread while waiting on the other
+    # worker would fill up and stop its writer before the barrier
+    logs = [open(osp.join(barrier, f'worker_{i}.log'), 'w+') for i in range(jobs)]
+    procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+             for log in logs]
+    while any(p.poll() is None for p in procs):  # a failed worker stops the others
+        if any(p.returncode not in (None, 0) for p in procs):
+            for p in procs:
+                p.kill()
+        time.sleep(0.1)
+    steady = []
+    for proc, log in zip(procs, logs):
+        log.seek(0)
+        out = log.read()
+        log.close()
+        line = next((ln for ln in out.splitlines() if ln.startswith('EPOCHS ')), None)
+        if proc.returncode != 0 or line is None:
+            raise SystemExit(f'error: a concurrent training worker failed:\n{out[-2000:]}')
+        epochs = json.loads(line[len('EPOCHS '):])
+        steady += [e['total'] for e in epochs[1:4]]
+    shutil.rmtree(barrier, ignore_errors=True)
+    return sum(steady) / len(steady)
 
 
 def schedule(durations, gpus):
@@ -156,9 +204,26 @@ def main():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--data-root', help='VTAB-1k root: also time one real training epoch')
     p.add_argument('--task', default='dsprites_loc', help='task for the measured epoch')
+    p.add_argument('--jobs-per-gpu', type=int, default=1,
+                   help='tasks sharing a GPU, as tools/sweep.py --jobs-per-gpu; with '
+                        '--data-root the slowdown of sharing is measured')
+    p.add_argument('--epoch-worker', action='store_true', help=argparse.SUPPRESS)
+    p.add_argument('--barrier', help=argparse.SUPPRESS)
     p.add_argument('--warmup', type=int, default=5)
     p.add_argument('--reps', type=int, default=20)
     args = p.parse_args()
+    if args.epoch_worker:  # one process of concurrent_epochs()
+        with tempfile.TemporaryDirectory() as wd:
+            folder, n = args.barrier.rsplit(':', 1)
+            epochs = measured_epoch(args.backbone_method, args.data_root, args.task, wd, 5,
+                                    barrier=(folder, int(n)))[0]
+        print('EPOCHS ' + json.dumps(epochs))
+        return
+    if args.jobs_per_gpu < 1:
+        raise SystemExit('error: --jobs-per-gpu must be >= 1')
+    if args.jobs_per_gpu > 1 and not args.data_root:
+        raise SystemExit('error: --jobs-per-gpu > 1 needs --data-root (the slowdown of '
+                         'sharing a GPU is measured, not assumed)')
     from memba_vision.datasets.vtab1k_tasks import VTAB1K_TASKS
     backbone, method = None, None
     for b in ('vim_s', 'vmamba_s'):
@@ -189,8 +254,9 @@ def main():
           f'{build_s:.1f} s, first step with graph capture {first_s:.1f} s')
     if args.data_root:
         with tempfile.TemporaryDirectory() as wd:
-            real, last, interval, n = measured_epoch(args.backbone_method, args.data_root,
-                                                     args.task, wd)
+            epochs, interval, n = measured_epoch(args.backbone_method, args.data_root,
+                                                 args.task, wd)
+        real, last = epochs[1], epochs[2]
         idle = 1 - epoch_bare / real['total']
         print(f'measured epoch ({args.task}, {n} images, real loop): {real["total"]:.2f} s vs '
               f'bare {epoch_bare:.2f} s, so the GPU idles {100 * idle:.0f}% of the loop; '
@@ -202,25 +268,38 @@ def main():
         epoch = real['total'] * TRAIN_IMAGES / n + save / interval
     else:
         print('loop overhead not measured (no --data-root): bare steps only')
+    share = 1.0  # how much slower a task's GPU-bound parts run while sharing its GPU
+    if args.jobs_per_gpu > 1:
+        worker = [sys.executable, osp.abspath(__file__), '--backbone-method',
+                  args.backbone_method, '--data-root', args.data_root, '--task', args.task,
+                  '--epoch-worker']
+        shared = concurrent_epochs(worker, args.jobs_per_gpu)
+        share = shared / real['total']
+        print(f'{args.jobs_per_gpu} tasks sharing the GPU: steady epoch {shared:.2f} s each vs '
+              f'{real["total"]:.2f} s alone, i.e. {args.jobs_per_gpu / share:.2f}x the '
+              f'throughput of one task; training and testing are projected {share:.2f}x '
+              f'slower per task (conservative: a neighbour\'s process start or test does not '
+              f'load the GPU as much as its training)')
 
     print(f'\n{"task":<22} {"test":>6} {"train":>10} {"test":>10} {"total":>10}')
     durations, tot_train, tot_test = [], 0.0, 0.0
     for name, task in VTAB1K_TASKS.items():
-        train_s = EPOCHS * epoch
-        test_s = task.num_test * t_eval_img
+        train_s = EPOCHS * epoch * share
+        test_s = task.num_test * t_eval_img * share
         total = train_s + test_s + fixed
         tot_train, tot_test = tot_train + train_s, tot_test + test_s
         durations.append(total)
         print(f'{name:<22} {task.num_test:>6} {fmt(train_s):>10} {fmt(test_s):>10} '
               f'{fmt(total):>10}')
     serial = sum(durations)
-    wall = schedule(durations, args.gpus)
+    wall = schedule(durations, args.gpus * args.jobs_per_gpu)
     n_tasks = len(durations)
-    print(f'\nwhere the time goes (all tasks, one GPU): training {fmt(tot_train)} '
+    print(f'\nwhere the time goes (all tasks, one slot): training {fmt(tot_train)} '
           f'({100 * tot_train / serial:.0f}%), testing {fmt(tot_test)} '
           f'({100 * tot_test / serial:.0f}%), fixed per-task costs {fmt(fixed * n_tasks)} '
           f'({100 * fixed * n_tasks / serial:.0f}%)')
-    print(f'{args.backbone_method}: projected 19-task sweep on {args.gpus} GPU(s): '
+    jobs = f' with {args.jobs_per_gpu} tasks per GPU' if args.jobs_per_gpu > 1 else ''
+    print(f'{args.backbone_method}: projected 19-task sweep on {args.gpus} GPU(s){jobs}: '
           f'{wall / 60:.1f} min')
 
 

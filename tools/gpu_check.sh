@@ -2,12 +2,13 @@
 # On a GPU machine with the dependencies installed: builds the CUDA extensions in place, runs the
 # GPU tests and the speed benchmarks, and keeps every log. Stages (default: all but the slow ones):
 #   tests   kernel and model tests against the references (tests/test_scan_tokens.py,
-#           tests/test_gpu_parity.py, tests/test_cuda_graph.py)
+#           tests/test_bidirectional_ssm.py, tests/test_gpu_parity.py, tests/test_cuda_graph.py)
 #   scan    one scan/conv call, memba_vision vs mamba-ssm (tools/benchmark_scan.py)
 #   bench   the Vim-S training step, LoRA vs Memba, with a profile (tools/benchmark.py); extra
 #           arguments go to it, e.g. --baseline "python third_party/baselines/official_vim_step.py third_party/vim"
 #   acc     demo accuracy, bf16 + CUDA graphs vs fp32 eager, 2 tasks x 2 seeds (slow: ~5 min)
-#   sweep   projected 19-task sweep time (tools/benchmark_sweep.py)
+#   sweep   projected 19-task sweep time with the real training loop on generated 224x224 data
+#           (tools/benchmark_sweep.py --data-root), one task per GPU and two sharing it
 # Usage: STAGES="tests scan bench" LOGS=work_dirs/gpu_check bash tools/gpu_check.sh [benchmark args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +23,8 @@ MAX_JOBS=${MAX_JOBS:-16} MEMBA_CUDA_EXT=1 $PY setup.py build_ext --inplace > "$L
   || { grep -m5 -B2 -A8 error "$LOGS/build.log"; exit 1; }
 echo "[gpu_check] build: $(( $(date +%s) - t0 )) s"
 if has tests; then
-  $PY -m pytest tests/test_scan_tokens.py tests/test_gpu_parity.py tests/test_cuda_graph.py \
+  $PY -m pytest tests/test_scan_tokens.py tests/test_bidirectional_ssm.py tests/test_gpu_parity.py \
+    tests/test_cuda_graph.py \
     -q -s -p no:cacheprovider > "$LOGS/tests.log" 2>&1
   echo "[gpu_check] tests rc $?: $(tail -1 "$LOGS/tests.log")"
   grep -E "^.?(SCAN|PARITY)" "$LOGS/tests.log" | sed 's/^\.//' | tail -8
@@ -54,5 +56,12 @@ if has acc; then
   done
 fi
 if has sweep; then
-  $PY tools/benchmark_sweep.py > "$LOGS/benchmark_sweep.log" 2>&1; tail -4 "$LOGS/benchmark_sweep.log"
+  DATA=data/vtab-1k-synthetic-224
+  $PY tools/prepare_vtab1k.py --synthetic --out $DATA --tasks dsprites_loc --num-test 100 \
+    --size 224 > "$LOGS/sweep_prepare.log" 2>&1
+  for jobs in 1 2; do
+    $PY tools/benchmark_sweep.py --data-root $DATA --task dsprites_loc --jobs-per-gpu $jobs \
+      > "$LOGS/benchmark_sweep_$jobs.log" 2>&1
+    grep -E "^(measured|[0-9] tasks sharing|where|vim_s)" "$LOGS/benchmark_sweep_$jobs.log"
+  done
 fi

@@ -24,6 +24,8 @@ def parse_args():
     p.add_argument('--work-dir', help='where the result file goes (default: the config\'s '
                    'work_dir or work_dirs/<config name>)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys')
+    p.add_argument('--fp32', action='store_true',
+                   help='test in fp32 even where the config trains under bf16 autocast')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = p.parse_args()
@@ -34,9 +36,10 @@ def parse_args():
 def main():
     args = parse_args()
     from memba_vision.engine.runner_utils import (check_pretrained, check_task_data,
-                                                  load_config, test_and_record)
+                                                  load_config, set_precision, test_and_record)
     cfg = load_config(args.config, args.cfg_options, args.work_dir)
     cfg.launcher = args.launcher
+    set_precision(cfg, fp32=args.fp32)  # the precision the config trains in
     if not osp.isfile(args.checkpoint):
         raise SystemExit(f'error: checkpoint {args.checkpoint} not found')
     cfg.load_from = args.checkpoint

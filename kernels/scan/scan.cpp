@@ -1,10 +1,22 @@
 // Python bindings of the token-major scan and conv kernels (module memba_vision._scan_cuda).
 //
-//   scan_fwd(u, delta, A, B, C, D, z, delta_bias, S, W, softplus, reverse) -> y
-//   scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, softplus, reverse)
+//   scan_fwd(u, delta, A, B, C, D, z, delta_bias, S, W, softplus, reverse,
+//            out=None, out_scale=1, accumulate=False) -> y
+//   scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, softplus, reverse,
+//            dout_scale=1, dz_out=None, dz_accumulate=False, dBC_out=None)
 //       -> (du, ddelta, dz or None, dB, dC)
 //   conv_fwd(x, weight, bias, reverse, silu) -> y
-//   conv_bwd(x, weight, bias, grad_y, reverse, silu) -> dx
+//   conv_bwd(x, weight, bias, grad_y, reverse, silu, out=None, accumulate=False) -> dx
+//   lim_pair_fwd(x, u_prev_f, u_prev_b, num_chunks, leak, threshold) -> (out, u_mean)
+//   lim_pair_bwd(x, u_prev_f, u_prev_b, grad_out, grad_mean_f, grad_mean_b, num_chunks,
+//                leak, threshold) -> (grad_x, grad_u_prev_f or None, grad_u_prev_b or None)
+//
+// The optional outputs let a caller fuse the glue around the kernels: ``out`` /
+// ``dz_out`` / conv ``out`` may be strided (B, L, D) views (e.g. a half of a
+// (B, L, 2D) gradient) and are added to with ``accumulate``; y is stored times
+// ``out_scale`` and the backward reads ``dout_scale * dout``; ``dBC_out`` (B, L, 2N),
+// any dtype and strides, receives dB | dC. The LIM pair works on x (B, L, R) and
+// returns both directions stacked: out and grad_x (2, B, L, R), u_mean (2, B, l, R).
 //
 // u, delta, z, dout, x, grad_y: (B, L, D) with the channel axis contiguous;
 // B, C: (B, L, 16) and the gate spikes S: (B, L, 16), state axis contiguous (slices
@@ -114,14 +126,25 @@ ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::T
   return p;
 }
 
+// A given output buffer, or a new contiguous one like ``ref``.
+at::Tensor output_like(const OptTensor& given, const at::Tensor& ref, const char* name) {
+  if (!present(given)) return at::empty(ref.sizes(), ref.options());
+  check_tokens(*given, ref, ref.size(2), name);
+  return *given;
+}
+
 at::Tensor scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                     const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
                     const OptTensor& z, const OptTensor& bias, const OptTensor& S,
-                    const OptTensor& W, bool softplus, bool reverse) {
+                    const OptTensor& W, bool softplus, bool reverse, const OptTensor& out_buf,
+                    double out_scale, bool accumulate) {
   ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
+  TORCH_CHECK(!accumulate || present(out_buf), "memba_vision scan: accumulate needs out");
   const c10::cuda::CUDAGuard guard(u.device());
-  at::Tensor out = at::empty(u.sizes(), u.options());
-  p.out = out.data_ptr();
+  at::Tensor out = output_like(out_buf, u, "out");
+  p.out = out.data_ptr(); p.out_sb = out.stride(0); p.out_sl = out.stride(1);
+  p.out_scale = static_cast<float>(out_scale);
+  p.out_accum = accumulate;
   check_cuda(scan_forward(p, dtype_of(u), false, at::cuda::getCurrentCUDAStream()), "scan_fwd");
   return out;
 }
@@ -129,9 +152,19 @@ at::Tensor scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tens
 std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& bias,
-    const OptTensor& S, const OptTensor& W, const at::Tensor& dout, bool softplus, bool reverse) {
+    const OptTensor& S, const OptTensor& W, const at::Tensor& dout, bool softplus, bool reverse,
+    double dout_scale, const OptTensor& dz_out, bool dz_accumulate, const OptTensor& dBC_out) {
   ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
   check_tokens(dout, u, u.size(2), "grad_out");
+  TORCH_CHECK(!dz_accumulate || present(dz_out), "memba_vision scan: dz_accumulate needs dz_out");
+  TORCH_CHECK(!present(dz_out) || p.has_z, "memba_vision scan: dz_out without z or a gate");
+  if (present(dBC_out)) {
+    TORCH_CHECK(dBC_out->device() == u.device() && dBC_out->dim() == 3 &&
+                    dBC_out->size(0) == u.size(0) && dBC_out->size(1) == u.size(1) &&
+                    dBC_out->size(2) == 2 * kStates,
+                "memba_vision scan: dBC_out must be (B, L, ", 2 * kStates, "), got ",
+                dBC_out->sizes());
+  }
   const c10::cuda::CUDAGuard guard(u.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto f32 = u.options().dtype(at::kFloat);
@@ -141,16 +174,26 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
   at::Tensor du = at::empty(u.sizes(), u.options());
   at::Tensor ddelta = at::empty(u.sizes(), u.options());
   OptTensor dz;
-  if (p.has_z) dz = at::empty(u.sizes(), u.options());
+  if (p.has_z) dz = output_like(dz_out, u, "dz_out");
   p.ckpt = ckpt.data_ptr<float>();
   p.dout = dout.data_ptr(); p.do_sb = dout.stride(0); p.do_sl = dout.stride(1);
+  p.dout_scale = static_cast<float>(dout_scale);
   p.du = du.data_ptr();
   p.ddelta = ddelta.data_ptr();
-  p.dz = p.has_z ? dz->data_ptr() : nullptr;
+  if (p.has_z) {
+    p.dz = dz->data_ptr(); p.dz_sb = dz->stride(0); p.dz_sl = dz->stride(1);
+    p.dz_accum = dz_accumulate;
+  }
   p.dbc = dbc.data_ptr<float>();
   check_cuda(scan_forward(p, dtype_of(u), true, stream), "scan_bwd (state checkpoints)");
   check_cuda(scan_backward(p, dtype_of(u), stream), "scan_bwd");
-  at::Tensor dbc_sum = nblocks == 1 ? dbc.select(1, 0) : dbc.sum(1);  // (B, L, 2N)
+  at::Tensor dbc_sum;  // (B, L, 2N)
+  if (present(dBC_out)) {
+    dbc_sum = *dBC_out;
+    at::sum_out(dbc_sum, dbc, {1});
+  } else {
+    dbc_sum = nblocks == 1 ? dbc.select(1, 0) : dbc.sum(1);
+  }
   return {du, ddelta, dz, dbc_sum.narrow(2, 0, kStates), dbc_sum.narrow(2, kStates, kStates)};
 }
 
@@ -176,29 +219,124 @@ ConvParams make_conv(const at::Tensor& x, const at::Tensor& weight, const OptTen
   return p;
 }
 
+void set_conv_out(ConvParams& p, const at::Tensor& out) {
+  p.out = out.data_ptr(); p.o_sb = out.stride(0); p.o_sl = out.stride(1);
+}
+
 at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                     bool reverse, bool silu) {
   ConvParams p = make_conv(x, weight, bias, reverse, silu);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());
-  p.out = out.data_ptr();
+  set_conv_out(p, out);
   check_cuda(conv_forward(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), "conv_fwd");
   return out;
 }
 
 at::Tensor conv_bwd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
-                    const at::Tensor& grad_y, bool reverse, bool silu) {
+                    const at::Tensor& grad_y, bool reverse, bool silu, const OptTensor& out,
+                    bool accumulate) {
   ConvParams p = make_conv(x, weight, bias, reverse, silu);
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.stride(2) == 1 &&
                   grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
               "memba_vision conv: grad_y must match x (", x.sizes(), ", ", x.scalar_type(),
               ") with contiguous channels");
+  TORCH_CHECK(!accumulate || present(out), "memba_vision conv: accumulate needs out");
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dx = output_like(out, x, "conv out");
   p.g = grad_y.data_ptr(); p.g_sb = grad_y.stride(0); p.g_sl = grad_y.stride(1);
-  p.out = dx.data_ptr();
+  set_conv_out(p, dx);
+  p.accum = accumulate;
   check_cuda(conv_backward(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), "conv_bwd");
   return dx;
+}
+
+LimPairParams make_lim_pair(const at::Tensor& x, const OptTensor& u_prev_f,
+                           const OptTensor& u_prev_b, int64_t num_chunks, double leak,
+                           double threshold) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 3 && x.is_contiguous(),
+              "memba_vision lim_pair: x must be a contiguous CUDA (B, L, R) tensor, got ",
+              x.sizes());
+  dtype_of(x);
+  const int64_t L = x.size(1);
+  TORCH_CHECK(num_chunks >= 1 && num_chunks <= kLimPairMaxChunks && num_chunks <= L,
+              "memba_vision lim_pair: num_chunks must be in [1, min(", kLimPairMaxChunks,
+              ", L)], got ", num_chunks);
+  LimPairParams p{};
+  p.batch = static_cast<int>(x.size(0));
+  p.seqlen = static_cast<int>(L);
+  p.rank = static_cast<int>(x.size(2));
+  p.nchunks = static_cast<int>(num_chunks);
+  p.chunk_len = static_cast<int>(L / num_chunks);
+  p.leak = static_cast<float>(leak);
+  p.threshold = static_cast<float>(threshold);
+  p.x = x.data_ptr();
+  const OptTensor* prev[2] = {&u_prev_f, &u_prev_b};
+  for (int d = 0; d < 2; ++d) {
+    p.u_prev[d] = nullptr;
+    if (present(*prev[d])) {
+      const at::Tensor& t = **prev[d];
+      TORCH_CHECK(t.device() == x.device() && t.scalar_type() == x.scalar_type() &&
+                      t.is_contiguous() && t.dim() == 3 && t.size(0) == x.size(0) &&
+                      t.size(1) == p.chunk_len && t.size(2) == x.size(2),
+                  "memba_vision lim_pair: u_prev must be a contiguous (", x.size(0), ", ",
+                  p.chunk_len, ", ", x.size(2), ") ", x.scalar_type(), " tensor, got ",
+                  t.sizes(), " ", t.scalar_type());
+      p.u_prev[d] = t.data_ptr();
+    }
+  }
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> lim_pair_fwd(const at::Tensor& x, const OptTensor& u_prev_f,
+                                                const OptTensor& u_prev_b, int64_t num_chunks,
+                                                double leak, double threshold) {
+  LimPairParams p = make_lim_pair(x, u_prev_f, u_prev_b, num_chunks, leak, threshold);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({2, x.size(0), x.size(1), x.size(2)}, x.options());
+  at::Tensor u_mean = at::empty({2, x.size(0), p.chunk_len, x.size(2)}, x.options());
+  p.out = out.data_ptr();
+  p.u_mean = u_mean.data_ptr();
+  check_cuda(lim_pair_forward(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), "lim_pair_fwd");
+  return {out, u_mean};
+}
+
+std::tuple<at::Tensor, OptTensor, OptTensor> lim_pair_bwd(
+    const at::Tensor& x, const OptTensor& u_prev_f, const OptTensor& u_prev_b,
+    const at::Tensor& grad_out, const OptTensor& grad_mean_f, const OptTensor& grad_mean_b,
+    int64_t num_chunks, double leak, double threshold) {
+  LimPairParams p = make_lim_pair(x, u_prev_f, u_prev_b, num_chunks, leak, threshold);
+  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == x.scalar_type() &&
+                  grad_out.device() == x.device() && grad_out.dim() == 4 &&
+                  grad_out.size(0) == 2 && grad_out.size(1) == x.size(0) &&
+                  grad_out.size(2) == x.size(1) && grad_out.size(3) == x.size(2),
+              "memba_vision lim_pair: grad_out must be a contiguous (2, B, L, R) tensor like x");
+  const OptTensor* gm[2] = {&grad_mean_f, &grad_mean_b};
+  for (int d = 0; d < 2; ++d) {
+    p.g_mean[d] = nullptr;
+    if (present(*gm[d])) {
+      const at::Tensor& t = **gm[d];
+      TORCH_CHECK(t.is_contiguous() && t.scalar_type() == x.scalar_type() &&
+                      t.device() == x.device() && t.dim() == 3 && t.size(0) == x.size(0) &&
+                      t.size(1) == p.chunk_len && t.size(2) == x.size(2),
+                  "memba_vision lim_pair: grad of u_mean must be a contiguous (B, l, R) tensor");
+      p.g_mean[d] = t.data_ptr();
+    }
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor grad_x = at::empty(grad_out.sizes(), x.options());
+  OptTensor grad_prev[2];
+  for (int d = 0; d < 2; ++d) {
+    p.g_prev[d] = nullptr;
+    if (p.u_prev[d] != nullptr) {
+      grad_prev[d] = at::empty({x.size(0), p.chunk_len, x.size(2)}, x.options());
+      p.g_prev[d] = grad_prev[d]->data_ptr();
+    }
+  }
+  p.g_out = grad_out.data_ptr();
+  p.g_x = grad_x.data_ptr();
+  check_cuda(lim_pair_backward(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), "lim_pair_bwd");
+  return {grad_x, grad_prev[0], grad_prev[1]};
 }
 
 }  // namespace
@@ -206,8 +344,21 @@ at::Tensor conv_bwd(const at::Tensor& x, const at::Tensor& weight, const OptTens
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Token-major selective scan and depthwise causal conv (frozen SSM parameters)";
-  m.def("scan_fwd", &memba_scan::scan_fwd, "selective scan forward");
-  m.def("scan_bwd", &memba_scan::scan_bwd, "selective scan backward");
+  namespace py = pybind11;
+  m.def("scan_fwd", &memba_scan::scan_fwd, "selective scan forward", py::arg("u"),
+        py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
+        py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("softplus"),
+        py::arg("reverse"), py::arg("out") = py::none(), py::arg("out_scale") = 1.0,
+        py::arg("accumulate") = false);
+  m.def("scan_bwd", &memba_scan::scan_bwd, "selective scan backward", py::arg("u"),
+        py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
+        py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("dout"), py::arg("softplus"),
+        py::arg("reverse"), py::arg("dout_scale") = 1.0, py::arg("dz_out") = py::none(),
+        py::arg("dz_accumulate") = false, py::arg("dBC_out") = py::none());
   m.def("conv_fwd", &memba_scan::conv_fwd, "depthwise causal conv + SiLU forward");
-  m.def("conv_bwd", &memba_scan::conv_bwd, "depthwise causal conv + SiLU backward (input grad)");
+  m.def("conv_bwd", &memba_scan::conv_bwd, "depthwise causal conv + SiLU backward (input grad)",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("grad_y"), py::arg("reverse"),
+        py::arg("silu"), py::arg("out") = py::none(), py::arg("accumulate") = false);
+  m.def("lim_pair_fwd", &memba_scan::lim_pair_fwd, "LIM of both scan directions, forward");
+  m.def("lim_pair_bwd", &memba_scan::lim_pair_bwd, "LIM of both scan directions, backward");
 }

@@ -23,6 +23,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "float_convert.cuh"
+
 namespace memba_scan {
 namespace {
 
@@ -35,19 +37,6 @@ constexpr int kK = 8;                         // steps per chunk
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFull = 0xffffffffu;
 static_assert(kGateRank == kStates, "B, C and S are staged together");
-
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 template <typename T>
 __device__ __forceinline__ float ld(const void* base, int64_t off) {
@@ -109,16 +98,19 @@ __device__ void stage_chunk(const ScanParams& p, Stage& st, int b, int d0, int k
   }
 }
 
-// Writes a (kK, kCh) shared tile to a contiguous (B, L, D) tensor.
+// Writes a (kK, kCh) shared tile to a (B, L, D) tensor with strides (o_sb, o_sl, 1):
+// o = scale * tile, or o += scale * tile when ``accum``.
 template <typename T>
-__device__ void store_tile(const ScanParams& p, const float (*tile)[kCh], void* out, int b,
-                           int d0, int k0, int nk) {
+__device__ void store_tile(const ScanParams& p, const float (*tile)[kCh], void* out, int64_t o_sb,
+                           int64_t o_sl, float scale, bool accum, int b, int d0, int k0, int nk) {
   T* o = static_cast<T*>(out);
   for (int i = threadIdx.x; i < kK * kCh; i += kThreads) {
     const int k = i / kCh, c = i % kCh, d = d0 + c;
     if (k < nk && d < p.dim) {
       const int t = time_of(p, k0 + k);
-      o[(static_cast<int64_t>(b) * p.seqlen + t) * p.dim + d] = from_f<T>(tile[k][c]);
+      T* dst = o + b * o_sb + t * o_sl + d;
+      const float v = scale * tile[k][c];
+      *dst = from_f<T>(accum ? to_f<T>(*dst) + v : v);
     }
   }
 }
@@ -177,7 +169,7 @@ scan_fwd_kernel(const ScanParams p) {
     }
     __syncthreads();
     if (kOut) {
-      store_tile<T>(p, s_y, p.out, b, d0, k0, nk);
+      store_tile<T>(p, s_y, p.out, p.out_sb, p.out_sl, p.out_scale, p.out_accum, b, d0, k0, nk);
       __syncthreads();
     }
   }
@@ -215,7 +207,7 @@ scan_bwd_kernel(const ScanParams p) {
       float v = 0.f;
       if (k < nk && dd < p.dim) {
         const int t = time_of(p, k0 + k);
-        v = to_f<T>(dout[b * p.do_sb + t * p.do_sl + dd]);
+        v = p.dout_scale * to_f<T>(dout[b * p.do_sb + t * p.do_sl + dd]);
       }
       s_do[k][cc] = v;
     }
@@ -311,9 +303,10 @@ scan_bwd_kernel(const ScanParams p) {
     __syncthreads();
 
     // 3. write the chunk's gradients and dB/dC partials
-    store_tile<T>(p, s_du, p.du, b, d0, k0, nk);
-    store_tile<T>(p, s_ddt, p.ddelta, b, d0, k0, nk);
-    if (p.has_z) store_tile<T>(p, s_dz, p.dz, b, d0, k0, nk);
+    const int64_t sb = static_cast<int64_t>(p.seqlen) * p.dim;
+    store_tile<T>(p, s_du, p.du, sb, p.dim, 1.f, false, b, d0, k0, nk);
+    store_tile<T>(p, s_ddt, p.ddelta, sb, p.dim, 1.f, false, b, d0, k0, nk);
+    if (p.has_z) store_tile<T>(p, s_dz, p.dz, p.dz_sb, p.dz_sl, 1.f, p.dz_accum, b, d0, k0, nk);
     for (int i = tid; i < kK * 2 * kStates; i += kThreads) {
       const int k = i / (2 * kStates), q = i % (2 * kStates);
       if (k < nk) {
@@ -364,7 +357,7 @@ conv_fwd_kernel(const ConvParams p) {
 #pragma unroll
       for (int k = 0; k < W; ++k) acc = fmaf(w[k], xs[kRev ? r + W - 1 - k : r + k], acc);
       if (p.silu) acc = acc * sigmoid(acc);
-      out[(static_cast<int64_t>(b) * p.seqlen + t) * p.dim + d] = from_f<T>(acc);
+      out[b * p.o_sb + static_cast<int64_t>(t) * p.o_sl + d] = from_f<T>(acc);
     }
   }
 }
@@ -414,7 +407,8 @@ conv_bwd_kernel(const ConvParams p) {
       // forward: s = t + (W-1) - k -> i = r + (W-1) - k; reversed: s = t - (W-1) + k -> i = r + k
 #pragma unroll
       for (int k = 0; k < W; ++k) acc = fmaf(w[k], gp[kRev ? r + k : r + W - 1 - k], acc);
-      out[(static_cast<int64_t>(b) * p.seqlen + t) * p.dim + d] = from_f<T>(acc);
+      T* dst = out + b * p.o_sb + static_cast<int64_t>(t) * p.o_sl + d;
+      *dst = from_f<T>(p.accum ? to_f<T>(*dst) + acc : acc);
     }
   }
 }

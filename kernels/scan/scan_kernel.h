@@ -32,9 +32,16 @@ struct ScanParams {
   const float *Dv;    // (D,) or null
   const float *bias;  // (D,) or null
   const float *W;     // (D, kGateRank) gate up-projection, or null
-  void *out;          // (B, L, D) contiguous
+  void *out;          // (B, L, D) with strides out_sb, out_sl: out (+)= out_scale * y
+  int64_t out_sb, out_sl;
+  float out_scale;    // 1 unless the caller folds a scale into the store
+  bool out_accum;     // add to what ``out`` holds instead of overwriting it
+  float dout_scale;   // the backward reads dout_scale * dout
   float *ckpt;        // (B, nchunks, D, N): state at the start of every chunk
-  void *du, *ddelta, *dz;  // (B, L, D) contiguous
+  void *du, *ddelta;  // (B, L, D) contiguous
+  void *dz;           // (B, L, D) with strides dz_sb, dz_sl; dz_accum adds to it
+  int64_t dz_sb, dz_sl;
+  bool dz_accum;
   float *dbc;         // (B, nblocks, L, 2N): per-block partial sums of dB | dC
 };
 
@@ -54,10 +61,38 @@ struct ConvParams {
   int64_t x_sb, x_sl, g_sb, g_sl;
   const float *w;     // (D, width)
   const float *bias;  // (D,) or null
-  void *out;          // (B, L, D) contiguous: y (forward) or dx (backward)
+  void *out;          // (B, L, D) with strides o_sb, o_sl: y (forward) or dx (backward)
+  int64_t o_sb, o_sl;
+  bool accum;         // backward: add dx to what ``out`` holds
 };
 
 cudaError_t conv_forward(const ConvParams& p, DType dtype, cudaStream_t stream);
 cudaError_t conv_backward(const ConvParams& p, DType dtype, cudaStream_t stream);
+
+// Memba's LIM neuron for both scan directions of one layer in one launch (the
+// gate of Vim's mixer). Direction 0 integrates x's tokens in order, direction 1
+// in reverse order; chunk i of direction dir, position j, is token
+//   t = i*l + j (dir 0) or L-1 - (i*l + j) (dir 1),    l = L / T,
+// and tokens no chunk covers get a zero output. Per (dir, b, j, r):
+//   u = u_prev[dir] or 0;  for i < T: u = leak*u + x[t]; u = u > threshold ? 0 : u;
+//   out[dir, t] = u;  u_mean[dir] = mean_i u
+// Forward and backward (the exact piecewise gradient) recompute everything from
+// x and u_prev; T is at most 64 (the reset decisions are the bits of a uint64).
+struct LimPairParams {
+  int batch, seqlen, rank, nchunks, chunk_len;
+  float leak, threshold;
+  const void *x;          // (B, L, R) contiguous
+  const void *u_prev[2];  // (B, l, R) contiguous, or null (zero membrane)
+  void *out;              // (2, B, L, R) contiguous
+  void *u_mean;           // (2, B, l, R) contiguous
+  const void *g_out;      // backward: (2, B, L, R) contiguous
+  const void *g_mean[2];  // (B, l, R) contiguous, or null
+  void *g_x;              // (2, B, L, R): each direction's gradient of x
+  void *g_prev[2];        // (B, l, R) or null
+};
+constexpr int kLimPairMaxChunks = 64;
+
+cudaError_t lim_pair_forward(const LimPairParams& p, DType dtype, cudaStream_t stream);
+cudaError_t lim_pair_backward(const LimPairParams& p, DType dtype, cudaStream_t stream);
 
 }  // namespace memba_scan

@@ -32,7 +32,9 @@ def set_precision(cfg: Config, amp: bool = False, fp32: bool = False) -> None:
     """bf16 autocast (``amp``), fp32 (``fp32``, or the config's autocast without CUDA).
 
     The VTAB configs ask for bf16 autocast; mmengine's AmpOptimWrapper needs a
-    GPU, so on a CPU machine the config falls back to fp32 with a message.
+    GPU, so on a CPU machine the config falls back to fp32 with a message. A run
+    that trains under bf16 autocast also tests under it (``AutocastTestLoop``),
+    unless the config names its own test loop.
     """
     import torch
     if amp:
@@ -43,10 +45,15 @@ def set_precision(cfg: Config, amp: bool = False, fp32: bool = False) -> None:
     elif cfg.optim_wrapper.get('type') == 'AmpOptimWrapper' and \
             (fp32 or not torch.cuda.is_available()):
         if not fp32:
-            print('no CUDA GPU: training in fp32 instead of the config\'s bf16 autocast')
+            print('no CUDA GPU: running in fp32 instead of the config\'s bf16 autocast')
         cfg.optim_wrapper.type = 'OptimWrapper'
         for key in ('dtype', 'loss_scale'):
             cfg.optim_wrapper.pop(key, None)
+    bf16 = cfg.optim_wrapper.get('type') == 'AmpOptimWrapper' and \
+        cfg.optim_wrapper.get('dtype') in ('bfloat16', torch.bfloat16)
+    test_cfg = cfg.get('test_cfg') or {}
+    if bf16 and 'type' not in test_cfg:
+        cfg.test_cfg = dict(test_cfg, type='AutocastTestLoop', dtype='bfloat16')
 
 
 def check_pretrained(cfg: Config) -> None:

@@ -31,6 +31,21 @@ from torch import Tensor, nn
 __all__ = ['CUDAGraphs']
 
 _WARMUP = 2
+_warmup_streams: Dict[int, torch.cuda.Stream] = {}
+
+
+def _warmup_stream() -> torch.cuda.Stream:
+    """The side stream every capture on this device warms up on.
+
+    cuBLAS keeps a workspace (32 MiB on Hopper) per stream it has run on for the
+    life of the process, so a fresh stream per capture would leave one behind for
+    every input signature ever captured.
+    """
+    device = torch.cuda.current_device()
+    stream = _warmup_streams.get(device)
+    if stream is None:
+        stream = _warmup_streams[device] = torch.cuda.Stream()
+    return stream
 
 
 def _autocast_state() -> Tuple[bool, torch.dtype]:
@@ -50,7 +65,7 @@ class _Captured:
 
         self.params = list(params) if with_backward else []
         self.static_x = x.detach().clone()
-        side = torch.cuda.Stream()
+        side = _warmup_stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(_WARMUP):

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from ._dispatch import extension_unavailable, load_extension
 
-__all__ = ['is_available', 'unavailable_reason', 'scan_tokens_cuda', 'conv_tokens_cuda',
+__all__ = ['is_available', 'unavailable_reason', 'extension', 'scan_tokens_cuda',
+           'conv_tokens_cuda',
            'D_STATE', 'GATE_RANK', 'CONV_WIDTH']
 
 D_STATE = 16     # the kernels' state size (N)
@@ -42,6 +43,14 @@ def is_available() -> bool:
 
 def unavailable_reason() -> str:
     return extension_unavailable(_load())
+
+
+def extension():
+    """The loaded ``memba_vision._scan_cuda`` module (raises with the reason when unusable)."""
+    ext, why = _load()
+    if ext is None:
+        raise RuntimeError(why)
+    return ext
 
 
 def unavailable_for(t: Tensor) -> str:

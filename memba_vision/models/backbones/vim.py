@@ -14,6 +14,9 @@ from mmpretrain.registry import MODELS
 from torch import Tensor
 
 from ...ops import causal_conv1d_tokens, selective_scan_tokens
+from ...ops._dispatch import log_once
+from ...ops.bidirectional_ssm import (MembaGateParams, SSMDirection, bidirectional_ssm,
+                                      bidirectional_ssm_reason)
 from ..peft import PEFTConfig, build_gate, freeze_all_but_peft, parse_peft, wrap_lora
 from .base import MambaBackbone
 from .ssm_layers import RMSNorm, init_A_log, init_dt_bias, resolve_dt_rank
@@ -38,7 +41,9 @@ class VimMixer(nn.Module):
     Everything stays token-major (B, L, D): the backward direction is scanned
     in reverse token order instead of flipping, and the gate's correction is
     handed to the scan in low-rank form, so no (B, L, D) tensor is transposed,
-    flipped or copied.
+    flipped or copied. On CUDA, with the SSM parameters frozen, both directions
+    and the gate run as one autograd node (``ops.bidirectional_ssm``); otherwise
+    each piece is its own op, as written out in ``_ssm`` and ``forward``.
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
@@ -85,8 +90,40 @@ class VimMixer(nn.Module):
                                      delta_bias=dt_proj.bias, delta_softplus=True,
                                      reverse=backward, gate=gate)
 
+    def _fused(self, xz: Tensor, membrane, kernels=None):
+        """(y, new membrane) through ``ops.bidirectional_ssm``, or None where it does not apply.
+
+        ``kernels``: a stand-in for the CUDA extension (the tests' CPU reference).
+        """
+        gate = self.gate
+        if (kernels is None and not xz.is_cuda) or \
+                (gate is not None and not (gate.shared_proj and gate.directions == 2)):
+            return None
+        dirs = tuple(SSMDirection(conv.weight.squeeze(1), conv.bias, x_proj.weight,
+                                  dt_proj.weight, dt_proj.bias, -torch.exp(A_log.float()), D)
+                     for conv, x_proj, dt_proj, A_log, D in (
+                         (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
+                         (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)))
+        settings = weights = None
+        if gate is not None:
+            settings = MembaGateParams(gate.num_chunks, gate.leak, gate.threshold, gate.residual)
+            weights = (gate.proj_in[0].weight, gate.proj_out[0].weight)
+        reason = bidirectional_ssm_reason(xz, dirs, weights, settings, kernels)
+        if reason:
+            log_once(f'vim:composable:{reason}', f'memba_vision Vim: per-op mixer path ({reason})')
+            return None
+        log_once('vim:fused', 'memba_vision Vim: mixer core runs as one fused autograd node')
+        transfer = gate is not None and gate.transfer
+        y, new = bidirectional_ssm(xz, dirs, weights, settings, membrane if transfer else None,
+                                   kernels)
+        return y, (new if transfer else (membrane if gate is None else None))
+
     def forward(self, hidden: Tensor, membrane=None):
-        x, z = self.in_proj(hidden).chunk(2, dim=-1)                    # (B, L, D) views
+        xz = self.in_proj(hidden)                                       # (B, L, 2D)
+        fused = self._fused(xz, membrane)
+        if fused is not None:
+            return self.out_proj(fused[0]), fused[1]
+        x, z = xz.chunk(2, dim=-1)                                      # (B, L, D) views
         gates = (None, None)
         if self.gate is not None:  # z' = z + spikes W_out^T, applied inside the scan
             gates, membrane = self.gate.lim_spikes(z, membrane)

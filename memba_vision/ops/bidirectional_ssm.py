@@ -1,0 +1,223 @@
+"""Vim's bidirectional SSM core with the Memba gate as one autograd node.
+
+For the in_proj output xz = [x | z] (B, L, 2D) of one Vim layer::
+
+    per direction d (0: tokens in order, 1: reversed):
+        u_d      = silu(conv_d(x))                  causal (d=0) / anti-causal (d=1) conv
+        dt, B, C = u_d @ x_proj_d^T                 (B, L, R_dt + 2N)
+        delta_d  = dt @ dt_proj_d^T                 the bias is added in the scan
+        y_d      = scan_d(u_d, delta_d, A_d, B, C, D_d, z'_d)
+    y = (y_0 + y_1) / 2                             (B, L, D)
+
+with the Memba gate z'_d = z + S_d W_out^T, S = LIM_pair(z W_in^T, u_prev): each
+direction's LIM runs over that direction's token order and its spikes S_d
+(B, L, R) come back in input order (see ``LimPairParams`` in kernels/scan). The
+gate is optional (LoRA), and with ``residual=False`` z'_d = S_d W_out^T.
+
+The SSM parameters are frozen (PEFT); the trainable inputs are xz, W_in, W_out
+and the previous layer's membranes. One node per layer lets the backward write
+the halves of dxz in place, accumulate the two directions inside the kernels,
+batch the gate's small products over both directions and run both directions'
+LIM in one kernel without flips. Against the per-op path (conv -> linear -> scan
+per direction, then the gate's own nodes) a Vim-S Memba training step went from
+3,485 to 2,861 kernels (README, Performance).
+
+``kernels`` is the extension module (``memba_vision._scan_cuda``) or any object
+with the same functions, which is how the tests run this code on the CPU.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import scan_cuda
+from ._dispatch import forced_backend
+
+__all__ = ['SSMDirection', 'MembaGateParams', 'bidirectional_ssm', 'bidirectional_ssm_reason']
+
+
+class SSMDirection(NamedTuple):
+    """Frozen parameters of one scan direction (D channels, N states, R_dt dt rank)."""
+    conv_weight: Tensor    # (D, 4) fp32
+    conv_bias: Tensor      # (D,) fp32
+    x_proj_weight: Tensor  # (R_dt + 2N, D)
+    dt_proj_weight: Tensor  # (D, R_dt)
+    dt_bias: Tensor        # (D,) fp32
+    A: Tensor              # (D, N) fp32, negative (-exp(A_log))
+    D: Tensor              # (D,) fp32
+
+
+class MembaGateParams(NamedTuple):
+    """LIM settings of the gate (see ``ops.lim``)."""
+    num_chunks: int
+    leak: float
+    threshold: float
+    residual: bool
+
+
+def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b with an fp32 (or fp64) result: one kernel on CUDA for half-precision inputs."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).to(torch.promote_types(a.dtype, torch.float32))
+
+
+class _BidirectionalSSM(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, xz, w_in, w_out, u_prev_f, u_prev_b, dirs, gate, kernels):
+        ctx.set_materialize_grads(False)
+        with torch.autocast(xz.device.type, enabled=False):  # dtypes are chosen here
+            return _BidirectionalSSM._forward(ctx, xz, w_in, w_out, u_prev_f, u_prev_b, dirs,
+                                              gate, kernels)
+
+    @staticmethod
+    def _forward(ctx, xz, w_in, w_out, u_prev_f, u_prev_b, dirs, gate, kernels):
+        Bsz, L, D2 = xz.shape
+        D = D2 // 2
+        dt = xz.dtype
+        x, z = xz[..., :D], xz[..., D:]
+        S = u_mean = w_in_lp = v = None
+        if gate is not None:
+            w_in_lp = w_in.to(dt)
+            v = torch.matmul(z, w_in_lp.t())                                # (B, L, R)
+            S, u_mean = kernels.lim_pair_fwd(v, u_prev_f, u_prev_b, gate.num_chunks,
+                                             gate.leak, gate.threshold)     # (2, B, L, R)
+        z_scan = z if gate is None or gate.residual else None
+        y = torch.empty(Bsz, L, D, dtype=dt, device=xz.device)
+        saved = []
+        for d, p in enumerate(dirs):
+            rank = p.dt_proj_weight.shape[1]
+            wx, wdt = p.x_proj_weight.to(dt), p.dt_proj_weight.to(dt)
+            u = kernels.conv_fwd(x, p.conv_weight, p.conv_bias, bool(d), True)  # (B, L, D)
+            xdbl = torch.matmul(u, wx.t())                                 # (B, L, R_dt + 2N)
+            delta = torch.matmul(xdbl[..., :rank], wdt.t())                # (B, L, D)
+            Bm, Cm = xdbl[..., rank:].chunk(2, dim=-1)
+            kernels.scan_fwd(u, delta, p.A, Bm, Cm, p.D, z_scan, p.dt_bias,
+                             None if S is None else S[d], w_out, True, bool(d),
+                             out=y, out_scale=0.5, accumulate=bool(d))
+            saved += [u, xdbl, delta, wx, wdt]
+        ctx.save_for_backward(xz, w_in_lp, w_out, v, S, u_prev_f, u_prev_b, *saved)
+        ctx.dirs, ctx.gate, ctx.kernels = dirs, gate, kernels
+        if gate is None:
+            return y, None, None
+        return y, u_mean[0], u_mean[1]
+
+    @staticmethod
+    def backward(ctx, dy, du_mean_f, du_mean_b):
+        with torch.autocast(dy.device.type if dy is not None else 'cpu', enabled=False):
+            return _BidirectionalSSM._backward(ctx, dy, du_mean_f, du_mean_b)
+
+    @staticmethod
+    def _backward(ctx, dy, du_mean_f, du_mean_b):
+        xz, w_in_lp, w_out, v, S, u_prev_f, u_prev_b, *saved = ctx.saved_tensors
+        dirs, gate, kernels = ctx.dirs, ctx.gate, ctx.kernels
+        Bsz, L, D2 = xz.shape
+        D = D2 // 2
+        x, z = xz[..., :D], xz[..., D:]
+        dy = xz.new_zeros(Bsz, L, D) if dy is None else dy.to(xz.dtype).contiguous()
+        dxz = torch.empty_like(xz)
+        dx, dz = dxz[..., :D], dxz[..., D:]
+        z_scan = z if gate is None or gate.residual else None
+        # LoRA: both directions' dz accumulate straight into dxz. Memba: each
+        # direction keeps its dz', which the gate's products need.
+        dz_dirs = None if gate is None else xz.new_empty(2, Bsz, L, D)
+        for d, p in enumerate(dirs):
+            u, xdbl, delta, wx, wdt = saved[5 * d:5 * d + 5]
+            rank = p.dt_proj_weight.shape[1]
+            Bm, Cm = xdbl[..., rank:].chunk(2, dim=-1)
+            dxdbl = torch.empty_like(xdbl)                                 # (B, L, R_dt + 2N)
+            du, ddelta, _, _, _ = kernels.scan_bwd(
+                u, delta, p.A, Bm, Cm, p.D, z_scan, p.dt_bias,
+                None if S is None else S[d], w_out, dy, True, bool(d), dout_scale=0.5,
+                dz_out=dz if dz_dirs is None else dz_dirs[d],
+                dz_accumulate=dz_dirs is None and d == 1, dBC_out=dxdbl[..., rank:])
+            torch.mm(ddelta.view(-1, D), wdt, out=dxdbl.view(-1, dxdbl.shape[-1])[:, :rank])
+            du.view(-1, D).addmm_(dxdbl.view(-1, dxdbl.shape[-1]), wx)     # du += dxdbl @ Wx
+            kernels.conv_bwd(x, p.conv_weight, p.conv_bias, du, bool(d), True,
+                             out=dx, accumulate=d == 1)
+        if gate is None:
+            return dxz, None, None, None, None, None, None, None
+        R = S.shape[-1]
+        dz_flat = dz_dirs.view(-1, D)                                      # (2BL, D)
+        dS = torch.mm(dz_flat, w_out.to(dz_flat.dtype)).view(2, Bsz, L, R)
+        dw_out = _mm_f32(dz_flat.t(), S.view(-1, R)) if ctx.needs_input_grad[2] else None
+        dv_dirs, du_prev_f, du_prev_b = kernels.lim_pair_bwd(
+            v, u_prev_f, u_prev_b, dS, du_mean_f, du_mean_b,
+            gate.num_chunks, gate.leak, gate.threshold)
+        dv = dv_dirs.sum(0).view(-1, R)                                    # (BL, R)
+        dz2 = dz.view(-1, D)                                               # (BL, D), stride 2D
+        if gate.residual:
+            torch.add(dz_dirs[0], dz_dirs[1], out=dz)
+            dz2.addmm_(dv, w_in_lp)                                        # dz += dv @ W_in
+        else:
+            torch.mm(dv, w_in_lp, out=dz2)
+        dw_in = _mm_f32(dv.t(), z.reshape(-1, D)) if ctx.needs_input_grad[1] else None
+        return dxz, dw_in, dw_out, du_prev_f, du_prev_b, None, None, None
+
+
+def bidirectional_ssm_reason(xz: Tensor, dirs: Tuple[SSMDirection, ...],
+                             gate_weights: Optional[Tuple[Tensor, Tensor]],
+                             gate: Optional[MembaGateParams], kernels=None) -> str:
+    """'' when ``bidirectional_ssm`` can run on these inputs with the CUDA kernels, else why not.
+
+    Forcing another scan, conv or LIM backend through the environment
+    (``MEMBA_SCAN_BACKEND``, ``MEMBA_CONV_BACKEND``, ``MEMBA_LIM_BACKEND``) turns it off.
+    With a stand-in ``kernels`` object the extension's availability is not checked.
+    """
+    for env, choices, own in (('MEMBA_SCAN_BACKEND', ('memba', 'triton', 'cuda', 'torch'), 'memba'),
+                              ('MEMBA_CONV_BACKEND', ('memba', 'cuda', 'torch'), 'memba'),
+                              ('MEMBA_LIM_BACKEND', ('cuda', 'triton', 'torch'), 'cuda')):
+        forced = forced_backend(env, choices)
+        if forced not in ('', own):
+            return f'{env}={forced}'
+    reason = scan_cuda.unavailable_for(xz) if kernels is None else ''
+    if reason:
+        return reason
+    if kernels is None and xz.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f'dtype {xz.dtype}'
+    if len(dirs) != 2:
+        return f'{len(dirs)} directions'
+    for p in dirs:
+        if p.A.shape[1] != scan_cuda.D_STATE:
+            return f'd_state {p.A.shape[1]} != {scan_cuda.D_STATE}'
+        if p.conv_weight.shape[1] != scan_cuda.CONV_WIDTH:
+            return f'conv width {p.conv_weight.shape[1]} != {scan_cuda.CONV_WIDTH}'
+        if torch.is_grad_enabled() and any(t.requires_grad for t in p):
+            return 'an SSM parameter requires a gradient'
+    if gate is not None:
+        w_in, w_out = gate_weights
+        if w_out.shape[1] != scan_cuda.GATE_RANK:
+            return f'gate rank {w_out.shape[1]} != {scan_cuda.GATE_RANK}'
+        if not 1 <= gate.num_chunks <= 64:
+            return f'gate num_chunks {gate.num_chunks} > 64'
+    return ''
+
+
+def bidirectional_ssm(xz: Tensor, dirs: Tuple[SSMDirection, SSMDirection],
+                      gate_weights: Optional[Tuple[Tensor, Tensor]] = None,
+                      gate: Optional[MembaGateParams] = None,
+                      membrane: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None,
+                      kernels=None) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
+    """xz (B, L, 2D) -> (y (B, L, D), the new membranes (two (B, L // T, R)) or None).
+
+    ``gate_weights`` = (W_in (R, D), W_out (D, R)) with ``gate`` its settings, or
+    None for the plain (LoRA) mixer. ``membrane``: the previous layer's pair, or
+    None for zero membranes. The caller checks ``bidirectional_ssm_reason`` first.
+    """
+    if kernels is None:
+        kernels = scan_cuda.extension()
+    f32 = torch.promote_types(xz.dtype, torch.float32)  # fp64 stays fp64 for the references
+
+    def wide(t):  # what the kernels read in fp32: conv weights and biases, A, D
+        return None if t is None else t.to(f32).contiguous()
+
+    dirs = tuple(p._replace(conv_weight=wide(p.conv_weight), conv_bias=wide(p.conv_bias),
+                            dt_bias=wide(p.dt_bias), A=wide(p.A), D=wide(p.D)) for p in dirs)
+    w_in, w_out = gate_weights if gate is not None else (None, None)
+    u_prev_f, u_prev_b = membrane if membrane is not None else (None, None)
+    if w_out is not None:
+        w_out = wide(w_out)
+    y, m_f, m_b = _BidirectionalSSM.apply(xz, w_in, w_out, u_prev_f, u_prev_b,
+                                          tuple(dirs), gate, kernels)
+    return y, (None if gate is None else (m_f, m_b))

@@ -1,0 +1,106 @@
+"""A pure-PyTorch stand-in for ``memba_vision._scan_cuda`` (same functions and arguments).
+
+Each function is the reference op (``ops.selective_scan_tokens``,
+``ops.causal_conv1d_tokens``, ``ops.lim_reference`` on flipped tokens) and its
+autograd gradient, with the extension's output conventions (``out``/``dz_out``
+buffers, ``accumulate``, scales, stacked directions). It lets the tests run
+``ops.bidirectional_ssm`` on the CPU and compare it with the per-op mixer path.
+"""
+import torch
+
+from memba_vision.ops import causal_conv1d_tokens, lim_reference, selective_scan_tokens
+
+
+def _store(out, value, scale=1.0, accumulate=False):
+    value = value * scale
+    if out is None:
+        return value.contiguous()
+    out.copy_(out + value.to(out.dtype) if accumulate else value)
+    return out
+
+
+def _leaf(t):
+    return None if t is None else t.detach().clone().requires_grad_(True)
+
+
+class ReferenceScanKernels:
+    """The extension's functions, computed by the reference ops."""
+
+    @staticmethod
+    def scan_fwd(u, delta, A, B, C, D, z, delta_bias, S, W, softplus, reverse, out=None,
+                 out_scale=1.0, accumulate=False):
+        with torch.no_grad():
+            y = selective_scan_tokens(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
+                                      gate=None if S is None else (S, W))
+        return _store(out, y, out_scale, accumulate)
+
+    @staticmethod
+    def scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, softplus, reverse,
+                 dout_scale=1.0, dz_out=None, dz_accumulate=False, dBC_out=None):
+        u_, delta_, B_, C_ = (_leaf(t) for t in (u, delta, B, C))
+        zprime = None
+        if z is not None or S is not None:  # the kernel's dz is the gradient of z'
+            zp = torch.zeros_like(u) if z is None else z.detach().clone()
+            if S is not None:
+                zp = zp + torch.matmul(S, W.to(S.dtype).t()).to(zp.dtype)
+            zprime = _leaf(zp)
+        with torch.enable_grad():
+            y = selective_scan_tokens(u_, delta_, A, B_, C_, D, zprime, delta_bias, softplus,
+                                      reverse)
+            leaves = [u_, delta_, B_, C_] + ([zprime] if zprime is not None else [])
+            grads = torch.autograd.grad(y, leaves, dout * dout_scale)
+        du, ddelta, dB, dC = (g.contiguous() for g in grads[:4])  # as the kernels return them
+        dz = None
+        if zprime is not None:
+            dz = _store(dz_out, grads[4], 1.0, dz_accumulate)
+        if dBC_out is not None:
+            dBC_out.copy_(torch.cat([dB, dC], dim=-1))
+        return du, ddelta, dz, dB, dC
+
+    @staticmethod
+    def conv_fwd(x, weight, bias, reverse, silu):
+        with torch.no_grad():
+            return causal_conv1d_tokens(x, weight, bias, 'silu' if silu else None,
+                                        reverse).contiguous()
+
+    @staticmethod
+    def conv_bwd(x, weight, bias, grad_y, reverse, silu, out=None, accumulate=False):
+        x_ = _leaf(x)
+        with torch.enable_grad():
+            y = causal_conv1d_tokens(x_, weight, bias, 'silu' if silu else None, reverse)
+            dx, = torch.autograd.grad(y, [x_], grad_y)
+        return _store(out, dx, 1.0, accumulate)
+
+    @staticmethod
+    def _lim_pair(x, u_prev_f, u_prev_b, num_chunks, leak, threshold):
+        out_f, mean_f = lim_reference(x, num_chunks, leak, threshold, u_prev_f)
+        out_b, mean_b = lim_reference(x.flip(1), num_chunks, leak, threshold, u_prev_b)
+        return torch.stack([out_f, out_b.flip(1)]), torch.stack([mean_f, mean_b])
+
+    @staticmethod
+    def lim_pair_fwd(x, u_prev_f, u_prev_b, num_chunks, leak, threshold):
+        with torch.no_grad():
+            return ReferenceScanKernels._lim_pair(x, u_prev_f, u_prev_b, num_chunks, leak,
+                                                  threshold)
+
+    @staticmethod
+    def lim_pair_bwd(x, u_prev_f, u_prev_b, grad_out, grad_mean_f, grad_mean_b, num_chunks,
+                     leak, threshold):
+        xs = [_leaf(x), _leaf(x)]
+        prev = [_leaf(u_prev_f), _leaf(u_prev_b)]
+        with torch.enable_grad():
+            outs, means = [], []
+            for d, (xd, pd) in enumerate(zip(xs, prev)):
+                o, m = lim_reference(xd.flip(1) if d else xd, num_chunks, leak, threshold, pd)
+                outs.append(o.flip(1) if d else o)
+                means.append(m)
+            loss = sum((o * g).sum() for o, g in zip(outs, grad_out))
+            for m, g in zip(means, (grad_mean_f, grad_mean_b)):
+                if g is not None:
+                    loss = loss + (m * g).sum()
+            leaves = xs + [p for p in prev if p is not None]
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        gx = torch.stack([g if g is not None else torch.zeros_like(x) for g in grads[:2]])
+        rest = iter(grads[2:])
+        gp = [None if p is None else next(rest) for p in prev]
+        return gx, gp[0], gp[1]

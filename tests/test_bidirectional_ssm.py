@@ -1,0 +1,214 @@
+"""ops.bidirectional_ssm (Vim's fused mixer core) against the per-op mixer path.
+
+On the CPU the op runs on ``ReferenceScanKernels`` (the reference ops behind the
+extension's function signatures), which checks the op's own glue: the hand-written
+backward, the in-place halves of dxz, the scales and accumulations, the batched
+gate products and the membrane chain. On a GPU the extension's new outputs
+(strided/accumulated buffers, scales, the LIM pair) are checked against the same
+stand-in, and the fused mixer against the per-op mixer.
+"""
+import pytest
+import torch
+
+from memba_vision.models.backbones.vim import VimMixer
+from memba_vision.models.peft import parse_peft
+from scan_ext_reference import ReferenceScanKernels
+
+GATES = [dict(num_chunks=4), dict(num_chunks=4, residual=False),
+         dict(num_chunks=4, transfer=False), dict(num_chunks=3, threshold=0.6), None]
+
+
+def make_mixer(gate, dtype=torch.float64, device='cpu', seed=0):
+    peft = parse_peft(dict(lora=dict(in_proj=4, out_proj=4, dropout=0.0),
+                           **({'gate': dict(rank=16, **gate)} if gate else {})))
+    mixer = VimMixer(20, d_state=16, num_layers=2, peft=peft).to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # random weights everywhere, so that every term matters
+        for name, p in mixer.named_parameters():
+            scale = 0.5 if 'A_' in name else (0.6 if 'gate' in name else 0.3)
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
+    for name, p in mixer.named_parameters():  # frozen backbone, as in PEFT
+        p.requires_grad_('lora' in name or 'gate' in name)
+    return mixer.to(device)
+
+
+def run(mixer, hidden, membrane, fused_kernels=None, fused=False):
+    """Output, new membrane and the gradients of everything trainable, for one cotangent."""
+    hidden = hidden.detach().clone().requires_grad_(True)
+    membrane = None if membrane is None else tuple(m.detach().clone().requires_grad_(True)
+                                                   for m in membrane)
+    if fused:
+        result = mixer._fused(mixer.in_proj(hidden), membrane, fused_kernels)
+        assert result is not None, 'the fused path did not apply'
+        out, new = mixer.out_proj(result[0]), result[1]
+    else:
+        out, new = mixer(hidden, membrane)
+    g = torch.Generator().manual_seed(1)
+    loss = (out * torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)).sum()
+    if new is not None:
+        loss = loss + sum((m * torch.randn(m.shape, generator=g, dtype=torch.float64).to(m)).sum()
+                          for m in new)
+    params = [p for p in mixer.parameters() if p.requires_grad]
+    inputs = [hidden] + list(membrane or ()) + params
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)  # unused: no transfer
+    return out.detach(), new, grads
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def random_membrane(gate, B, L, device='cpu', dtype=torch.float64):
+    if gate is None:
+        return None
+    g = torch.Generator().manual_seed(2)
+    l = L // gate['num_chunks']
+    return tuple((torch.randn(B, l, 16, generator=g, dtype=torch.float64)).to(device, dtype)
+                 for _ in range(2))
+
+
+@pytest.mark.parametrize('gate', GATES)
+def test_fused_core_matches_the_per_op_mixer_on_cpu(gate):
+    mixer = make_mixer(gate)
+    hidden = torch.randn(2, 13, 20, generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64)
+    membrane = random_membrane(gate, 2, 13)
+    out_ref, new_ref, grads_ref = run(mixer, hidden, membrane)
+    out, new, grads = run(mixer, hidden, membrane, ReferenceScanKernels, fused=True)
+    assert rel(out, out_ref) < 1e-10
+    if gate is None or not gate.get('transfer', True):
+        assert new is None and new_ref is None
+    else:
+        assert all(rel(a, b) < 1e-10 for a, b in zip(new, new_ref))
+        # the LIM fired somewhere: the reset branch is exercised
+        assert any((m.abs() < 1e-12).any() for m in new)
+    assert len(grads) == len(grads_ref)
+    for i, (a, b) in enumerate(zip(grads, grads_ref)):
+        assert (a is None) == (b is None), f'gradient {i}'
+        if a is not None:
+            assert rel(a, b) < 1e-9, f'gradient {i}: relative error {rel(a, b):.2e}'
+
+
+def test_fused_core_gate_gradients_are_not_trivial():
+    """The comparison above would pass vacuously if the gate's gradients were zero."""
+    mixer = make_mixer(dict(num_chunks=4))
+    hidden = torch.randn(2, 13, 20, generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64)
+    _, _, grads = run(mixer, hidden, random_membrane(dict(num_chunks=4), 2, 13),
+                      ReferenceScanKernels, fused=True)
+    names = ['hidden', 'membrane_f', 'membrane_b'] + [n for n, p in mixer.named_parameters()
+                                                       if p.requires_grad]
+    for name, gr in zip(names, grads):
+        assert gr.abs().max() > 0, name
+
+
+def test_fused_core_is_not_used_when_an_ssm_parameter_trains():
+    mixer = make_mixer(dict(num_chunks=4))
+    mixer.x_proj.weight.requires_grad_(True)
+    xz = mixer.in_proj(torch.randn(1, 8, 20, dtype=torch.float64))
+    assert mixer._fused(xz, None, ReferenceScanKernels) is None
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+
+
+def _ext():
+    from memba_vision.ops import scan_cuda
+    if not scan_cuda.is_available():
+        pytest.skip(scan_cuda.unavailable_reason())
+    return scan_cuda.extension()
+
+
+@cuda
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+def test_extension_outputs_match_the_reference_kernels(dtype, tol):
+    ext, ref = _ext(), ReferenceScanKernels
+    g = torch.Generator(device='cuda').manual_seed(0)
+    Bsz, L, D = 2, 37, 100
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device='cuda', generator=g) * scale).to(dtype)
+
+    xz = rnd(Bsz, L, 2 * D)
+    x, z = xz[..., :D], xz[..., D:]
+    xdbl = rnd(Bsz, L, 3 + 32, scale=0.5)
+    Bm, Cm = xdbl[..., 3:19], xdbl[..., 19:]
+    delta = rnd(Bsz, L, D, scale=0.5)
+    A = -torch.rand(D, 16, device='cuda', generator=g) - 0.1
+    Dv, bias = torch.randn(D, device='cuda', generator=g), torch.randn(D, device='cuda', generator=g) * 0.1
+    S, W = rnd(Bsz, L, 16), torch.randn(D, 16, device='cuda', generator=g) * 0.3
+    dout = rnd(Bsz, L, D)
+    for reverse in (False, True):
+        for gate in (None, (S, W)):
+            Sg, Wg = gate if gate else (None, None)
+            base = rnd(Bsz, L, D)
+            got, want = base.clone(), base.clone()
+            ext.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, Sg, Wg, True, reverse,
+                         out=got, out_scale=0.5, accumulate=True)
+            ref.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, Sg, Wg, True, reverse,
+                         out=want, out_scale=0.5, accumulate=True)
+            assert rel(got, want) < tol
+            dz_got, dz_want = xz.clone(), xz.clone()  # accumulate into a strided half
+            dbc_got, dbc_want = torch.zeros_like(xdbl), torch.zeros_like(xdbl)
+            r_got = ext.scan_bwd(x, delta, A, Bm, Cm, Dv, z, bias, Sg, Wg, dout, True, reverse,
+                                 dout_scale=0.5, dz_out=dz_got[..., D:], dz_accumulate=True,
+                                 dBC_out=dbc_got[..., 3:])
+            r_want = ref.scan_bwd(x.float(), delta.float(), A, Bm.float(), Cm.float(), Dv,
+                                  z.float(), bias, None if Sg is None else Sg.float(), Wg,
+                                  dout.float(), True, reverse, dout_scale=0.5,
+                                  dz_out=dz_want[..., D:], dz_accumulate=True,
+                                  dBC_out=dbc_want[..., 3:])
+            for a, b in zip(r_got[:2], r_want[:2]):
+                assert rel(a, b) < tol
+            assert rel(dz_got, dz_want) < tol and rel(dbc_got, dbc_want) < tol
+            assert torch.equal(dz_got[..., :D], xz[..., :D])  # the other half untouched
+    w, cb = torch.randn(D, 4, device='cuda', generator=g), torch.randn(D, device='cuda', generator=g)
+    for reverse in (False, True):
+        got, want = xz.clone(), xz.clone()
+        ext.conv_bwd(x, w, cb, dout, reverse, True, out=got[..., :D], accumulate=True)
+        ref.conv_bwd(x, w, cb, dout, reverse, True, out=want[..., :D], accumulate=True)
+        assert rel(got, want) < tol
+    v = rnd(Bsz, L, 16, scale=1.5)
+    l = L // 4
+    prev = (rnd(Bsz, l, 16), rnd(Bsz, l, 16))
+    out_got, mean_got = ext.lim_pair_fwd(v, *prev, 4, 0.5, 1.0)
+    out_want, mean_want = ref.lim_pair_fwd(v, *prev, 4, 0.5, 1.0)
+    assert rel(out_got, out_want) < tol and rel(mean_got, mean_want) < tol
+    gout, gm = rnd(2, Bsz, L, 16), (rnd(Bsz, l, 16), None)
+    got = ext.lim_pair_bwd(v, *prev, gout, *gm, 4, 0.5, 1.0)
+    want = ref.lim_pair_bwd(v, *prev, gout, *gm, 4, 0.5, 1.0)
+    for a, b in zip(got, want):
+        assert rel(a, b) < tol
+
+
+@cuda
+@pytest.mark.parametrize('gate', GATES)
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_fused_mixer_matches_the_per_op_mixer_on_gpu(gate, dtype, monkeypatch):
+    """Both paths against an fp64 CPU run of the per-op mixer: fp32 within 1e-4; in bf16
+    (every weight in bf16 too) the fused path is at least as accurate as the per-op one."""
+    _ext()
+    mixer = make_mixer(gate, dtype=dtype, device='cuda')
+    hidden = torch.randn(2, 45, 20, generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64).to('cuda', dtype)
+    membrane = random_membrane(gate, 2, 45, 'cuda', dtype)
+    fused = run(mixer, hidden, membrane, fused=True)
+    with monkeypatch.context() as m:
+        m.setenv('MEMBA_LIM_BACKEND', 'torch')  # turns the fused core off
+        assert mixer._fused(mixer.in_proj(hidden), membrane) is None
+        per_op = run(mixer, hidden, membrane)
+    ref = run(mixer.double().cpu(), hidden.double().cpu(),
+              None if membrane is None else tuple(m.double().cpu() for m in membrane))
+
+    def flat(result):
+        out, new, grads = result
+        return [out] + list(new or ()) + [g for g in grads if g is not None]
+
+    for i, (a, p, r) in enumerate(zip(flat(fused), flat(per_op), flat(ref))):
+        err, err_per_op = rel(a, r), rel(p, r)
+        if dtype == torch.float32:
+            assert err < 1e-4, f'quantity {i}: relative error {err:.2e}'
+        else:
+            assert err <= 1.5 * err_per_op + 2e-3, \
+                f'quantity {i}: relative error {err:.2e}, per-op path {err_per_op:.2e}'

@@ -78,7 +78,8 @@ def test_every_vtab_config_builds_with_its_task_and_the_recipe(fake_vtab_root):
         assert (opt.optimizer.type, opt.optimizer.lr, opt.optimizer.weight_decay) == ('AdamW', 1e-3, 1e-4)
         assert opt.clip_grad.max_norm == 5.0 and cfg.train_dataloader.batch_size == 32
         # the fast settings (bf16 autocast, CUDA-graph replay) are the configs' own
-        assert (opt.type, opt.dtype) == ('AmpOptimWrapper', 'bfloat16')
+        assert (opt.type, opt.dtype) == ('BF16OptimWrapper', 'bfloat16')
+        assert cfg.default_hooks.runtime_info.type == 'DeferredRuntimeInfoHook'
         assert cfg.model.backbone.cuda_graph is True
         assert cfg.train_cfg.max_epochs == 100
         warm, cos = cfg.param_scheduler

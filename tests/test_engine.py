@@ -84,13 +84,105 @@ def test_trainable_only_checkpoint_of_another_model_is_an_error(tiny_vim_file):
         complete_trainable_checkpoint(model, ckpt)
 
 
-def test_non_finite_loss_stops_training():
+class LoopRunner(FakeRunner):
+    """What the training hooks read from a runner: position, loader, hub, wrapper, hooks."""
+
+    def __init__(self, iters_per_epoch=7, log_interval=3, optim_wrapper=None):
+        from mmengine.hooks import LoggerHook
+        from mmengine.logging import MessageHub
+        super().__init__(None)
+        self.train_dataloader = list(range(iters_per_epoch))
+        self.message_hub = MessageHub.get_instance(f'test_hooks_{id(self)}')
+        self.optim_wrapper = optim_wrapper
+        self.hooks = [LoggerHook(interval=log_interval)]
+        self.max_iters = 10 * iters_per_epoch
+
+
+def test_non_finite_loss_stops_training_before_a_checkpoint():
+    runner = LoopRunner(log_interval=3)
     hook = NonFiniteLossHook()
-    hook.after_train_iter(FakeRunner(None), 0, outputs={'loss': torch.tensor(1.0)})
-    with pytest.raises(FloatingPointError, match='loss became nan at epoch 1'):
-        hook.after_train_iter(FakeRunner(None), 0, outputs={'loss': torch.tensor(float('nan'))})
+    hook.before_train(runner)
+    assert hook.interval == 3  # the logger's interval unless given
+    hook.after_train_iter(runner, 0, outputs={'loss': torch.tensor(1.0)})
+    runner.iter = 1
+    hook.after_train_iter(runner, 1, outputs={'loss': torch.tensor(float('nan'))})  # not read yet
+    runner.iter = 2
+    with pytest.raises(FloatingPointError, match='loss became nan at epoch 1, iteration 2;'):
+        hook.after_train_iter(runner, 2, outputs={'loss': torch.tensor(3.0)})
+    # an inf waiting for its read-back still blocks the checkpoint that would keep it
+    hook.after_train_iter(runner, 3, outputs={'loss_cls': torch.tensor(float('inf'))})
     with pytest.raises(FloatingPointError, match='loss_cls became inf'):
-        hook.after_train_iter(FakeRunner(None), 0, outputs={'loss_cls': torch.tensor(float('inf'))})
+        hook.before_save_checkpoint(runner, {})
+    hook.after_train_iter(runner, 4, outputs={'loss': torch.tensor(float('nan'))})
+    with pytest.raises(FloatingPointError):
+        hook.after_train_epoch(runner)
+    with pytest.raises(ValueError, match='interval'):
+        NonFiniteLossHook(interval=0)
+
+
+def test_deferred_runtime_info_logs_the_same_values_in_batches():
+    from memba_vision.engine import DeferredRuntimeInfoHook
+
+    class Wrapper:
+        grad_norm = None
+
+    wrapper = Wrapper()
+    runner = LoopRunner(iters_per_epoch=7, log_interval=3, optim_wrapper=wrapper)
+    runner.cfg, runner.seed, runner.experiment_name = None, 0, 'x'
+    hook = DeferredRuntimeInfoHook()
+    hook._pending, hook._interval = [], 3  # what before_train sets up
+    losses = [0.5, 0.25, 2.0, 4.0, 1.5, 3.0, 0.75]
+    for i, loss in enumerate(losses):
+        wrapper.grad_norm = torch.tensor(10.0 + i)
+        hook.after_train_iter(runner, i, outputs={'loss': torch.tensor(loss)})
+        logged = runner.message_hub.log_scalars.get('train/loss')
+        n = 0 if logged is None else len(logged.data[0])
+        # read back only on the logger's iterations (3 and 6) and at the epoch's end (7)
+        assert n == {0: 0, 1: 0, 2: 3, 3: 3, 4: 3, 5: 6, 6: 7}[i]
+        assert wrapper.grad_norm is None
+    assert list(runner.message_hub.log_scalars['train/loss'].data[0]) == losses
+    assert list(runner.message_hub.log_scalars['train/grad_norm'].data[0]) == \
+        [10.0 + i for i in range(7)]
+
+
+def test_bf16_wrapper_steps_like_autocast_clip_and_adamw_without_a_scaler():
+    from memba_vision.engine import BF16OptimWrapper
+
+    def model_and_opt():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 3))
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-2)
+
+    x, y = torch.randn(4, 8), torch.tensor([0, 2, 1, 0])
+    m1, o1 = model_and_opt()
+    wrapper = BF16OptimWrapper(optimizer=o1, clip_grad=dict(max_norm=0.05))
+    m2, o2 = model_and_opt()
+
+    def logged_norms():
+        buf = wrapper.message_hub.log_scalars.get('train/grad_norm')
+        return 0 if buf is None else buf.data[0].size
+
+    logged_before = logged_norms()
+    for _ in range(3):
+        with wrapper.optim_context(m1):
+            loss1 = torch.nn.functional.cross_entropy(m1(x), y)
+        wrapper.update_params(loss1)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss2 = torch.nn.functional.cross_entropy(m2(x), y)
+        loss2.backward()
+        norm = torch.nn.utils.clip_grad_norm_(m2.parameters(), 0.05)
+        o2.step()
+        o2.zero_grad()
+        assert loss1.dtype == torch.float32 and torch.equal(loss1, loss2)
+        assert isinstance(wrapper.grad_norm, torch.Tensor) and torch.equal(wrapper.grad_norm, norm)
+    assert norm > 0.05  # clipping acted
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.equal(a, b)
+    assert logged_norms() == logged_before  # left to DeferredRuntimeInfoHook, as a tensor
+    state = wrapper.state_dict()
+    wrapper.load_state_dict(dict(state, loss_scaler={'scale': 65536.0}))  # an AmpOptimWrapper's
+    with pytest.raises(ValueError, match='bfloat16'):
+        BF16OptimWrapper(optimizer=o2, dtype='float16')
 
 
 def test_write_result_is_atomic_json(tmp_path):
@@ -136,7 +228,7 @@ def test_bf16_training_also_tests_in_bf16(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     cfg = _vtab_cfg()
     set_precision(cfg)
-    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
+    assert cfg.optim_wrapper.type == 'BF16OptimWrapper'
     assert cfg.test_cfg == dict(type='AutocastTestLoop', dtype='bfloat16')
     cfg = _vtab_cfg()
     set_precision(cfg, fp32=True)  # the fp32 reference trains and tests in fp32
@@ -167,3 +259,15 @@ def test_autocast_test_loop_restores_the_autocast_dtype(monkeypatch):
     assert seen == [torch.bfloat16] and torch.get_autocast_dtype('cuda') == before
     with pytest.raises(ValueError, match='dtype must name'):
         AutocastTestLoop(None, None, None, dtype='int8')
+
+
+def test_vtab_optim_wrapper_builds_from_the_config():
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import DefaultScope
+    from memba_vision.engine import BF16OptimWrapper
+    cfg = _vtab_cfg()
+    model = torch.nn.Linear(4, 2)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    assert isinstance(wrapper, BF16OptimWrapper) and wrapper.cast_dtype == torch.bfloat16
+    assert wrapper.clip_grad_kwargs == dict(max_norm=5.0)

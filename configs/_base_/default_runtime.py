@@ -3,6 +3,9 @@ default_scope = 'mmpretrain'
 custom_imports = dict(imports=['memba_vision'], allow_failed_imports=False)
 
 default_hooks = dict(
+    # losses and the gradient norm are read back from the GPU every logger interval,
+    # not after every step (which would keep the host from preparing the next one)
+    runtime_info=dict(type='DeferredRuntimeInfoHook'),
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=10),           # loss, lr, ETA
     param_scheduler=dict(type='ParamSchedulerHook'),

@@ -28,28 +28,32 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
     return cfg
 
 
+_AUTOCAST_WRAPPERS = ('BF16OptimWrapper', 'AmpOptimWrapper')
+
+
 def set_precision(cfg: Config, amp: bool = False, fp32: bool = False) -> None:
     """bf16 autocast (``amp``), fp32 (``fp32``, or the config's autocast without CUDA).
 
-    The VTAB configs ask for bf16 autocast; mmengine's AmpOptimWrapper needs a
-    GPU, so on a CPU machine the config falls back to fp32 with a message. A run
-    that trains under bf16 autocast also tests under it (``AutocastTestLoop``),
-    unless the config names its own test loop.
+    The VTAB configs ask for bf16 autocast (``BF16OptimWrapper``); on a CPU machine
+    the config falls back to fp32 with a message. A run that trains under bf16
+    autocast also tests under it (``AutocastTestLoop``), unless the config names
+    its own test loop.
     """
     import torch
     if amp:
         if not torch.cuda.is_available():
             raise SystemExit('--amp needs a CUDA GPU (bf16 autocast); run without it on CPU')
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        if cfg.optim_wrapper.get('type') not in _AUTOCAST_WRAPPERS:
+            cfg.optim_wrapper.type = 'BF16OptimWrapper'
         cfg.optim_wrapper.dtype = 'bfloat16'
-    elif cfg.optim_wrapper.get('type') == 'AmpOptimWrapper' and \
+    elif cfg.optim_wrapper.get('type') in _AUTOCAST_WRAPPERS and \
             (fp32 or not torch.cuda.is_available()):
         if not fp32:
             print('no CUDA GPU: running in fp32 instead of the config\'s bf16 autocast')
         cfg.optim_wrapper.type = 'OptimWrapper'
         for key in ('dtype', 'loss_scale'):
             cfg.optim_wrapper.pop(key, None)
-    bf16 = cfg.optim_wrapper.get('type') == 'AmpOptimWrapper' and \
+    bf16 = cfg.optim_wrapper.get('type') in _AUTOCAST_WRAPPERS and \
         cfg.optim_wrapper.get('dtype') in ('bfloat16', torch.bfloat16)
     test_cfg = cfg.get('test_cfg') or {}
     if bf16 and 'type' not in test_cfg:

@@ -2,11 +2,13 @@
 # AdamW 1e-3, wd 1e-4, batch 32, 100 epochs (10 linear warm-up, cosine to 1e-5),
 # gradient clipping at 5. No decay on norms, biases, embeddings and SSM A/D.
 # bf16 autocast on a GPU (tools/train.py --fp32 for the fp32 reference; CPU runs
-# fall back to fp32 by themselves). Parameters with equal settings share one
-# parameter group (MergedParamGroupsConstructor), so AdamW launches few kernels.
+# fall back to fp32 by themselves), without loss scaling and without reading values
+# back to the host every step (BF16OptimWrapper). Parameters with equal settings
+# share one parameter group (MergedParamGroupsConstructor), so AdamW launches few
+# kernels.
 no_decay = dict(decay_mult=0.0)
 optim_wrapper = dict(
-    type='AmpOptimWrapper',
+    type='BF16OptimWrapper',
     constructor='MergedParamGroupsConstructor',
     dtype='bfloat16',
     optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4, eps=1e-8, betas=(0.9, 0.999)),

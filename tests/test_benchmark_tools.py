@@ -103,19 +103,24 @@ def test_concurrent_epoch_workers_meet_at_the_barrier(tmp_path):
 
 
 def test_concurrent_epochs_reports_a_failed_worker(tmp_path):
-    """One worker fails at once, the other would wait for it forever: the tool stops both."""
+    """The last of three workers to start fails at once, the others would wait for it
+    forever: the tool stops them all, whichever process the failed one is."""
     sys.path.insert(0, os.path.join(ROOT, 'tools'))
     import benchmark_sweep
     script = tmp_path / 'worker.py'
     script.write_text(
         'import os, sys, time\n'
         'folder = sys.argv[-1].split("=", 1)[1].rsplit(":", 1)[0]\n'
-        'try:\n'
-        '    os.close(os.open(os.path.join(folder, "first"), os.O_CREAT | os.O_EXCL))\n'
+        'for k in range(3):  # take the first free ticket\n'
+        '    try:\n'
+        '        os.close(os.open(os.path.join(folder, f"ticket{k}"), os.O_CREAT | os.O_EXCL))\n'
+        '        break\n'
+        '    except FileExistsError:\n'
+        '        pass\n'
+        'if k == 2:\n'
         '    print("boom"); sys.exit(3)\n'
-        'except FileExistsError:\n'
-        '    time.sleep(300)\n')
+        'time.sleep(300)\n')
     t0 = time.time()
     with pytest.raises(SystemExit, match='concurrent training worker failed'):
-        benchmark_sweep.concurrent_epochs([sys.executable, str(script)], 2)
+        benchmark_sweep.concurrent_epochs([sys.executable, str(script)], 3)
     assert time.time() - t0 < 60

@@ -164,8 +164,11 @@ def concurrent_epochs(worker_cmd, jobs):
     logs = [open(osp.join(barrier, f'worker_{i}.log'), 'w+') for i in range(jobs)]
     procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
              for log in logs]
-    while any(p.poll() is None for p in procs):  # a failed worker stops the others
-        if any(p.returncode not in (None, 0) for p in procs):
+    while True:  # a failed worker stops the others
+        codes = [p.poll() for p in procs]  # every worker polled, none skipped
+        if None not in codes:
+            break
+        if any(c not in (None, 0) for c in codes):
             for p in procs:
                 p.kill()
         time.sleep(0.1)

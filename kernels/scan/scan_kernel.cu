@@ -330,16 +330,30 @@ scan_bwd_kernel(const ScanParams p) {
 constexpr int kRun = 8;
 constexpr int kConvThreads = 128;
 
+// A conv thread's channel d, first token t0 and batch item b, with the channel's
+// weights and bias; ``load`` is false past the last channel.
+template <int W>
+struct ConvThread {
+  int d, t0, b;
+  float w[W], bias;
+  __device__ __forceinline__ bool load(const ConvParams& p) {
+    d = blockIdx.x * kConvThreads + threadIdx.x;
+    t0 = blockIdx.y * kRun;
+    b = blockIdx.z;
+    if (d >= p.dim) return false;
+#pragma unroll
+    for (int k = 0; k < W; ++k) w[k] = p.w[d * W + k];
+    bias = p.bias ? p.bias[d] : 0.f;
+    return true;
+  }
+};
+
 template <typename T, int W, bool kRev>
 __global__ void __launch_bounds__(kConvThreads)
 conv_fwd_kernel(const ConvParams p) {
-  const int d = blockIdx.x * kConvThreads + threadIdx.x;
-  const int t0 = blockIdx.y * kRun, b = blockIdx.z;
-  if (d >= p.dim) return;
-  float w[W];
-#pragma unroll
-  for (int k = 0; k < W; ++k) w[k] = p.w[d * W + k];
-  const float bias = p.bias ? p.bias[d] : 0.f;
+  ConvThread<W> c;
+  if (!c.load(p)) return;
+  const int d = c.d, t0 = c.t0, b = c.b;
   // xs[i] = x[tb + i], tb = t0 - (W-1) forward, t0 reversed
   const int tb = kRev ? t0 : t0 - (W - 1);
   float xs[kRun + W - 1];
@@ -353,9 +367,9 @@ conv_fwd_kernel(const ConvParams p) {
   for (int r = 0; r < kRun; ++r) {
     const int t = t0 + r;
     if (t < p.seqlen) {
-      float acc = bias;
+      float acc = c.bias;
 #pragma unroll
-      for (int k = 0; k < W; ++k) acc = fmaf(w[k], xs[kRev ? r + W - 1 - k : r + k], acc);
+      for (int k = 0; k < W; ++k) acc = fmaf(c.w[k], xs[kRev ? r + W - 1 - k : r + k], acc);
       if (p.silu) acc = acc * sigmoid(acc);
       out[b * p.o_sb + static_cast<int64_t>(t) * p.o_sl + d] = from_f<T>(acc);
     }
@@ -366,13 +380,9 @@ conv_fwd_kernel(const ConvParams p) {
 template <typename T, int W, bool kRev>
 __global__ void __launch_bounds__(kConvThreads)
 conv_bwd_kernel(const ConvParams p) {
-  const int d = blockIdx.x * kConvThreads + threadIdx.x;
-  const int t0 = blockIdx.y * kRun, b = blockIdx.z;
-  if (d >= p.dim) return;
-  float w[W];
-#pragma unroll
-  for (int k = 0; k < W; ++k) w[k] = p.w[d * W + k];
-  const float bias = p.bias ? p.bias[d] : 0.f;
+  ConvThread<W> c;
+  if (!c.load(p)) return;
+  const int d = c.d, t0 = c.t0, b = c.b;
   constexpr int kX = kRun + 2 * (W - 1);  // xs[i] = x[t0 - (W-1) + i]
   constexpr int kG = kRun + W - 1;        // gp[i] = g'[s], s = t0 + i (fwd), t0 - (W-1) + i (rev)
   float xs[kX], gp[kG];
@@ -386,10 +396,10 @@ conv_bwd_kernel(const ConvParams p) {
     const int s = kRev ? t0 - (W - 1) + i : t0 + i;
     float v = 0.f;
     if (s >= 0 && s < p.seqlen) {
-      float pre = bias;
+      float pre = c.bias;
       // forward: x[s - (W-1) + k] = xs[i + k]; reversed: x[s + (W-1) - k] = xs[i + (W-1) - k]
 #pragma unroll
-      for (int k = 0; k < W; ++k) pre = fmaf(w[k], xs[kRev ? i + W - 1 - k : i + k], pre);
+      for (int k = 0; k < W; ++k) pre = fmaf(c.w[k], xs[kRev ? i + W - 1 - k : i + k], pre);
       v = ld<T>(p.g, b * p.g_sb + static_cast<int64_t>(s) * p.g_sl + d);
       if (p.silu) {
         const float sg = sigmoid(pre);
@@ -406,7 +416,7 @@ conv_bwd_kernel(const ConvParams p) {
       float acc = 0.f;
       // forward: s = t + (W-1) - k -> i = r + (W-1) - k; reversed: s = t - (W-1) + k -> i = r + k
 #pragma unroll
-      for (int k = 0; k < W; ++k) acc = fmaf(w[k], gp[kRev ? r + k : r + W - 1 - k], acc);
+      for (int k = 0; k < W; ++k) acc = fmaf(c.w[k], gp[kRev ? r + k : r + W - 1 - k], acc);
       T* dst = out + b * p.o_sb + static_cast<int64_t>(t) * p.o_sl + d;
       *dst = from_f<T>(p.accum ? to_f<T>(*dst) + acc : acc);
     }

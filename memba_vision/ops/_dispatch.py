@@ -46,6 +46,14 @@ def load_extension(name: str) -> Tuple[Optional[object], str]:
         return None, f'memba_vision.{name} unavailable: {type(e).__name__}: {e}'.split('\n')[0]
 
 
+def require_loaded(loaded: Tuple[Optional[object], str]):
+    """The thing a ``(thing, why not)`` pair holds; RuntimeError with the reason when empty."""
+    thing, why = loaded
+    if thing is None:
+        raise RuntimeError(why)
+    return thing
+
+
 def extension_unavailable(loaded: Tuple[Optional[object], str]) -> str:
     """'' when a CUDA device is visible and ``loaded`` (a ``(thing, why not)`` pair) holds
     something, else why not."""

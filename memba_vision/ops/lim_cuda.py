@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._dispatch import extension_unavailable, load_extension
+from ._dispatch import extension_unavailable, load_extension, require_loaded
 
 __all__ = ['is_available', 'unavailable_reason', 'lim_cuda']
 
@@ -44,11 +44,8 @@ def unavailable_reason() -> str:
 
 def _get_op():
     global _op
-    op, why = _load()
-    if op is None:
-        raise RuntimeError(why)
-    _op = op
-    return op
+    _op = require_loaded(_load())
+    return _op
 
 
 def lim_cuda(x: Tensor, num_chunks: int = 4, leak: float = 0.5, threshold: float = 1.0,

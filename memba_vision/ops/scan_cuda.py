@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._dispatch import extension_unavailable, load_extension
+from ._dispatch import extension_unavailable, load_extension, require_loaded
 
 __all__ = ['is_available', 'unavailable_reason', 'extension', 'scan_tokens_cuda',
            'conv_tokens_cuda',
@@ -47,10 +47,7 @@ def unavailable_reason() -> str:
 
 def extension():
     """The loaded ``memba_vision._scan_cuda`` module (raises with the reason when unusable)."""
-    ext, why = _load()
-    if ext is None:
-        raise RuntimeError(why)
-    return ext
+    return require_loaded(_load())
 
 
 def unavailable_for(t: Tensor) -> str:

@@ -73,22 +73,28 @@ class VimMixer(nn.Module):
         self.out_proj = wrap_lora(out_proj, peft, 'out_proj')
         self.gate = build_gate(peft, d_inner, shared_proj=True)  # one W_in/W_out pair
 
+    def _direction(self, backward: bool) -> SSMDirection:
+        """The frozen SSM parameters of one scan direction (``_b`` for the backward one)."""
+        sfx = '_b' if backward else ''
+        conv, x_proj, dt_proj = (getattr(self, n + sfx) for n in ('conv1d', 'x_proj', 'dt_proj'))
+        A_log, D = (self.A_b_log, self.D_b) if backward else (self.A_log, self.D)
+        return SSMDirection(conv.weight.squeeze(1), conv.bias, x_proj.weight, dt_proj.weight,
+                            dt_proj.bias, -torch.exp(A_log.float()), D)
+
     def _ssm(self, x: Tensor, z: Optional[Tensor], gate, backward: bool) -> Tensor:
         """One scan direction on token-major x, z (B, L, D) -> y (B, L, D).
 
         The backward direction convolves anti-causally and scans from the last
         token to the first, which equals the official flip -> scan -> flip.
         """
-        sfx = '_b' if backward else ''
-        conv, x_proj, dt_proj = (getattr(self, n + sfx) for n in ('conv1d', 'x_proj', 'dt_proj'))
-        A_log, D = (self.A_b_log, self.D_b) if backward else (self.A_log, self.D)
-        x = causal_conv1d_tokens(x, conv.weight.squeeze(1), conv.bias, activation='silu',
+        p = self._direction(backward)
+        x = causal_conv1d_tokens(x, p.conv_weight, p.conv_bias, activation='silu',
                                  reverse=backward)
-        dt, B, C = x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        dt = F.linear(dt, dt_proj.weight)                               # bias in the scan
-        return selective_scan_tokens(x, dt, -torch.exp(A_log.float()), B, C, D, z=z,
-                                     delta_bias=dt_proj.bias, delta_softplus=True,
-                                     reverse=backward, gate=gate)
+        dt, B, C = F.linear(x, p.x_proj_weight).split(
+            [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, p.dt_proj_weight)                             # bias in the scan
+        return selective_scan_tokens(x, dt, p.A, B, C, p.D, z=z, delta_bias=p.dt_bias,
+                                     delta_softplus=True, reverse=backward, gate=gate)
 
     def _fused(self, xz: Tensor, membrane, kernels=None):
         """(y, new membrane) through ``ops.bidirectional_ssm``, or None where it does not apply.
@@ -99,11 +105,7 @@ class VimMixer(nn.Module):
         if (kernels is None and not xz.is_cuda) or \
                 (gate is not None and not (gate.shared_proj and gate.directions == 2)):
             return None
-        dirs = tuple(SSMDirection(conv.weight.squeeze(1), conv.bias, x_proj.weight,
-                                  dt_proj.weight, dt_proj.bias, -torch.exp(A_log.float()), D)
-                     for conv, x_proj, dt_proj, A_log, D in (
-                         (self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D),
-                         (self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b)))
+        dirs = (self._direction(False), self._direction(True))
         settings = weights = None
         if gate is not None:
             settings = MembaGateParams(gate.num_chunks, gate.leak, gate.threshold, gate.residual)

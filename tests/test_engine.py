@@ -145,6 +145,27 @@ def test_deferred_runtime_info_logs_the_same_values_in_batches():
         [10.0 + i for i in range(7)]
 
 
+def test_deferred_runtime_info_does_not_keep_the_steps_autograd_graph():
+    """A kept loss with its graph holds the step's activations (and, on a GPU, breaks
+    the next CUDA-graph capture with a stream mismatch)."""
+    import gc
+    import weakref
+
+    from memba_vision.engine import DeferredRuntimeInfoHook
+    runner = LoopRunner(iters_per_epoch=7, log_interval=3, optim_wrapper=object())
+    hook = DeferredRuntimeInfoHook()
+    hook._pending, hook._interval = [], 3
+    w = torch.ones(3, requires_grad=True)
+    activation = w * 2
+    alive = weakref.ref(activation)
+    loss = (activation * activation).sum()  # its graph saves the activation
+    hook.after_train_iter(runner, 0, outputs={'loss': loss})
+    del activation, loss
+    gc.collect()
+    assert len(hook._pending) == 1  # still waiting for the logger's iteration
+    assert alive() is None
+
+
 def test_bf16_wrapper_steps_like_autocast_clip_and_adamw_without_a_scaler():
     from memba_vision.engine import BF16OptimWrapper
 

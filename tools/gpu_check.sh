@@ -2,7 +2,8 @@
 # On a GPU machine with the dependencies installed: builds the CUDA extensions in place, runs the
 # GPU tests and the speed benchmarks, and keeps every log. Stages (default: all but the slow ones):
 #   tests   kernel and model tests against the references (tests/test_scan_tokens.py,
-#           tests/test_bidirectional_ssm.py, tests/test_gpu_parity.py, tests/test_cuda_graph.py)
+#           tests/test_bidirectional_ssm.py, tests/test_gpu_parity.py, tests/test_cuda_graph.py,
+#           tests/test_data_preprocessor.py)
 #   scan    one scan/conv call, memba_vision vs mamba-ssm (tools/benchmark_scan.py)
 #   bench   the Vim-S training step, LoRA vs Memba, with a profile (tools/benchmark.py); extra
 #           arguments go to it, e.g. --baseline "python third_party/baselines/official_vim_step.py third_party/vim"
@@ -24,7 +25,7 @@ MAX_JOBS=${MAX_JOBS:-16} MEMBA_CUDA_EXT=1 $PY setup.py build_ext --inplace > "$L
 echo "[gpu_check] build: $(( $(date +%s) - t0 )) s"
 if has tests; then
   $PY -m pytest tests/test_scan_tokens.py tests/test_bidirectional_ssm.py tests/test_gpu_parity.py \
-    tests/test_cuda_graph.py \
+    tests/test_cuda_graph.py tests/test_data_preprocessor.py \
     -q -s -p no:cacheprovider > "$LOGS/tests.log" 2>&1
   echo "[gpu_check] tests rc $?: $(tail -1 "$LOGS/tests.log")"
   grep -E "^.?(SCAN|PARITY)" "$LOGS/tests.log" | sed 's/^\.//' | tail -8

@@ -155,7 +155,9 @@ class DeferredRuntimeInfoHook(RuntimeInfoHook):
         self._interval = _logger_interval(runner)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        self._pending.extend((outputs or {}).items())
+        # detached: a kept loss would keep its step's autograd graph (and activations) alive
+        self._pending.extend((key, value.detach() if isinstance(value, torch.Tensor) else value)
+                             for key, value in (outputs or {}).items())
         grad_norm = getattr(runner.optim_wrapper, 'grad_norm', None)
         if isinstance(grad_norm, torch.Tensor):
             self._pending.append(('grad_norm', grad_norm))
@@ -173,5 +175,5 @@ class DeferredRuntimeInfoHook(RuntimeInfoHook):
         pending, self._pending = self._pending, []
         for key, value in pending:
             if isinstance(value, torch.Tensor):
-                value = value.detach().float().mean().item()
+                value = value.float().mean().item()
             runner.message_hub.update_scalar(f'train/{key}', value)

@@ -5,7 +5,7 @@ data_root = 'data/vtab-1k'
 image_size = 224
 
 data_preprocessor = dict(  # merged into the model by the Runner
-    type='ClsDataPreprocessor',
+    type='AsyncClsDataPreprocessor',  # ClsDataPreprocessor with non-blocking copies
     mean=[123.675, 116.28, 103.53],
     std=[58.395, 57.12, 57.375],
     to_rgb=True)
@@ -21,6 +21,7 @@ train_dataloader = dict(
     batch_size=32,
     num_workers=4,
     persistent_workers=True,
+    pin_memory=True,  # so that the preprocessor's copies to the GPU are asynchronous
     sampler=dict(type='DefaultSampler', shuffle=True),
     collate_fn=dict(type='default_collate'),
     # the 1,000 training images are decoded and resized once, then kept in memory
@@ -31,6 +32,7 @@ test_dataloader = dict(
     batch_size=64,
     num_workers=4,
     persistent_workers=False,
+    pin_memory=True,
     sampler=dict(type='DefaultSampler', shuffle=False),
     collate_fn=dict(type='default_collate'),
     dataset=dict(type='VTAB1k', data_root=data_root, task=None, split='test',

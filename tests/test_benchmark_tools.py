@@ -37,13 +37,13 @@ def test_benchmark_sweep_projection_adds_up():
     t32, t8 = map(float, re.search(r'training step: ([\d.]+) ms at batch 32 .*?, ([\d.]+) ms at '
                                    r'the last batch of 8', out).groups())
     ips = float(re.search(r'evaluation: (\d+) img/s', out)[1])
-    start, build, first = map(float, re.search(
-        r'\(train.py --test\) ([\d.]+) s, model build ([\d.]+) s, first step with graph '
-        r'capture ([\d.]+) s', out).groups())
+    build, first, start = map(float, re.search(
+        r'per task, model build ([\d.]+) s and first step with graph capture ([\d.]+) s; '
+        r'per slot, 1 process start \(tools/train.py --serve\) ([\d.]+) s', out).groups())
     projected = float(re.search(r'projected 19-task sweep on 1 GPU\(s\): ([\d.]+) min', out)[1])
     epoch = (31 * t32 + t8) / 1e3
-    want = sum(100 * epoch + t.num_test / ips + start + build + first
-               for t in VTAB1K_TASKS.values()) / 60
+    want = (start + sum(100 * epoch + t.num_test / ips + build + first
+                        for t in VTAB1K_TASKS.values())) / 60
     assert abs(projected - want) <= 0.02 * want + 0.1, (projected, want)
     assert len(re.findall(r'^\w+\s+\d+\s', out, re.M)) == 19  # one row per task
 
@@ -61,14 +61,14 @@ def test_sweep_slots_share_gpus_round_robin(tmp_path, monkeypatch):
     items = [(f'task{i}', 'cfg.py', [], str(tmp_path / f'task{i}')) for i in range(4)]
     seen = {}
 
-    def fake_run_step(self, cmd, env, log_file, task):
+    def fake_run_in_worker(self, slot, argv, env, log_file, task):
         seen[task] = env['CUDA_VISIBLE_DEVICES']
         time.sleep(0.2)  # long enough that every slot takes one task
         from memba_vision.engine.runner_utils import result_path
         open(result_path(os.path.dirname(log_file), task), 'w').write('{}')
         return 0
 
-    monkeypatch.setattr(sweep.Sweep, 'run_step', fake_run_step)
+    monkeypatch.setattr(sweep.Sweep, 'run_in_worker', fake_run_in_worker)
     s = sweep.Sweep(items, slots=4, mode='train', train_args=[], python=sys.executable, gpus=2)
     s.run()
     assert sorted(s.done) == [f'task{i}' for i in range(4)]

@@ -156,6 +156,43 @@ def test_sweep_trains_tests_tabulates_and_skips_finished_tasks(synthetic):
     assert proc.returncode != 0 and "unknown VTAB-1k task 'cifar10'" in proc.stderr
 
 
+def test_sweep_runs_a_slots_tasks_in_one_process_and_a_new_one_after_a_failure(
+        synthetic, tmp_path):
+    """One slot, three tasks in this order: dsprites_ori (no data) fails in the first
+    train.py --serve process; dsprites_loc and clevr_count share the second, and
+    clevr_count trains there exactly as in a process of its own."""
+    root, data, cfg = synthetic
+    data2 = tmp_path / 'data'
+    tool('tools/prepare_vtab1k.py', '--synthetic', '--out', str(data2), '--tasks', TASK,
+         'clevr_count', '--num-train', '64', '--num-val', '16', '--num-test', '32', '--size', '32')
+    opts = ['train_cfg.max_epochs=1', f'train_dataloader.dataset.data_root={data2}',
+            f'test_dataloader.dataset.data_root={data2}']
+    work = tmp_path / 'sweep'
+    proc = tool('tools/sweep.py', '--config', cfg, '--tasks', 'dsprites_ori', TASK, 'clevr_count',
+                '--work-root', str(work), '--cfg-options', *opts, check=False)
+    assert proc.returncode == 1 and '2 done, 0 skipped, 1 failed (dsprites_ori)' in proc.stdout
+
+    def server(task):
+        log = (work / task / 'sweep.log').read_text()
+        return re.search(r'--serve: process (\d+) runs', log)[1], log
+
+    (failed, log), (first, _), (second, _) = (server(t) for t in
+                                              ('dsprites_ori', TASK, 'clevr_count'))
+    assert failed != first == second
+    assert 'train800val200.txt not found' in log and 'SERVE_DONE' not in log
+    for task in (TASK, 'clevr_count'):
+        assert json.load(open(work / task / f'result_{task}.json'))['num_images'] == 32
+    # nothing of the first run leaks into the second: same weights as a fresh process
+    alone = tmp_path / 'alone'
+    tool('tools/train.py', cfg, '--work-dir', str(alone), '--cfg-options', *opts,
+         'train_dataloader.dataset.task=clevr_count', 'test_dataloader.dataset.task=clevr_count',
+         'model.head.num_classes=8', 'experiment.task=clevr_count')
+    served = torch.load(work / 'clevr_count' / 'epoch_1.pth', weights_only=True)['state_dict']
+    fresh = torch.load(alone / 'epoch_1.pth', weights_only=True)['state_dict']
+    assert served.keys() == fresh.keys()
+    assert all(torch.equal(served[k], fresh[k]) for k in fresh)
+
+
 def test_peft_run_saves_trainable_tensors_and_tests_from_them(synthetic, tmp_path):
     """With a pretrained backbone the checkpoint holds only LoRA, gates and head; test.py
     completes it from the pretrained file, and --resume continues from it."""

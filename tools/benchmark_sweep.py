@@ -7,12 +7,12 @@
 Costs measured here, with the VTAB settings (bf16 autocast for training and
 testing, CUDA graphs, generated 224x224 inputs): the training step at batch 32
 and at the last batch of an epoch
-(1,000 = 31 x 32 + 8), evaluation images/s at the test batch size, and the fixed
-cost of one task (one process start: tools/sweep.py trains and tests a task in
-one ``tools/train.py --test`` process; model build; graph capture). The sweep is then
-laid out as tools/sweep.py runs it (one task per GPU, longest test set first) over
-the real sizes: 1,000 training images x 100 epochs per task and the test sizes of
-the task table.
+(1,000 = 31 x 32 + 8), evaluation images/s at the test batch size, the fixed
+cost of one task (model build; graph capture) and a process start, which
+tools/sweep.py pays once per GPU slot (a slot trains and tests its tasks in one
+``tools/train.py --serve`` process). The sweep is then laid out as tools/sweep.py
+runs it (one task per slot, longest test set first) over the real sizes: 1,000
+training images x 100 epochs per task and the test sizes of the task table.
 
 With ``--data-root`` the tool also trains one task for three epochs through the
 real loop (``tools/train.py``'s Runner: data loading, hooks, logging, checkpoints)
@@ -252,9 +252,9 @@ def main():
           f'({TRAIN_BATCH / t32:.0f} img/s), {t_last * 1e3:.1f} ms at the last batch of '
           f'{TRAIN_IMAGES % TRAIN_BATCH}; bare epoch {epoch_bare:.2f} s')
     print(f'evaluation: {1 / t_eval_img:.0f} img/s at batch {TEST_BATCH}')
-    fixed = start_s + build_s + first_s  # tools/sweep.py runs train.py --test: one process
-    print(f'per task fixed: 1 process start (train.py --test) {start_s:.1f} s, model build '
-          f'{build_s:.1f} s, first step with graph capture {first_s:.1f} s')
+    fixed = build_s + first_s
+    print(f'fixed: per task, model build {build_s:.1f} s and first step with graph capture '
+          f'{first_s:.1f} s; per slot, 1 process start (tools/train.py --serve) {start_s:.1f} s')
     if args.data_root:
         with tempfile.TemporaryDirectory() as wd:
             epochs, interval, n = measured_epoch(args.backbone_method, args.data_root,
@@ -294,13 +294,13 @@ def main():
         durations.append(total)
         print(f'{name:<22} {task.num_test:>6} {fmt(train_s):>10} {fmt(test_s):>10} '
               f'{fmt(total):>10}')
-    serial = sum(durations)
-    wall = schedule(durations, args.gpus * args.jobs_per_gpu)
-    n_tasks = len(durations)
+    serial = sum(durations) + start_s
+    wall = schedule(durations, args.gpus * args.jobs_per_gpu) + start_s  # slots start together
+    fixed_all = fixed * len(durations) + start_s
     print(f'\nwhere the time goes (all tasks, one slot): training {fmt(tot_train)} '
           f'({100 * tot_train / serial:.0f}%), testing {fmt(tot_test)} '
-          f'({100 * tot_test / serial:.0f}%), fixed per-task costs {fmt(fixed * n_tasks)} '
-          f'({100 * fixed * n_tasks / serial:.0f}%)')
+          f'({100 * tot_test / serial:.0f}%), fixed costs {fmt(fixed_all)} '
+          f'({100 * fixed_all / serial:.0f}%)')
     jobs = f' with {args.jobs_per_gpu} tasks per GPU' if args.jobs_per_gpu > 1 else ''
     print(f'{args.backbone_method}: projected 19-task sweep on {args.gpus} GPU(s){jobs}: '
           f'{wall / 60:.1f} min')

@@ -1,7 +1,7 @@
 """Runs the 19 VTAB-1k tasks of one backbone/method on a node, one or more tasks per GPU.
 
     python tools/sweep.py vim_s_memba --gpus 8                  # train, then test, every task
-                                                                # (one process per task)
+                                                                # (one process per GPU slot)
     python tools/sweep.py vim_s_memba --gpus 1 --jobs-per-gpu 2 # two tasks share each GPU
     python tools/sweep.py vim_s_memba --gpus 8 --mode test      # test the trained ones
     python tools/sweep.py --config configs/demo/vim_tiny_memba_synthetic.py \
@@ -9,12 +9,17 @@
 
 (``bash tools/dist_train.sh --sweep vim_s_memba 8`` calls this.) Tasks come from a
 queue, longest first; each GPU slot takes the next task when its current one
-ends. With ``--jobs-per-gpu 2`` each GPU has two slots: one task's process start,
-data loading and host-side loop overhead then overlap the other's GPU work. A task whose result file exists is skipped; an interrupted task resumes
-from its last checkpoint. ``--cfg-options`` apply to training and testing; arguments after ``--`` go to
-tools/train.py only. At the
-end the result table is written to the sweep's work directory.
+ends. A slot trains and tests its tasks in one ``tools/train.py --serve`` process,
+started once (a failed task ends it, and the slot's next task gets a new one), so
+the sweep pays the start-up of Python, the stack and CUDA once per slot. With
+``--jobs-per-gpu 2`` each GPU has two slots: one task's set-up, data loading and
+host-side loop overhead then overlap the other's GPU work. A task whose result file
+exists is skipped; an interrupted task resumes from its last checkpoint.
+``--cfg-options`` apply to training and testing; arguments after ``--`` go to
+tools/train.py only. At the end the result table is written to the sweep's work
+directory.
 """
+import json
 import argparse
 import os
 import os.path as osp
@@ -72,6 +77,7 @@ class Sweep:
         self.lock = threading.Lock()
         self.done, self.failed, self.skipped, self.durations = [], [], [], []
         self.running = {}
+        self.workers = {}  # slot -> its tools/train.py --serve process
         self.start = time.time()
 
     def log(self, msg):
@@ -88,6 +94,11 @@ class Sweep:
             eta = f', ETA {time.strftime("%H:%M:%S", time.gmtime(per_task * remaining / self.slots))}'
         return f'{finished}/{n} finished, {len(self.running)} running{eta}'
 
+    def _echo(self, f, line, task):
+        f.write(line)
+        if self.verbose and _PROGRESS.search(line):
+            print(f'  [{task}] {line.split(" - mmengine - INFO - ")[-1]}', end='', flush=True)
+
     def run_step(self, cmd, env, log_file, task):
         """Runs one tool; its output goes to the task's log (and stdout with --verbose)."""
         with open(log_file, 'a') as f:
@@ -96,11 +107,41 @@ class Sweep:
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, cwd=ROOT, text=True)
             for line in proc.stdout:
-                f.write(line)
-                if self.verbose and _PROGRESS.search(line):
-                    print(f'  [{task}] {line.split(" - mmengine - INFO - ")[-1]}', end='',
-                          flush=True)
+                self._echo(f, line, task)
             return proc.wait()
+
+    def run_in_worker(self, slot, argv, env, log_file, task):
+        """Runs ``tools/train.py ARGV`` in the slot's --serve process (started when the
+        slot has none); returns the run's exit code. A failed run ends the process."""
+        proc = self.workers.get(slot)
+        if proc is None or proc.poll() is not None:
+            proc = self.workers[slot] = subprocess.Popen(
+                [self.python, 'tools/train.py', '--serve'], env=env, stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True)
+        from train import SERVE_DONE
+        with open(log_file, 'a') as f:
+            f.write(f'\n$ tools/train.py {" ".join(argv)}   (in process {proc.pid})\n')
+            f.flush()
+            try:
+                proc.stdin.write(json.dumps(argv) + '\n')
+                proc.stdin.flush()
+            except BrokenPipeError:
+                pass  # it died before reading: its output and exit code follow
+            for line in proc.stdout:
+                if line.startswith(SERVE_DONE):
+                    code = int(line.split()[1])
+                    if code:
+                        proc.wait()
+                    return code
+                self._echo(f, line, task)
+            return proc.wait() or 1  # the process ended without finishing the run
+
+    def close_workers(self):
+        for proc in self.workers.values():
+            if proc.poll() is None:
+                proc.stdin.close()
+                proc.wait()
+        self.workers.clear()
 
     def run_task(self, slot, item):
         task, cfg, opts, wd = item
@@ -119,10 +160,9 @@ class Sweep:
         opts = [*opts, *self.cfg_options]
         cfg_opts = ['--cfg-options', *opts] if opts else []
         ok = True
-        if self.mode == 'train':  # train, then test in the same process
-            cmd = [self.python, 'tools/train.py', cfg, '--work-dir', wd, '--resume', '--test',
-                   *self.train_args, *cfg_opts]
-            ok = self.run_step(cmd, env, log_file, task) == 0
+        if self.mode == 'train':  # train, then test, in the slot's train.py process
+            argv = [cfg, '--work-dir', wd, '--resume', '--test', *self.train_args, *cfg_opts]
+            ok = self.run_in_worker(slot, argv, env, log_file, task) == 0
             if ok and not osp.isfile(result_path(wd, task)):
                 ok = False
                 self.log(f'{task}: training ended without a result file in {wd}')
@@ -157,10 +197,13 @@ class Sweep:
                 self.run_task(slot, item)
 
         threads = [threading.Thread(target=worker, args=(s,)) for s in range(self.slots)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        try:
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            self.close_workers()
 
 
 def main():

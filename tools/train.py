@@ -5,23 +5,42 @@
     python tools/train.py CONFIG --fp32              # the fp32 reference instead of bf16 autocast
     python tools/train.py CONFIG --test              # then test the final model in this process
     python tools/train.py CONFIG --cfg-options model.backbone.cuda_graph=False   # eager backbone
+    python tools/train.py --serve    # one JSON argument list per stdin line, each run in turn
 
 The VTAB-1k configs train with bf16 autocast and CUDA-graph replay of the backbone
 on a GPU; on a machine without CUDA both fall back to eager fp32.
+
+``--serve`` is how tools/sweep.py runs its tasks: one process per GPU slot reads the
+argument list of one run per line (e.g. ``["CONFIG", "--work-dir", "W", "--test"]``),
+runs it, and prints ``SERVE_DONE <exit code>``, so that the sweep pays the start-up
+(importing the stack, CUDA initialisation) once per slot instead of once per task.
+After a failed run the process exits, so that the next run starts in a fresh one.
 """
 import argparse
+import gc
+import itertools
+import json
 import os
 import os.path as osp
 import sys
+import time
+import traceback
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
 
-def parse_args():
+SERVE_DONE = 'SERVE_DONE'  # the line ending each run's output with --serve
+_runs = itertools.count()
+
+
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description='Fine-tune a memba_vision model')
-    p.add_argument('config', help='config file')
+    p.add_argument('config', nargs='?', help='config file')
+    p.add_argument('--serve', action='store_true',
+                   help='read one JSON argument list per stdin line and run each in this '
+                        'process (tools/sweep.py uses it)')
     p.add_argument('--work-dir', help='where logs and checkpoints go '
                    '(default: the config\'s work_dir or work_dirs/<config name>)')
     p.add_argument('--resume', nargs='?', const='auto', default=None, metavar='CHECKPOINT',
@@ -38,18 +57,23 @@ def parse_args():
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if bool(args.config) == args.serve:
+        p.error('give a config, or --serve alone')
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 
 
-def main():
-    args = parse_args()
+def train(args, serving=False):
     from memba_vision.engine.runner_utils import (check_pretrained, check_task_data,
                                                   final_checkpoint, load_config, set_precision,
                                                   test_and_record)
     cfg = load_config(args.config, args.cfg_options, args.work_dir)
     cfg.launcher = args.launcher
+    if serving:  # mmengine keys its logger and message hub by this name: one per run
+        stem = osp.splitext(osp.basename(args.config))[0]
+        cfg.experiment_name = f'{stem}_{time.strftime("%Y%m%d_%H%M%S")}_{next(_runs)}'
+        print(f'tools/train.py --serve: process {os.getpid()} runs {args.config}', flush=True)
     set_precision(cfg, amp=args.amp, fp32=args.fp32)
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
@@ -71,6 +95,45 @@ def main():
     runner.logger.info(f'training finished; checkpoints in {runner.work_dir}')
     if args.test:
         test_and_record(runner, cfg, args.config, final_checkpoint(runner.work_dir))
+
+
+def serve():
+    """Runs the argument list of each stdin line in turn; returns the first failure's code."""
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        code = 0
+        try:
+            args = parse_args(json.loads(line))
+            if args.serve:
+                raise SystemExit('error: --serve inside --serve')
+            train(args, serving=True)
+        except SystemExit as e:  # argument and input errors, as a single run reports them
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr, flush=True)
+            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        except Exception:  # noqa: BLE001  (reported, then this process ends)
+            traceback.print_exc()
+            code = 1
+        gc.collect()  # the finished run's model, CUDA graphs and loaders
+        try:
+            import torch
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:
+            pass
+        sys.stderr.flush()
+        print(f'{SERVE_DONE} {code}', flush=True)
+        if code:
+            return code
+    return 0
+
+
+def main():
+    args = parse_args()
+    if args.serve:
+        sys.exit(serve())
+    train(args)
 
 
 if __name__ == '__main__':

@@ -19,8 +19,8 @@ exists is skipped; an interrupted task resumes from its last checkpoint.
 tools/train.py only. At the end the result table is written to the sweep's work
 directory.
 """
-import json
 import argparse
+import json
 import os
 import os.path as osp
 import queue

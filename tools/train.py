@@ -57,9 +57,12 @@ def parse_args(argv=None):
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
-    if bool(args.config) == args.serve:
-        p.error('give a config, or --serve alone')
+    if args.serve and argv != ['--serve']:
+        p.error('--serve takes no other arguments (they come on stdin, one run per line)')
+    if not args.serve and not args.config:
+        p.error('the config file is required')
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 

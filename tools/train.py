@@ -28,6 +28,7 @@ import traceback
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
 
 
@@ -119,12 +120,8 @@ def serve():
             traceback.print_exc()
             code = 1
         gc.collect()  # the finished run's model, CUDA graphs and loaders
-        try:
-            import torch
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         sys.stderr.flush()
         print(f'{SERVE_DONE} {code}', flush=True)
         if code:

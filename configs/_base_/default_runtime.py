@@ -10,9 +10,10 @@ default_hooks = dict(
     logger=dict(type='LoggerHook', interval=10),           # loss, lr, ETA
     param_scheduler=dict(type='ParamSchedulerHook'),
     # every 5 epochs (and the last): an interrupted run loses at most 5 epochs, about
-    # 20 s of a Vim-S task on one H100, while saving every epoch would add ~15% to
-    # the sweep (tools/benchmark_sweep.py). PEFT runs save only their trainable
-    # tensors (see PEFTCheckpointHook).
+    # 6 s of a Vim-S task on one H200, while saving every epoch would add about a fifth
+    # to the training time (a save took 0.25-0.36 s against a 1.2 s epoch there,
+    # tools/benchmark_sweep.py). PEFT runs save only their trainable tensors (see
+    # PEFTCheckpointHook).
     checkpoint=dict(type='CheckpointHook', interval=5, max_keep_ckpts=1, save_last=True),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='VisualizationHook', enable=False),

@@ -61,7 +61,8 @@ def test_sweep_slots_share_gpus_round_robin(tmp_path, monkeypatch):
     items = [(f'task{i}', 'cfg.py', [], str(tmp_path / f'task{i}')) for i in range(4)]
     seen = {}
 
-    def fake_run_in_worker(self, slot, argv, env, log_file, task):
+    def fake_run_in_worker(self, slot, tool, argv, env, log_file, task):
+        assert tool == 'train.py'
         seen[task] = env['CUDA_VISIBLE_DEVICES']
         time.sleep(0.2)  # long enough that every slot takes one task
         from memba_vision.engine.runner_utils import result_path

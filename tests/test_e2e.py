@@ -119,6 +119,9 @@ def test_tools_report_bad_input_in_one_line(synthetic, tmp_path):
                                                          'vim_s_memba_dtd.py'),
                               '--work-dir', str(tmp_path / 'w3'), check=False))
     assert 'huggingface.co/hustvl/Vim-small-midclstok' in err
+    for args in (('tools/train.py', 'none.py'), ('tools/test.py', 'none.py', cfg)):
+        err = one_line_error(tool(*args, check=False))
+        assert 'config file not found: none.py' in err
 
 
 def test_failed_test_run_writes_no_result(synthetic, tmp_path):
@@ -191,6 +194,20 @@ def test_sweep_runs_a_slots_tasks_in_one_process_and_a_new_one_after_a_failure(
     fresh = torch.load(alone / 'epoch_1.pth', weights_only=True)['state_dict']
     assert served.keys() == fresh.keys()
     assert all(torch.equal(served[k], fresh[k]) for k in fresh)
+    # --mode test: both tasks in one tools/test.py --serve process, each with the top-1
+    # that training's own test gave (the 8-class head after the 16-class one)
+    trained = {t: json.load(open(work / t / f'result_{t}.json'))['top1']
+               for t in (TASK, 'clevr_count')}
+    for t in trained:
+        (work / t / f'result_{t}.json').unlink()
+    proc = tool('tools/sweep.py', '--config', cfg, '--tasks', TASK, 'clevr_count', '--mode',
+                'test', '--work-root', str(work), '--cfg-options', *opts)
+    assert '2 done, 0 skipped, 0 failed' in proc.stdout
+    testers = [re.findall(r'tools/test.py --serve: process (\d+) runs',
+                          (work / t / 'sweep.log').read_text()) for t in trained]
+    assert len(testers[0]) == 1 and testers[0] == testers[1]
+    for t, top1 in trained.items():
+        assert json.load(open(work / t / f'result_{t}.json'))['top1'] == top1
 
 
 def test_peft_run_saves_trainable_tensors_and_tests_from_them(synthetic, tmp_path):

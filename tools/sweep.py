@@ -9,9 +9,10 @@
 
 (``bash tools/dist_train.sh --sweep vim_s_memba 8`` calls this.) Tasks come from a
 queue, longest first; each GPU slot takes the next task when its current one
-ends. A slot trains and tests its tasks in one ``tools/train.py --serve`` process,
-started once (a failed task ends it, and the slot's next task gets a new one), so
-the sweep pays the start-up of Python, the stack and CUDA once per slot. With
+ends. A slot trains and tests its tasks in one ``tools/train.py --serve`` process
+(``--mode test``: one ``tools/test.py --serve`` process), started once (a failed
+task ends it, and the slot's next task gets a new one), so the sweep pays the
+start-up of Python, the stack and CUDA once per slot. With
 ``--jobs-per-gpu 2`` each GPU has two slots: one task's set-up, data loading and
 host-side loop overhead then overlap the other's GPU work. A task whose result file
 exists is skipped; an interrupted task resumes from its last checkpoint.
@@ -77,7 +78,7 @@ class Sweep:
         self.lock = threading.Lock()
         self.done, self.failed, self.skipped, self.durations = [], [], [], []
         self.running = {}
-        self.workers = {}  # slot -> its tools/train.py --serve process
+        self.workers = {}  # (slot, tool) -> the slot's tools/<tool> --serve process
         self.start = time.time()
 
     def log(self, msg):
@@ -99,28 +100,18 @@ class Sweep:
         if self.verbose and _PROGRESS.search(line):
             print(f'  [{task}] {line.split(" - mmengine - INFO - ")[-1]}', end='', flush=True)
 
-    def run_step(self, cmd, env, log_file, task):
-        """Runs one tool; its output goes to the task's log (and stdout with --verbose)."""
-        with open(log_file, 'a') as f:
-            f.write(f'\n$ {" ".join(cmd)}\n')
-            f.flush()
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, cwd=ROOT, text=True)
-            for line in proc.stdout:
-                self._echo(f, line, task)
-            return proc.wait()
-
-    def run_in_worker(self, slot, argv, env, log_file, task):
-        """Runs ``tools/train.py ARGV`` in the slot's --serve process (started when the
-        slot has none); returns the run's exit code. A failed run ends the process."""
-        proc = self.workers.get(slot)
+    def run_in_worker(self, slot, tool, argv, env, log_file, task):
+        """Runs ``tools/TOOL ARGV`` (train.py or test.py) in the slot's --serve process of
+        that tool (started when the slot has none); returns the run's exit code. A failed
+        run ends the process."""
+        proc = self.workers.get((slot, tool))
         if proc is None or proc.poll() is not None:
-            proc = self.workers[slot] = subprocess.Popen(
-                [self.python, 'tools/train.py', '--serve'], env=env, stdin=subprocess.PIPE,
+            proc = self.workers[slot, tool] = subprocess.Popen(
+                [self.python, f'tools/{tool}', '--serve'], env=env, stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True)
-        from train import SERVE_DONE
+        from memba_vision.engine.serving import SERVE_DONE
         with open(log_file, 'a') as f:
-            f.write(f'\n$ tools/train.py {" ".join(argv)}   (in process {proc.pid})\n')
+            f.write(f'\n$ tools/{tool} {" ".join(argv)}   (in process {proc.pid})\n')
             f.flush()
             try:
                 proc.stdin.write(json.dumps(argv) + '\n')
@@ -162,7 +153,7 @@ class Sweep:
         ok = True
         if self.mode == 'train':  # train, then test, in the slot's train.py process
             argv = [cfg, '--work-dir', wd, '--resume', '--test', *self.train_args, *cfg_opts]
-            ok = self.run_in_worker(slot, argv, env, log_file, task) == 0
+            ok = self.run_in_worker(slot, 'train.py', argv, env, log_file, task) == 0
             if ok and not osp.isfile(result_path(wd, task)):
                 ok = False
                 self.log(f'{task}: training ended without a result file in {wd}')
@@ -171,9 +162,9 @@ class Sweep:
             if ckpt is None:
                 ok = False
                 self.log(f'{task}: no checkpoint in {wd}')
-            else:
-                cmd = [self.python, 'tools/test.py', cfg, ckpt, '--work-dir', wd, *cfg_opts]
-                ok = self.run_step(cmd, env, log_file, task) == 0
+            else:  # in the slot's test.py process
+                argv = [cfg, ckpt, '--work-dir', wd, *cfg_opts]
+                ok = self.run_in_worker(slot, 'test.py', argv, env, log_file, task) == 0
         del self.running[task]
         if ok:
             self.durations.append(time.time() - t0)

@@ -2,9 +2,12 @@
 
     python tools/test.py configs/vtab1k/vim_s_memba_caltech101.py \
         work_dirs/vtab1k/vim_s_memba/caltech101/epoch_100.pth
+    python tools/test.py --serve    # one JSON argument list per stdin line, each run in turn
 
 The result file holds task, top-1 (%), number of test images, config and
 checkpoint; ``tools/vtab_table.py WORK_DIR`` collects them into the VTAB-1k table.
+``--serve`` is how ``tools/sweep.py --mode test`` tests its tasks, one process per GPU
+slot (``memba_vision.engine.serving``).
 """
 import argparse
 import os
@@ -16,11 +19,14 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.config import DictAction  # noqa: E402
 
 
-def parse_args():
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description='Test a memba_vision checkpoint')
-    p.add_argument('config', help='config file')
-    p.add_argument('checkpoint', help='checkpoint file (trainable-only PEFT checkpoints '
-                   'are completed from the pretrained backbone)')
+    p.add_argument('config', nargs='?', help='config file')
+    p.add_argument('checkpoint', nargs='?', help='checkpoint file (trainable-only PEFT '
+                   'checkpoints are completed from the pretrained backbone)')
+    p.add_argument('--serve', action='store_true',
+                   help='read one JSON argument list per stdin line and run each in this '
+                        'process (tools/sweep.py --mode test uses it)')
     p.add_argument('--work-dir', help='where the result file goes (default: the config\'s '
                    'work_dir or work_dirs/<config name>)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys')
@@ -28,17 +34,27 @@ def parse_args():
                    help='test in fp32 even where the config trains under bf16 autocast')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = p.parse_args()
+    argv = sys.argv[1:] if argv is None else argv
+    args = p.parse_args(argv)
+    if args.serve and argv != ['--serve']:
+        p.error('--serve takes no other arguments (they come on stdin, one run per line)')
+    if not args.serve and not (args.config and args.checkpoint):
+        p.error('the config and checkpoint files are required')
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
 
 
-def main():
-    args = parse_args()
+def test(args, serving=False):
     from memba_vision.engine.runner_utils import (check_pretrained, check_task_data,
                                                   load_config, set_precision, test_and_record)
-    cfg = load_config(args.config, args.cfg_options, args.work_dir)
+    try:
+        cfg = load_config(args.config, args.cfg_options, args.work_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f'error: {e}')
     cfg.launcher = args.launcher
+    if serving:
+        from memba_vision.engine.serving import served_experiment_name
+        cfg.experiment_name = served_experiment_name(args.config, 'tools/test.py')
     set_precision(cfg, fp32=args.fp32)  # the precision the config trains in
     if not osp.isfile(args.checkpoint):
         raise SystemExit(f'error: checkpoint {args.checkpoint} not found')
@@ -52,6 +68,14 @@ def main():
     from mmengine.runner import Runner
     runner = Runner.from_cfg(cfg)
     test_and_record(runner, cfg, args.config, args.checkpoint)
+
+
+def main():
+    args = parse_args()
+    if args.serve:
+        from memba_vision.engine.serving import serve
+        sys.exit(serve(parse_args, lambda a: test(a, serving=True)))
+    test(args)
 
 
 if __name__ == '__main__':

@@ -12,28 +12,16 @@ on a GPU; on a machine without CUDA both fall back to eager fp32.
 
 ``--serve`` is how tools/sweep.py runs its tasks: one process per GPU slot reads the
 argument list of one run per line (e.g. ``["CONFIG", "--work-dir", "W", "--test"]``),
-runs it, and prints ``SERVE_DONE <exit code>``, so that the sweep pays the start-up
-(importing the stack, CUDA initialisation) once per slot instead of once per task.
-After a failed run the process exits, so that the next run starts in a fresh one.
+runs it, and prints ``SERVE_DONE <exit code>`` (``memba_vision.engine.serving``).
 """
 import argparse
-import gc
-import itertools
-import json
 import os
 import os.path as osp
 import sys
-import time
-import traceback
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-import torch  # noqa: E402
 from mmengine.config import DictAction  # noqa: E402
-
-
-SERVE_DONE = 'SERVE_DONE'  # the line ending each run's output with --serve
-_runs = itertools.count()
 
 
 def parse_args(argv=None):
@@ -72,12 +60,14 @@ def train(args, serving=False):
     from memba_vision.engine.runner_utils import (check_pretrained, check_task_data,
                                                   final_checkpoint, load_config, set_precision,
                                                   test_and_record)
-    cfg = load_config(args.config, args.cfg_options, args.work_dir)
+    try:
+        cfg = load_config(args.config, args.cfg_options, args.work_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f'error: {e}')
     cfg.launcher = args.launcher
-    if serving:  # mmengine keys its logger and message hub by this name: one per run
-        stem = osp.splitext(osp.basename(args.config))[0]
-        cfg.experiment_name = f'{stem}_{time.strftime("%Y%m%d_%H%M%S")}_{next(_runs)}'
-        print(f'tools/train.py --serve: process {os.getpid()} runs {args.config}', flush=True)
+    if serving:
+        from memba_vision.engine.serving import served_experiment_name
+        cfg.experiment_name = served_experiment_name(args.config, 'tools/train.py')
     set_precision(cfg, amp=args.amp, fp32=args.fp32)
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
@@ -101,38 +91,11 @@ def train(args, serving=False):
         test_and_record(runner, cfg, args.config, final_checkpoint(runner.work_dir))
 
 
-def serve():
-    """Runs the argument list of each stdin line in turn; returns the first failure's code."""
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        code = 0
-        try:
-            args = parse_args(json.loads(line))
-            if args.serve:
-                raise SystemExit('error: --serve inside --serve')
-            train(args, serving=True)
-        except SystemExit as e:  # argument and input errors, as a single run reports them
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr, flush=True)
-            code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-        except Exception:  # noqa: BLE001  (reported, then this process ends)
-            traceback.print_exc()
-            code = 1
-        gc.collect()  # the finished run's model, CUDA graphs and loaders
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        sys.stderr.flush()
-        print(f'{SERVE_DONE} {code}', flush=True)
-        if code:
-            return code
-    return 0
-
-
 def main():
     args = parse_args()
     if args.serve:
-        sys.exit(serve())
+        from memba_vision.engine.serving import serve
+        sys.exit(serve(parse_args, lambda a: train(a, serving=True)))
     train(args)
 
 

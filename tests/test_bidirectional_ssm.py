@@ -163,6 +163,9 @@ def test_extension_outputs_match_the_reference_kernels(dtype, tol):
                 assert rel(a, b) < tol
             assert rel(dz_got, dz_want) < tol and rel(dbc_got, dbc_want) < tol
             assert torch.equal(dz_got[..., :D], xz[..., :D])  # the other half untouched
+    with pytest.raises(RuntimeError, match="dBC_out must be"):  # neither fp32 nor u's dtype
+        ext.scan_bwd(x, delta, A, Bm, Cm, Dv, z, bias, None, None, dout, True, False,
+                     dBC_out=torch.zeros(Bsz, L, 32, device='cuda', dtype=torch.float64))
     w, cb = torch.randn(D, 4, device='cuda', generator=g), torch.randn(D, device='cuda', generator=g)
     for reverse in (False, True):
         got, want = xz.clone(), xz.clone()

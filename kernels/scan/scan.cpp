@@ -15,7 +15,7 @@
 // ``dz_out`` / conv ``out`` may be strided (B, L, D) views (e.g. a half of a
 // (B, L, 2D) gradient) and are added to with ``accumulate``; y is stored times
 // ``out_scale`` and the backward reads ``dout_scale * dout``; ``dBC_out`` (B, L, 2N),
-// any dtype and strides, receives dB | dC. The LIM pair works on x (B, L, R) and
+// fp32 or u's dtype with a contiguous last axis, receives dB | dC. The LIM pair works on x (B, L, R) and
 // returns both directions stacked: out and grad_x (2, B, L, R), u_mean (2, B, l, R).
 //
 // u, delta, z, dout, x, grad_y: (B, L, D) with the channel axis contiguous;
@@ -161,9 +161,12 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
   if (present(dBC_out)) {
     TORCH_CHECK(dBC_out->device() == u.device() && dBC_out->dim() == 3 &&
                     dBC_out->size(0) == u.size(0) && dBC_out->size(1) == u.size(1) &&
-                    dBC_out->size(2) == 2 * kStates,
-                "memba_vision scan: dBC_out must be (B, L, ", 2 * kStates, "), got ",
-                dBC_out->sizes());
+                    dBC_out->size(2) == 2 * kStates && dBC_out->stride(2) == 1 &&
+                    (dBC_out->scalar_type() == at::kFloat ||
+                     dBC_out->scalar_type() == u.scalar_type()),
+                "memba_vision scan: dBC_out must be (B, L, ", 2 * kStates,
+                ") with a contiguous last axis, fp32 or ", u.scalar_type(), ", got ",
+                dBC_out->sizes(), " ", dBC_out->scalar_type());
   }
   const c10::cuda::CUDAGuard guard(u.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -171,6 +174,11 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
   const int64_t nblocks = (u.size(2) + scan_channels_per_block() - 1) / scan_channels_per_block();
   at::Tensor ckpt = at::empty({u.size(0), p.nchunks, u.size(2), kStates}, f32);
   at::Tensor dbc = at::empty({u.size(0), nblocks, u.size(1), 2 * kStates}, f32);
+  at::Tensor dbc_sum = present(dBC_out) ? *dBC_out : at::empty({u.size(0), u.size(1), 2 * kStates}, f32);
+  p.dbc_out = dbc_sum.data_ptr();
+  p.dbc_out_sb = dbc_sum.stride(0);
+  p.dbc_out_sl = dbc_sum.stride(1);
+  p.dbc_out_f32 = dbc_sum.scalar_type() == at::kFloat;
   at::Tensor du = at::empty(u.sizes(), u.options());
   at::Tensor ddelta = at::empty(u.sizes(), u.options());
   OptTensor dz;
@@ -187,13 +195,6 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
   p.dbc = dbc.data_ptr<float>();
   check_cuda(scan_forward(p, dtype_of(u), true, stream), "scan_bwd (state checkpoints)");
   check_cuda(scan_backward(p, dtype_of(u), stream), "scan_bwd");
-  at::Tensor dbc_sum;  // (B, L, 2N)
-  if (present(dBC_out)) {
-    dbc_sum = *dBC_out;
-    at::sum_out(dbc_sum, dbc, {1});
-  } else {
-    dbc_sum = nblocks == 1 ? dbc.select(1, 0) : dbc.sum(1);
-  }
   return {du, ddelta, dz, dbc_sum.narrow(2, 0, kStates), dbc_sum.narrow(2, kStates, kStates)};
 }
 

@@ -17,7 +17,8 @@
 // runs backwards. dB[s] and dC[s] are sums over channels: 7 shuffles reduce a
 // warp's 8 channels (each lane ends with one of the 32 sums), shared memory the
 // block's 8 warps, and each block writes its partial sums (no atomics, so the
-// result is deterministic); the caller adds the blocks' partials.
+// result is deterministic); a second kernel adds the blocks' partials in a fixed
+// order and stores them in the caller's layout and dtype.
 #include "scan_kernel.h"
 
 #include <cuda_bf16.h>
@@ -321,6 +322,21 @@ scan_bwd_kernel(const ScanParams p) {
   }
 }
 
+// Sums the blocks' dB | dC partials into dbc_out: a thread per (b, t, column).
+template <typename TO>
+__global__ void __launch_bounds__(256) reduce_partials_kernel(const ScanParams p, int nblocks) {
+  constexpr int w = 2 * kStates;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  if (i >= static_cast<int64_t>(p.batch) * p.seqlen * w) return;
+  const int q = static_cast<int>(i % w);
+  const int64_t bt = i / w;
+  const int t = static_cast<int>(bt % p.seqlen), b = static_cast<int>(bt / p.seqlen);
+  const float* src = p.dbc + (static_cast<int64_t>(b) * nblocks * p.seqlen + t) * w + q;
+  float s = 0.f;
+  for (int k = 0; k < nblocks; ++k) s += src[static_cast<int64_t>(k) * p.seqlen * w];
+  static_cast<TO*>(p.dbc_out)[b * p.dbc_out_sb + t * p.dbc_out_sl + q] = from_f<TO>(s);
+}
+
 // ------------------------------------------------------------------ conv
 // Depthwise conv of width W along L, per channel: forward direction
 //   pre[t] = bias + sum_k w[k] x[t - (W-1) + k]      (causal)
@@ -444,7 +460,12 @@ template <typename T> struct ScanFwd {
 };
 template <typename T> struct ScanBwd {
   static cudaError_t run(const ScanParams& p, cudaStream_t s) {
-    scan_bwd_kernel<T><<<scan_grid(p), kThreads, 0, s>>>(p);
+    const dim3 grid = scan_grid(p);
+    scan_bwd_kernel<T><<<grid, kThreads, 0, s>>>(p);
+    const int64_t n = static_cast<int64_t>(p.batch) * p.seqlen * 2 * kStates;
+    const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
+    if (p.dbc_out_f32) reduce_partials_kernel<float><<<blocks, 256, 0, s>>>(p, grid.x);
+    else reduce_partials_kernel<T><<<blocks, 256, 0, s>>>(p, grid.x);
     return cudaGetLastError();
   }
 };

@@ -43,6 +43,9 @@ struct ScanParams {
   int64_t dz_sb, dz_sl;
   bool dz_accum;
   float *dbc;         // (B, nblocks, L, 2N): per-block partial sums of dB | dC
+  void *dbc_out;      // (B, L, 2N) with strides dbc_out_sb, dbc_out_sl: dB | dC summed
+  int64_t dbc_out_sb, dbc_out_sl;
+  bool dbc_out_f32;   // dbc_out is fp32 (else u's dtype)
 };
 
 // Steps per chunk and channels per block, fixed by the kernels.
@@ -51,7 +54,8 @@ int scan_channels_per_block();
 
 // y = scan (out); with ckpt set, also the chunk-start states. ckpt_only skips y.
 cudaError_t scan_forward(const ScanParams& p, DType dtype, bool ckpt_only, cudaStream_t stream);
-// du, ddelta, dz and the dB/dC partials; needs ckpt from scan_forward.
+// du, ddelta, dz and dB | dC into dbc_out; needs ckpt from scan_forward and the dbc
+// buffer for the per-block partials, which a second kernel sums.
 cudaError_t scan_backward(const ScanParams& p, DType dtype, cudaStream_t stream);
 
 struct ConvParams {

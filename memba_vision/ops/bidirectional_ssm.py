@@ -55,6 +55,46 @@ class MembaGateParams(NamedTuple):
     residual: bool
 
 
+_side_streams = {}
+
+
+class _SideStream:
+    """Work issued inside ``with`` runs on a second CUDA stream, after everything
+    already issued on the current one; ``join()`` makes the current stream wait
+    for it. The gate's LIM runs there, beside direction 0's conv and projections,
+    and under CUDA-graph capture the two become parallel branches. (Matrix
+    products stay on the current stream: cuBLAS keeps a workspace per stream.)
+
+    Every side section starts by waiting for the current stream, so memory the
+    caching allocator hands between the streams is never in use by both. On the
+    CPU (the reference kernels) both are no-ops.
+    """
+
+    def __init__(self, ref: Tensor):
+        self.main = self.side = self._ctx = None
+        if ref.is_cuda:
+            self.main = torch.cuda.current_stream(ref.device)
+            self.side = _side_streams.get(ref.device.index)
+            if self.side is None:
+                self.side = _side_streams[ref.device.index] = torch.cuda.Stream(ref.device)
+            self.side.wait_stream(self.main)
+
+    def __enter__(self):
+        if self.side is not None:
+            self._ctx = torch.cuda.stream(self.side)
+            self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._ctx is not None:
+            self._ctx.__exit__(*exc)
+        return False
+
+    def join(self) -> None:
+        if self.side is not None:
+            self.main.wait_stream(self.side)
+
+
 def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b with an fp32 (or fp64) result: one kernel on CUDA for half-precision inputs."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
@@ -77,12 +117,13 @@ class _BidirectionalSSM(torch.autograd.Function):
         D = D2 // 2
         dt = xz.dtype
         x, z = xz[..., :D], xz[..., D:]
-        S = u_mean = w_in_lp = v = None
+        S = u_mean = w_in_lp = v = side = None
         if gate is not None:
             w_in_lp = w_in.to(dt)
             v = torch.matmul(z, w_in_lp.t())                                # (B, L, R)
-            S, u_mean = kernels.lim_pair_fwd(v, u_prev_f, u_prev_b, gate.num_chunks,
-                                             gate.leak, gate.threshold)     # (2, B, L, R)
+            with _SideStream(xz) as side:
+                S, u_mean = kernels.lim_pair_fwd(v, u_prev_f, u_prev_b, gate.num_chunks,
+                                                 gate.leak, gate.threshold)  # (2, B, L, R)
         z_scan = z if gate is None or gate.residual else None
         y = torch.empty(Bsz, L, D, dtype=dt, device=xz.device)
         saved = []
@@ -93,6 +134,8 @@ class _BidirectionalSSM(torch.autograd.Function):
             xdbl = torch.matmul(u, wx.t())                                 # (B, L, R_dt + 2N)
             delta = torch.matmul(xdbl[..., :rank], wdt.t())                # (B, L, D)
             Bm, Cm = xdbl[..., rank:].chunk(2, dim=-1)
+            if d == 0 and side is not None:
+                side.join()
             kernels.scan_fwd(u, delta, p.A, Bm, Cm, p.D, z_scan, p.dt_bias,
                              None if S is None else S[d], w_out, True, bool(d),
                              out=y, out_scale=0.5, accumulate=bool(d))

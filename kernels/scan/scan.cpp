@@ -15,8 +15,9 @@
 // ``dz_out`` / conv ``out`` may be strided (B, L, D) views (e.g. a half of a
 // (B, L, 2D) gradient) and are added to with ``accumulate``; y is stored times
 // ``out_scale`` and the backward reads ``dout_scale * dout``; ``dBC_out`` (B, L, 2N),
-// fp32 or u's dtype with a contiguous last axis, receives dB | dC. The LIM pair works on x (B, L, R) and
-// returns both directions stacked: out and grad_x (2, B, L, R), u_mean (2, B, l, R).
+// fp32 or u's dtype with a contiguous last axis, receives dB | dC. The LIM pair works
+// on x (B, L, R) and returns both directions stacked: out and grad_x (2, B, L, R),
+// u_mean (2, B, l, R).
 //
 // u, delta, z, dout, x, grad_y: (B, L, D) with the channel axis contiguous;
 // B, C: (B, L, 16) and the gate spikes S: (B, L, 16), state axis contiguous (slices
@@ -174,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
   const int64_t nblocks = (u.size(2) + scan_channels_per_block() - 1) / scan_channels_per_block();
   at::Tensor ckpt = at::empty({u.size(0), p.nchunks, u.size(2), kStates}, f32);
   at::Tensor dbc = at::empty({u.size(0), nblocks, u.size(1), 2 * kStates}, f32);
-  at::Tensor dbc_sum = present(dBC_out) ? *dBC_out : at::empty({u.size(0), u.size(1), 2 * kStates}, f32);
+  at::Tensor dbc_sum =
+      present(dBC_out) ? *dBC_out : at::empty({u.size(0), u.size(1), 2 * kStates}, f32);
   p.dbc_out = dbc_sum.data_ptr();
   p.dbc_out_sb = dbc_sum.stride(0);
   p.dbc_out_sl = dbc_sum.stride(1);

@@ -323,10 +323,13 @@ scan_bwd_kernel(const ScanParams p) {
 }
 
 // Sums the blocks' dB | dC partials into dbc_out: a thread per (b, t, column).
+constexpr int kReduceThreads = 256;
+
 template <typename TO>
-__global__ void __launch_bounds__(256) reduce_partials_kernel(const ScanParams p, int nblocks) {
+__global__ void __launch_bounds__(kReduceThreads)
+reduce_partials_kernel(const ScanParams p, int nblocks) {
   constexpr int w = 2 * kStates;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * 256 + threadIdx.x;
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x;
   if (i >= static_cast<int64_t>(p.batch) * p.seqlen * w) return;
   const int q = static_cast<int>(i % w);
   const int64_t bt = i / w;
@@ -463,9 +466,9 @@ template <typename T> struct ScanBwd {
     const dim3 grid = scan_grid(p);
     scan_bwd_kernel<T><<<grid, kThreads, 0, s>>>(p);
     const int64_t n = static_cast<int64_t>(p.batch) * p.seqlen * 2 * kStates;
-    const unsigned blocks = static_cast<unsigned>((n + 255) / 256);
-    if (p.dbc_out_f32) reduce_partials_kernel<float><<<blocks, 256, 0, s>>>(p, grid.x);
-    else reduce_partials_kernel<T><<<blocks, 256, 0, s>>>(p, grid.x);
+    const unsigned blocks = static_cast<unsigned>((n + kReduceThreads - 1) / kReduceThreads);
+    if (p.dbc_out_f32) reduce_partials_kernel<float><<<blocks, kReduceThreads, 0, s>>>(p, grid.x);
+    else reduce_partials_kernel<T><<<blocks, kReduceThreads, 0, s>>>(p, grid.x);
     return cudaGetLastError();
   }
 };

@@ -119,6 +119,12 @@ def test_tools_report_bad_input_in_one_line(synthetic, tmp_path):
                                                          'vim_s_memba_dtd.py'),
                               '--work-dir', str(tmp_path / 'w3'), check=False))
     assert 'huggingface.co/hustvl/Vim-small-midclstok' in err
+    gone = tmp_path / 'w4'
+    gone.mkdir()
+    (gone / 'last_checkpoint').write_text(str(gone / 'epoch_5.pth'))
+    err = one_line_error(tool('tools/train.py', cfg, '--work-dir', str(gone), '--resume',
+                              check=False))
+    assert 'epoch_5.pth' in err and 'does not exist' in err
     for args in (('tools/train.py', 'none.py'), ('tools/test.py', 'none.py', cfg)):
         proc = tool(*args, check=False)
         assert 'Traceback' not in proc.stderr, proc.stderr  # the error alone, not a crash

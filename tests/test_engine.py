@@ -292,3 +292,67 @@ def test_vtab_optim_wrapper_builds_from_the_config():
         wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     assert isinstance(wrapper, BF16OptimWrapper) and wrapper.cast_dtype == torch.bfloat16
     assert wrapper.clip_grad_kwargs == dict(max_norm=5.0)
+
+
+
+def _toy_runner(work_dir, hooks=(), resume=False):
+    """A 3-epoch, 2-iteration-per-epoch CPU run saving every epoch, keeping one checkpoint."""
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 1)
+
+        def forward(self, inputs, mode='loss'):
+            return dict(loss=self.fc(inputs).pow(2).mean())
+
+    data = [dict(inputs=torch.randn(2)) for _ in range(4)]
+    return Runner(model=Toy(), work_dir=str(work_dir), default_scope='mmpretrain',
+                  train_dataloader=dict(dataset=data, batch_size=2,
+                                        collate_fn=dict(type='default_collate'),
+                                        sampler=dict(type='DefaultSampler', shuffle=False)),
+                  optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+                  train_cfg=dict(by_epoch=True, max_epochs=3),
+                  default_hooks=dict(checkpoint=dict(type='AtomicCheckpointHook', interval=1,
+                                                     max_keep_ckpts=1)),
+                  custom_hooks=list(hooks), resume=resume,
+                  experiment_name='resumed' if resume else 'first')
+
+
+def test_checkpoint_marker_names_a_complete_file_when_killed_mid_save(tmp_path):
+    from mmengine.hooks import Hook
+
+    class KilledWhileSaving(Hook):  # stands in for a kill during epoch 2's save
+        def before_save_checkpoint(self, runner, checkpoint):
+            if runner.epoch + 1 == 2:
+                raise KeyboardInterrupt
+
+    class CountIters(Hook):
+        count = 0
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            CountIters.count += 1
+
+    with pytest.raises(KeyboardInterrupt):
+        _toy_runner(tmp_path, hooks=[KilledWhileSaving()]).train()
+    # (the stock CheckpointHook deletes epoch_1.pth before it writes epoch_2.pth)
+    marker = open(tmp_path / 'last_checkpoint').read().strip()
+    assert marker == str(tmp_path / 'epoch_1.pth') and osp.isfile(marker)
+    assert [f for f in os.listdir(tmp_path) if f.endswith('.pth')] == ['epoch_1.pth']
+
+    _toy_runner(tmp_path, hooks=[CountIters()], resume=True).train()
+    assert CountIters.count == 4  # epochs 2 and 3 only
+    assert open(tmp_path / 'last_checkpoint').read().strip() == str(tmp_path / 'epoch_3.pth')
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.pth')) == ['epoch_3.pth']
+
+
+def test_resume_names_the_problem_when_the_marked_checkpoint_is_gone(tmp_path):
+    from memba_vision.engine.runner_utils import check_resumable
+    check_resumable(str(tmp_path))  # no marker: a fresh run
+    (tmp_path / 'last_checkpoint').write_text(str(tmp_path / 'epoch_5.pth'))
+    (tmp_path / 'epoch_3.pth').write_bytes(b'')
+    with pytest.raises(FileNotFoundError, match=r"epoch_5.pth', which does not exist: resume "
+                                                r"from one of \['epoch_3.pth'\]"):
+        check_resumable(str(tmp_path))

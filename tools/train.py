@@ -57,9 +57,9 @@ def parse_args(argv=None):
 
 
 def train(args, serving=False):
-    from memba_vision.engine.runner_utils import (check_pretrained, check_task_data,
-                                                  final_checkpoint, load_config, set_precision,
-                                                  test_and_record)
+    from memba_vision.engine.runner_utils import (check_pretrained, check_resumable,
+                                                  check_task_data, final_checkpoint, load_config,
+                                                  set_precision, test_and_record)
     try:
         cfg = load_config(args.config, args.cfg_options, args.work_dir)
     except FileNotFoundError as e:
@@ -76,6 +76,8 @@ def train(args, serving=False):
             raise SystemExit(f'--resume: checkpoint {args.resume} not found')
         cfg.resume, cfg.load_from = True, args.resume
     try:
+        if args.resume == 'auto':
+            check_resumable(cfg.work_dir)
         check_pretrained(cfg)
         check_task_data(cfg.train_dataloader.dataset)
         if args.test:

@@ -13,8 +13,9 @@ default_hooks = dict(
     # 6 s of a Vim-S task on one H200, while saving every epoch would add about a fifth
     # to the training time (a save took 0.25-0.36 s against a 1.2 s epoch there,
     # tools/benchmark_sweep.py). PEFT runs save only their trainable tensors (see
-    # PEFTCheckpointHook).
-    checkpoint=dict(type='CheckpointHook', interval=5, max_keep_ckpts=1, save_last=True),
+    # PEFTCheckpointHook). AtomicCheckpointHook deletes the previous checkpoint only
+    # after the new one and the last_checkpoint marker are complete.
+    checkpoint=dict(type='AtomicCheckpointHook', interval=5, max_keep_ckpts=1, save_last=True),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='VisualizationHook', enable=False),
 )

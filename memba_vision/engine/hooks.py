@@ -1,15 +1,21 @@
-"""Runner hooks: trainable-only PEFT checkpoints, a stop on non-finite losses, and
-training-value logging that does not make the host wait for the GPU every step."""
+"""Runner hooks: trainable-only PEFT checkpoints, checkpoints that survive a kill at any
+moment, a stop on non-finite losses, and training-value logging that does not make the
+host wait for the GPU every step."""
 import math
+import os
+import os.path as osp
+import tempfile
 from collections import OrderedDict
 
 import torch
-from mmengine.hooks import Hook, LoggerHook, RuntimeInfoHook
+from mmengine.dist import is_main_process
+from mmengine.fileio.backends import LocalBackend
+from mmengine.hooks import CheckpointHook, Hook, LoggerHook, RuntimeInfoHook
 from mmengine.model import is_model_wrapper
 from mmpretrain.registry import HOOKS
 
-__all__ = ['PEFTCheckpointHook', 'NonFiniteLossHook', 'DeferredRuntimeInfoHook',
-           'complete_trainable_checkpoint']
+__all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'NonFiniteLossHook',
+           'DeferredRuntimeInfoHook', 'complete_trainable_checkpoint']
 
 _META_KEY = 'memba_vision'
 
@@ -77,6 +83,62 @@ def complete_trainable_checkpoint(model, checkpoint: dict) -> dict:
         state.setdefault(k, v)
     checkpoint['state_dict'] = state
     return checkpoint
+
+
+@HOOKS.register_module()
+class AtomicCheckpointHook(CheckpointHook):
+    """mmengine's CheckpointHook, with a work dir that is resumable whenever it is killed.
+
+    The stock hook first deletes the checkpoints beyond ``max_keep_ckpts``, then
+    writes the new one, then the ``last_checkpoint`` marker. A run killed while it
+    writes (a save of a Vim-S task takes about 0.3 s) is left with a marker that
+    names a deleted file, and ``--resume`` fails. This hook writes the checkpoint
+    under a temporary name and renames it, then replaces the marker the same way,
+    and only then deletes the outdated checkpoints: at every moment the marker
+    names a complete checkpoint. Options and file names are the stock hook's;
+    ``out_dir`` must be a local folder.
+    """
+
+    def before_train(self, runner) -> None:
+        super().before_train(runner)
+        if not isinstance(self.file_backend, LocalBackend):
+            raise ValueError(f'AtomicCheckpointHook saves to a local folder; out_dir '
+                             f'{self.out_dir} is not one (use CheckpointHook there)')
+
+    def _save_checkpoint_with_step(self, runner, step, meta):
+        outdated = []
+        if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and
+                                            self.keep_ckpt_ids[-1] == step):
+            # the ids go into the checkpoint's message hub, as with the stock hook
+            ids = list(self.keep_ckpt_ids) + [step]
+            outdated, ids = ids[:-self.max_keep_ckpts], ids[-self.max_keep_ckpts:]
+            self.keep_ckpt_ids.clear()
+            self.keep_ckpt_ids.extend(ids)
+            runner.message_hub.update_info('keep_ckpt_ids', ids)
+
+        filename = self.filename_tmpl.format(step)
+        self.last_ckpt = osp.join(self.out_dir, filename)
+        runner.message_hub.update_info('last_ckpt', self.last_ckpt)
+        partial = f'.{filename}.part'
+        runner.save_checkpoint(
+            self.out_dir, partial, self.file_client_args, save_optimizer=self.save_optimizer,
+            save_param_scheduler=self.save_param_scheduler, meta=meta, by_epoch=self.by_epoch,
+            backend_args=self.backend_args, **self.args)
+        if not is_main_process():
+            return
+        os.replace(osp.join(self.out_dir, partial), self.last_ckpt)
+        _write_text_atomically(osp.join(runner.work_dir, 'last_checkpoint'), self.last_ckpt)
+        for old in outdated:
+            path = osp.join(self.out_dir, self.filename_tmpl.format(old))
+            if osp.isfile(path):
+                os.remove(path)
+
+
+def _write_text_atomically(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=osp.dirname(path), prefix=f'.{osp.basename(path)}.')
+    with os.fdopen(fd, 'w') as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def _logger_interval(runner) -> int:

@@ -130,6 +130,23 @@ def final_checkpoint(work_dir: str) -> Optional[str]:
     return path if osp.isfile(path) else None
 
 
+def check_resumable(work_dir: str) -> None:
+    """Raises if the work dir's ``last_checkpoint`` marker names a checkpoint that is gone.
+
+    (mmengine would start resuming and fail deep inside the runner.) A work dir
+    without a marker is fine: ``--resume`` then starts a fresh run.
+    """
+    marker = osp.join(work_dir, 'last_checkpoint')
+    if not osp.isfile(marker):
+        return
+    named = open(marker).read().strip()
+    if not osp.isfile(named):
+        found = sorted(f for f in os.listdir(work_dir) if f.endswith('.pth'))
+        hint = (f'resume from one of {found} with --resume CHECKPOINT' if found else
+                'no checkpoint is left there; train without --resume')
+        raise FileNotFoundError(f'{marker} names {named!r}, which does not exist: {hint}')
+
+
 def test_and_record(runner, cfg: Config, config_path: str, checkpoint: Optional[str]) -> dict:
     """Runs the test loop on ``runner``'s model and writes result_<task>.json (main process).
 

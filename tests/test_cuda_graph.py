@@ -127,3 +127,14 @@ def test_new_signatures_do_not_leave_a_workspace_behind():
     grown = allocated_after(6) - start
     grown += allocated_after(7) - allocated_after(6)
     assert grown < 4 * 2**20, f'{grown / 2**20:.1f} MiB more after two new signatures'
+
+
+@needs_gpu
+def test_persistent_stream_is_one_stream_per_purpose_and_device():
+    from memba_vision.utils import persistent_stream
+    dev = torch.device('cuda', torch.cuda.current_device())
+    warm = persistent_stream('cuda_graph_warmup')
+    assert persistent_stream('cuda_graph_warmup', dev) is warm  # default: the current device
+    gate = persistent_stream('memba_gate', dev)
+    assert gate is not warm and persistent_stream('memba_gate', 'cuda') is gate
+    assert gate != torch.cuda.current_stream(dev) and gate.device == dev

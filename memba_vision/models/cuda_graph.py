@@ -28,24 +28,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from ..utils import persistent_stream
+
 __all__ = ['CUDAGraphs']
 
 _WARMUP = 2
-_warmup_streams: Dict[int, torch.cuda.Stream] = {}
-
-
-def _warmup_stream() -> torch.cuda.Stream:
-    """The side stream every capture on this device warms up on.
-
-    cuBLAS keeps a workspace (32 MiB on Hopper) per stream it has run on for the
-    life of the process, so a fresh stream per capture would leave one behind for
-    every input signature ever captured.
-    """
-    device = torch.cuda.current_device()
-    stream = _warmup_streams.get(device)
-    if stream is None:
-        stream = _warmup_streams[device] = torch.cuda.Stream()
-    return stream
 
 
 def _autocast_state() -> Tuple[bool, torch.dtype]:
@@ -65,7 +52,8 @@ class _Captured:
 
         self.params = list(params) if with_backward else []
         self.static_x = x.detach().clone()
-        side = _warmup_stream()
+        # one stream for every capture on this device (see persistent_stream)
+        side = persistent_stream('cuda_graph_warmup')
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(_WARMUP):

@@ -30,6 +30,7 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..utils import persistent_stream
 from . import scan_cuda
 from ._dispatch import forced_backend
 
@@ -55,9 +56,6 @@ class MembaGateParams(NamedTuple):
     residual: bool
 
 
-_side_streams = {}
-
-
 class _SideStream:
     """Work issued inside ``with`` runs on a second CUDA stream, after everything
     already issued on the current one; ``join()`` makes the current stream wait
@@ -74,9 +72,7 @@ class _SideStream:
         self.main = self.side = self._ctx = None
         if ref.is_cuda:
             self.main = torch.cuda.current_stream(ref.device)
-            self.side = _side_streams.get(ref.device.index)
-            if self.side is None:
-                self.side = _side_streams[ref.device.index] = torch.cuda.Stream(ref.device)
+            self.side = persistent_stream('memba_gate', ref.device)
             self.side.wait_stream(self.main)
 
     def __enter__(self):

@@ -1,4 +1,6 @@
 """Small shared utilities."""
 from .checkpoint import extract_state_dict, load_checkpoint_file, register_safe_globals
+from .cuda_streams import persistent_stream
 
-__all__ = ["extract_state_dict", "load_checkpoint_file", "register_safe_globals"]
+__all__ = ["extract_state_dict", "load_checkpoint_file", "register_safe_globals",
+           "persistent_stream"]

@@ -213,6 +213,20 @@ def test_write_result_is_atomic_json(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ['result_dtd.json']
 
 
+def test_atomic_text_files_replace_whole_with_the_usual_permissions(tmp_path):
+    from memba_vision.utils import write_text_atomically
+    path = tmp_path / 'last_checkpoint'
+    old_umask = os.umask(0o022)
+    try:
+        write_text_atomically(str(path), 'first')
+        write_text_atomically(str(path), 'époque 2\n')
+    finally:
+        os.umask(old_umask)
+    assert path.read_text(encoding='utf-8') == 'époque 2\n'
+    assert oct(path.stat().st_mode & 0o777) == oct(0o644)  # not a temp file's 0600
+    assert [p.name for p in tmp_path.iterdir()] == ['last_checkpoint']
+
+
 def test_merge_lora_keeps_the_outputs(tiny_vim_file):
     model = finetuned(tiny_vim_file)
     x = torch.randn(2, 3, 32, 32)

@@ -25,6 +25,7 @@ from mmengine.logging import print_log
 from mmpretrain.datasets import BaseDataset
 from mmpretrain.registry import DATASETS
 
+from ..utils import write_text_atomically
 from .vtab1k_tasks import get_task
 
 __all__ = ['VTAB1k', 'VTAB1K_SPLITS', 'read_list_file', 'write_task_folder',
@@ -407,10 +408,7 @@ def task_folder_complete(task_dir: str, counts: Mapping[str, Optional[int]]) -> 
 
 
 def _write_atomic(path: str, lines: Sequence[str]):
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        f.write(''.join(line + '\n' for line in lines))
-    os.replace(tmp, path)
+    write_text_atomically(path, ''.join(line + '\n' for line in lines))
 
 
 def write_task_folder(task_dir: str,

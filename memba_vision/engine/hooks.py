@@ -4,7 +4,6 @@ host wait for the GPU every step."""
 import math
 import os
 import os.path as osp
-import tempfile
 from collections import OrderedDict
 
 import torch
@@ -13,6 +12,8 @@ from mmengine.fileio.backends import LocalBackend
 from mmengine.hooks import CheckpointHook, Hook, LoggerHook, RuntimeInfoHook
 from mmengine.model import is_model_wrapper
 from mmpretrain.registry import HOOKS
+
+from ..utils import write_text_atomically
 
 __all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'NonFiniteLossHook',
            'DeferredRuntimeInfoHook', 'complete_trainable_checkpoint']
@@ -127,18 +128,11 @@ class AtomicCheckpointHook(CheckpointHook):
         if not is_main_process():
             return
         os.replace(osp.join(self.out_dir, partial), self.last_ckpt)
-        _write_text_atomically(osp.join(runner.work_dir, 'last_checkpoint'), self.last_ckpt)
+        write_text_atomically(osp.join(runner.work_dir, 'last_checkpoint'), self.last_ckpt)
         for old in outdated:
             path = osp.join(self.out_dir, self.filename_tmpl.format(old))
             if osp.isfile(path):
                 os.remove(path)
-
-
-def _write_text_atomically(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=osp.dirname(path), prefix=f'.{osp.basename(path)}.')
-    with os.fdopen(fd, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _logger_interval(runner) -> int:

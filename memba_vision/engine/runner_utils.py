@@ -3,13 +3,14 @@ up-front input checks with actionable messages, and result files."""
 import json
 import os
 import os.path as osp
-import tempfile
 from typing import Optional
 
 from mmengine.config import Config
 
-__all__ = ['load_config', 'check_pretrained', 'check_task_data', 'experiment_info',
-           'result_path', 'write_result']
+from ..utils import write_text_atomically
+
+__all__ = ['load_config', 'check_pretrained', 'check_task_data', 'check_resumable',
+           'experiment_info', 'result_path', 'write_result']
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None,
@@ -113,11 +114,7 @@ def write_result(work_dir: str, result: dict) -> str:
     """Writes result_<task>.json atomically (a failed run never leaves a partial file)."""
     os.makedirs(work_dir, exist_ok=True)
     path = result_path(work_dir, result['task'])
-    fd, tmp = tempfile.mkstemp(dir=work_dir, prefix='.result_', suffix='.json')
-    with os.fdopen(fd, 'w') as f:
-        json.dump(result, f, indent=2)
-        f.write('\n')
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(result, indent=2) + '\n')
     return path
 
 

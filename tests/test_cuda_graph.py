@@ -23,12 +23,27 @@ def _randomise_peft(model, seed=0):
 
 
 def test_cpu_inputs_run_eagerly():
+    """cuda_graph=True on a CPU input: the graph machinery is never entered, and output and
+    gradients are those of a cuda_graph=False copy."""
     torch.manual_seed(0)
     model = Vim(**TINY_VIM, peft=MEMBA, cuda_graph=True)
+    _randomise_peft(model)
+    eager = copy.deepcopy(model)
+    eager.cuda_graph = False
+
+    def refuse(*args):
+        raise AssertionError('a CPU input reached the CUDA-graph path')
+
+    model._graphs = refuse
     x = torch.randn(2, 3, 32, 32)
-    out = model(x)[0]
-    assert torch.equal(out, model.forward_features(x)[0])
-    assert not model._graphs.graphs
+    results = []
+    for m in (model, eager):
+        out = m(x)[0]
+        out.sum().backward()
+        results.append((out.detach(), [p.grad for p in m.parameters() if p.requires_grad]))
+    (out, grads), (out_ref, grads_ref) = results
+    assert torch.equal(out, out_ref) and len(grads) == len(grads_ref) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
 
 
 def _step(model, x, amp):

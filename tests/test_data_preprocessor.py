@@ -27,11 +27,29 @@ def check_same(got, want, device):
         [s.gt_label.tolist() for s in want['data_samples']] == [[3], [0], [7], [1]]
 
 
-def test_registered_and_equal_to_the_stock_preprocessor_on_cpu():
-    ours = MODELS.build(dict(type='AsyncClsDataPreprocessor', **SETTINGS))
-    stock = ClsDataPreprocessor(**SETTINGS)
-    assert ours._non_blocking and not stock._non_blocking
-    check_same(ours(batch(), training=True), stock(batch(), training=True), 'cpu')
+class CopyRecorder(torch.Tensor):
+    """A tensor that records the ``non_blocking`` flag of every ``.to`` call made on it."""
+    flags = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to:
+            cls.flags.append((kwargs or {}).get('non_blocking', False))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+@pytest.mark.parametrize('non_blocking', [True, False])
+def test_copies_to_the_device_are_non_blocking_by_default(non_blocking):
+    """The stock preprocessor copies blocking; ours asks mmengine's cast_data not to block."""
+    kwargs = {} if non_blocking else dict(non_blocking=False)
+    ours = MODELS.build(dict(type='AsyncClsDataPreprocessor', **SETTINGS, **kwargs))
+    data = batch()
+    data['inputs'] = data['inputs'].as_subclass(CopyRecorder)
+    CopyRecorder.flags.clear()
+    out = ours(data, training=True)
+    assert CopyRecorder.flags and set(CopyRecorder.flags) == {non_blocking}
+    stock = ClsDataPreprocessor(**SETTINGS)(batch(), training=True)
+    check_same(out, stock, 'cpu')
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')

@@ -17,13 +17,19 @@ class AsyncClsDataPreprocessor(ClsDataPreprocessor):
     prepares the next one. Here the images are copied with ``non_blocking=True``
     (asynchronous when the data loader pins them, ``pin_memory=True``), and the
     labels of a batch (B,) are gathered into one pinned tensor and copied once,
-    before the stock ``forward`` (which then finds them on the device). Arguments
-    and outputs are ClsDataPreprocessor's.
+    before the stock ``forward`` (which then finds them on the device).
+
+    Args:
+        non_blocking: copy with ``non_blocking`` (mmengine's BaseDataPreprocessor
+            argument, which mmpretrain's ClsDataPreprocessor does not pass on).
+        Other arguments and the outputs: ClsDataPreprocessor's.
     """
 
-    def __init__(self, **kwargs):
+    def __init__(self, non_blocking: bool = True, **kwargs):
         super().__init__(**kwargs)
-        self._non_blocking = True
+        # mmpretrain's ClsDataPreprocessor calls BaseDataPreprocessor.__init__ without
+        # its non_blocking argument, so mmengine's cast_data always copies blocking
+        self._non_blocking = non_blocking
 
     def forward(self, data: dict, training: bool = False) -> dict:
         samples = data.get('data_samples')

@@ -11,7 +11,7 @@ from memba_vision.models.peft import MembraneGate
 from official_layouts import random_checkpoint, vim_layout, vmamba_v0_layout
 
 MEMBA_VIM = dict(lora=dict(in_proj=8, out_proj=8), gate=dict(rank=4))
-MEMBA_VMAMBA = dict(lora=dict(in_proj=8, out_proj=8), gate=dict(rank=4))
+MEMBA_VMAMBA = dict(lora=dict(in_proj=4, out_proj=8), gate=dict(rank=4))
 
 
 def tiny(kind, peft=None, **kw):
@@ -33,7 +33,8 @@ def tiny_checkpoints(tmp_path_factory):
 @pytest.mark.parametrize('kind', ['vim', 'vmamba'])
 def test_memba_at_init_equals_the_pretrained_model(kind, tiny_checkpoints):
     init = dict(type='Pretrained', checkpoint=tiny_checkpoints[kind])
-    plain, memba = tiny(kind, init_cfg=init), tiny(kind, MEMBA_VIM, init_cfg=init)
+    peft = MEMBA_VIM if kind == 'vim' else MEMBA_VMAMBA
+    plain, memba = tiny(kind, init_cfg=init), tiny(kind, peft, init_cfg=init)
     plain.init_weights(), memba.init_weights()
     plain.eval(), memba.eval()
     x = torch.randn(2, 3, 32, 32)

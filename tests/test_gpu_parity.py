@@ -13,6 +13,12 @@ MEMBA = {'vim_s': dict(lora=dict(in_proj=32, out_proj=96), gate=dict(rank=16)),
          'vmamba_s': dict(lora=dict(in_proj=64, out_proj=64), gate=dict(rank=16))}
 
 
+# (output, input gradient): about five times the values measured on an H200 (README table);
+# the kernels' backward sums with atomics, so the gradient varies a little run to run
+TOLERANCE = {('vim_s', 'plain'): (1.5e-6, 1.5e-4), ('vim_s', 'memba'): (3e-6, 4e-5),
+             ('vmamba_s', 'plain'): (2.5e-6, 5e-6), ('vmamba_s', 'memba'): (2e-6, 5.5e-6)}
+
+
 def build(kind, peft):
     cfg = dict(type='Vim', arch='small') if kind == 'vim_s' else \
         dict(type='VanillaVMamba', arch='small')
@@ -52,4 +58,5 @@ def test_cuda_kernels_match_reference(kind, method, monkeypatch):
     grad_rel = ((grad_cuda - grad_ref).abs().max() / grad_ref.abs().max()).item()
     print(f'PARITY {kind} {method}: output max|diff|/max|ref| = {out_rel:.2e} '
           f'(scale {out_ref.abs().max().item():.3g}), input-grad {grad_rel:.2e}')
-    assert out_rel < 1e-3 and grad_rel < 1e-3
+    out_tol, grad_tol = TOLERANCE[kind, method]
+    assert out_rel < out_tol and grad_rel < grad_tol

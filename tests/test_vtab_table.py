@@ -11,6 +11,8 @@ import pytest
 from memba_vision.evaluation.vtab_table import (ResultFileError, build_table,
                                                 collect_results, load_result,
                                                 to_csv, to_markdown)
+from memba_vision.datasets.vtab1k_tasks import VTAB1K_GROUPS, VTAB1K_TASKS
+from memba_vision.evaluation.paper_results import PAPER_RESULTS, paper_row
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -89,13 +91,63 @@ def test_means_grouping_and_duplicates(work_dir):
 def test_paper_row_only_for_vim_s(work_dir):
     table = build_table(collect_results(str(work_dir)))
     paper = rows_by_name(table)['vim_s', 'Memba (paper)']
-    assert paper.groups == {'natural': 77.07, 'specialized': 85.66, 'structured': 61.70}
-    assert paper.average == 72.40
-    assert all(v is None for v in paper.tasks.values())
+    ref = paper_row('vim_s')  # the row is the published one, not numbers of its own
+    assert paper.groups == {'natural': ref.natural, 'specialized': ref.specialized,
+                            'structured': ref.structured}
+    assert paper.average == ref.average
+    assert all(paper.tasks[t] == ref.tasks.get(t) for t in VTAB1K_TASKS)
     assert not any(r.source == 'paper' and r.backbone == 'vmamba_s' for r in table.rows)
     notes = ' '.join(table.notes)
     assert 'VMamba-S' in notes and 'no paper row' in notes
     assert 'ICLR 2026' in notes
+
+
+def test_paper_means_agree_with_each_other_and_with_the_tasks():
+    """The published means, checked against each other (the average is over the 19 tasks,
+    each group mean rounded to 0.01) and against the per-task cells where there are any."""
+    for ref in PAPER_RESULTS.values():
+        groups = {'natural': ref.natural, 'specialized': ref.specialized,
+                  'structured': ref.structured}
+        weighted = sum(len(VTAB1K_GROUPS[g]) * v for g, v in groups.items()) / len(VTAB1K_TASKS)
+        assert abs(ref.average - weighted) <= 0.01, ref.label
+        if ref.tasks:  # per-task cells rounded to 0.1
+            assert sorted(ref.tasks) == sorted(VTAB1K_TASKS)
+            for g, v in groups.items():
+                mean = sum(ref.tasks[t] for t in VTAB1K_GROUPS[g]) / len(VTAB1K_GROUPS[g])
+                assert abs(mean - v) <= 0.05 + 1e-9, (ref.label, g)
+            assert abs(sum(ref.tasks.values()) / len(ref.tasks) - ref.average) <= 0.05 + 1e-9
+
+
+def find_paper_table(name='memba_table6_vtab1k.csv'):
+    """Copies of the paper's Table 6 in the repository (not under data/ or work_dirs/)."""
+    found = []
+    for top, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if not (top == REPO and d in ('data', 'work_dirs'))
+                   and not d.startswith('.')]
+        found += [osp.join(top, name)] if name in files else []
+    return found
+
+
+PAPER_TABLE_CSVS = find_paper_table()
+PAPER_TABLE_ROWS = {'vim_s': ('Vim-S', 'Memba(in+out-proj)'),
+                    'vmamba_s': ('Vanilla-VMamba-S', 'Memba(in+out_proj)')}
+
+
+@pytest.mark.skipif(not PAPER_TABLE_CSVS, reason='no copy of the paper\'s Table 6 '
+                    '(memba_table6_vtab1k.csv) in the repository to compare with')
+def test_paper_constants_match_the_papers_table():
+    with open(PAPER_TABLE_CSVS[0]) as f:
+        rows = {(r['backbone'], r['method']): r for r in csv.DictReader(f)}
+    assert PAPER_RESULTS
+    for backbone, ref in PAPER_RESULTS.items():
+        row = rows[PAPER_TABLE_ROWS[backbone]]
+        # the table's means have one decimal, the paper's text two
+        for key, field in (('natural', 'natural_mean'), ('specialized', 'specialized_mean'),
+                           ('structured', 'structured_mean'), ('average', 'overall_mean')):
+            assert getattr(ref, key) == pytest.approx(float(row[field]), abs=0.051), \
+                (backbone, key)
+        for task, value in ref.tasks.items():
+            assert value == float(row[task]), (backbone, task)
 
 
 def test_markdown(work_dir):

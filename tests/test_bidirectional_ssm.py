@@ -68,14 +68,47 @@ def random_membrane(gate, B, L, device='cpu', dtype=torch.float64):
                  for _ in range(2))
 
 
+def loop_lim(x, num_chunks, leak, threshold, u_prev=None):
+    """Per-token loop of the LIM (chunk i of every group is token i * l + j), differentiable."""
+    l = x.shape[1] // num_chunks
+    u = x.new_zeros(x.shape[0], l, x.shape[2]) if u_prev is None else u_prev
+    out, total = torch.zeros_like(x), 0
+    for i in range(num_chunks):
+        u = leak * u + x[:, i * l:(i + 1) * l]
+        u = u * (u <= threshold)
+        out = torch.cat([out[:, :i * l], u, out[:, (i + 1) * l:]], dim=1)
+        total = total + u
+    return out, total / num_chunks
+
+
+@pytest.fixture
+def loop_kernels(monkeypatch):
+    """The stand-in extension on per-token loops, independent of the ops the per-op mixer runs."""
+    import scan_ext_reference
+    from test_scan_tokens import loop_conv, loop_scan
+
+    def scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate=None):
+        return loop_scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate).to(u.dtype)
+
+    def conv(x, w, bias, activation, reverse):
+        assert activation == 'silu'
+        return loop_conv(x, w, bias, reverse).to(x.dtype)
+
+    monkeypatch.setattr(scan_ext_reference, 'selective_scan_tokens', scan)
+    monkeypatch.setattr(scan_ext_reference, 'causal_conv1d_tokens', conv)
+    monkeypatch.setattr(scan_ext_reference, 'lim_reference', loop_lim)
+    return ReferenceScanKernels
+
+
 @pytest.mark.parametrize('gate', GATES)
-def test_fused_core_matches_the_per_op_mixer_on_cpu(gate):
+def test_fused_core_matches_the_per_op_mixer_on_cpu(gate, loop_kernels):
+    """The fused op on loop kernels (its glue and the loops) against the per-op mixer."""
     mixer = make_mixer(gate)
     hidden = torch.randn(2, 13, 20, generator=torch.Generator().manual_seed(3),
                          dtype=torch.float64)
     membrane = random_membrane(gate, 2, 13)
     out_ref, new_ref, grads_ref = run(mixer, hidden, membrane)
-    out, new, grads = run(mixer, hidden, membrane, ReferenceScanKernels, fused=True)
+    out, new, grads = run(mixer, hidden, membrane, loop_kernels, fused=True)
     assert rel(out, out_ref) < 1e-10
     if gate is None or not gate.get('transfer', True):
         assert new is None and new_ref is None

@@ -82,7 +82,7 @@ def test_every_vtab_config_builds_with_its_task_and_the_recipe(fake_vtab_root):
         assert cfg.default_hooks.runtime_info.type == 'DeferredRuntimeInfoHook'
         assert cfg.model.backbone.cuda_graph is True
         assert cfg.train_cfg.max_epochs == 100
-        assert cfg.train_cfg.type == 'DeviceDataEpochBasedTrainLoop'  # cached set on the GPU
+        assert cfg.train_cfg.type == 'EpochBasedTrainLoop'
         warm, cos = cfg.param_scheduler
         assert (warm.type, warm.end, cos.type, cos.begin, cos.end, cos.eta_min) == \
             ('LinearLR', 10, 'CosineAnnealingLR', 10, 100, 1e-5)

@@ -9,9 +9,9 @@ testing, CUDA graphs, generated 224x224 inputs): the training step at batch 32
 and at the last batch of an epoch
 (1,000 = 31 x 32 + 8), evaluation images/s at the test batch size, the fixed
 cost of one task (model build; graph capture) and a process start, which
-tools/sweep.py pays once per GPU slot (a slot trains and tests its tasks in one
+tools/sweep.py pays once per GPU (a GPU trains and tests its tasks in one
 ``tools/train.py --serve`` process). The sweep is then laid out as tools/sweep.py
-runs it (one task per slot, longest test set first) over the real sizes: 1,000
+runs it (one task per GPU, longest test set first) over the real sizes: 1,000
 training images x 100 epochs per task and the test sizes of the task table.
 
 With ``--data-root`` the tool also trains one task for three epochs through the
@@ -22,11 +22,8 @@ checkpoint save (timed at the end of the third, last epoch) per checkpoint
 interval.
 """
 import argparse
-import json
 import math
-import os
 import os.path as osp
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,7 +69,7 @@ def process_start_cost():
     return times[-1]
 
 
-def _epoch_timer(barrier=None):
+def _epoch_timer():
     """An mmengine hook splitting each training epoch's wall time.
 
     ``total``: the epoch, from an idle GPU to an idle GPU (the only synchronisations
@@ -81,9 +78,6 @@ def _epoch_timer(barrier=None):
     after_train_iter hook (preprocessing, queueing the step, logging, and any wait
     the loop itself makes for the GPU); ``data`` between iterations (the next
     batch); ``end``: the epoch-end hooks (checkpoint), after the GPU finished.
-    ``barrier`` = (folder, n): before its second epoch the process waits until n
-    processes have reached that point, so that concurrent runs time the same
-    stretch of wall time.
     """
     from mmengine.hooks import Hook
 
@@ -99,14 +93,6 @@ def _epoch_timer(barrier=None):
             self.epochs = []
 
         def before_train_epoch(self, runner):
-            if barrier is not None and runner.epoch == 1:
-                folder, n = barrier
-                open(osp.join(folder, f'ready_{os.getpid()}'), 'w').close()
-                deadline = time.time() + 600
-                while len([f for f in os.listdir(folder) if f.startswith('ready_')]) < n:
-                    if time.time() > deadline:
-                        raise RuntimeError(f'only some of the {n} concurrent runs started')
-                    time.sleep(0.01)
             self._start = self._last = now()
             self._iters = self._data = 0.0
 
@@ -127,7 +113,7 @@ def _epoch_timer(barrier=None):
     return EpochTimer()
 
 
-def measured_epoch(backbone_method, data_root, task, work_dir, epochs=3, barrier=None):
+def measured_epoch(backbone_method, data_root, task, work_dir, epochs=3):
     """The epochs of a short run of ``task`` through mmengine's Runner, each split by
     ``_epoch_timer`` (the first one captures the graphs, the last one saves a
     checkpoint); and the config's checkpoint interval."""
@@ -153,46 +139,11 @@ def measured_epoch(backbone_method, data_root, task, work_dir, epochs=3, barrier
     interval = cfg.default_hooks.checkpoint.interval
     set_precision(cfg)  # the config's bf16 autocast (fp32 on a CPU machine)
     runner = Runner.from_cfg(cfg)
-    timer = _epoch_timer(barrier)
+    timer = _epoch_timer()
     runner.register_hook(timer)
     runner.train()
     n = len(runner.train_dataloader.dataset)
     return timer.epochs, interval, n
-
-
-def concurrent_epochs(worker_cmd, jobs):
-    """Mean steady epoch (epochs 2 .. 4) of ``jobs`` training processes sharing this GPU.
-
-    ``worker_cmd`` runs one of them (this tool with ``--epoch-worker``: ``measured_epoch``
-    for 5 epochs, printing a line ``EPOCHS <json>``); a ``--barrier`` argument is added so
-    that they all start epoch 2 together."""
-    barrier = tempfile.mkdtemp(prefix='sweep_barrier_')
-    cmd = [*worker_cmd, f'--barrier={barrier}:{jobs}']
-    # each worker logs to its own file: a pipe left unread while waiting on the other
-    # worker would fill up and stop its writer before the barrier
-    logs = [open(osp.join(barrier, f'worker_{i}.log'), 'w+') for i in range(jobs)]
-    procs = [subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-             for log in logs]
-    while True:  # a failed worker stops the others
-        codes = [p.poll() for p in procs]  # every worker polled, none skipped
-        if None not in codes:
-            break
-        if any(c not in (None, 0) for c in codes):
-            for p in procs:
-                p.kill()
-        time.sleep(0.1)
-    steady = []
-    for proc, log in zip(procs, logs):
-        log.seek(0)
-        out = log.read()
-        log.close()
-        line = next((ln for ln in out.splitlines() if ln.startswith('EPOCHS ')), None)
-        if proc.returncode != 0 or line is None:
-            raise SystemExit(f'error: a concurrent training worker failed:\n{out[-2000:]}')
-        epochs = json.loads(line[len('EPOCHS '):])
-        steady += [e['total'] for e in epochs[1:4]]
-    shutil.rmtree(barrier, ignore_errors=True)
-    return sum(steady) / len(steady)
 
 
 def schedule(durations, gpus):
@@ -216,26 +167,9 @@ def main():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--data-root', help='VTAB-1k root: also time one real training epoch')
     p.add_argument('--task', default='dsprites_loc', help='task for the measured epoch')
-    p.add_argument('--jobs-per-gpu', type=int, default=1,
-                   help='tasks sharing a GPU, as tools/sweep.py --jobs-per-gpu; with '
-                        '--data-root the slowdown of sharing is measured')
-    p.add_argument('--epoch-worker', action='store_true', help=argparse.SUPPRESS)
-    p.add_argument('--barrier', help=argparse.SUPPRESS)
     p.add_argument('--warmup', type=int, default=5)
     p.add_argument('--reps', type=int, default=20)
     args = p.parse_args()
-    if args.epoch_worker:  # one process of concurrent_epochs()
-        with tempfile.TemporaryDirectory() as wd:
-            folder, n = args.barrier.rsplit(':', 1)
-            epochs = measured_epoch(args.backbone_method, args.data_root, args.task, wd, 5,
-                                    barrier=(folder, int(n)))[0]
-        print('EPOCHS ' + json.dumps(epochs))
-        return
-    if args.jobs_per_gpu < 1:
-        raise SystemExit('error: --jobs-per-gpu must be >= 1')
-    if args.jobs_per_gpu > 1 and not args.data_root:
-        raise SystemExit('error: --jobs-per-gpu > 1 needs --data-root (the slowdown of '
-                         'sharing a GPU is measured, not assumed)')
     from memba_vision.datasets.vtab1k_tasks import VTAB1K_TASKS
     backbone, method = None, None
     for b in ('vim_s', 'vmamba_s'):
@@ -263,7 +197,7 @@ def main():
     print(f'evaluation: {1 / t_eval_img:.0f} img/s at batch {TEST_BATCH}')
     fixed = build_s + first_s
     print(f'fixed: per task, model build {build_s:.1f} s and first step with graph capture '
-          f'{first_s:.1f} s; per slot, 1 process start (tools/train.py --serve) {start_s:.1f} s')
+          f'{first_s:.1f} s; per GPU, 1 process start (tools/train.py --serve) {start_s:.1f} s')
     if args.data_root:
         with tempfile.TemporaryDirectory() as wd:
             epochs, interval, n = measured_epoch(args.backbone_method, args.data_root,
@@ -279,38 +213,24 @@ def main():
         epoch = real['total'] * TRAIN_IMAGES / n + save / interval
     else:
         print('loop overhead not measured (no --data-root): bare steps only')
-    share = 1.0  # how much slower a task's GPU-bound parts run while sharing its GPU
-    if args.jobs_per_gpu > 1:
-        worker = [sys.executable, osp.abspath(__file__), '--backbone-method',
-                  args.backbone_method, '--data-root', args.data_root, '--task', args.task,
-                  '--epoch-worker']
-        shared = concurrent_epochs(worker, args.jobs_per_gpu)
-        share = shared / real['total']
-        print(f'{args.jobs_per_gpu} tasks sharing the GPU: steady epoch {shared:.2f} s each vs '
-              f'{real["total"]:.2f} s alone, i.e. {args.jobs_per_gpu / share:.2f}x the '
-              f'throughput of one task; training and testing are projected {share:.2f}x '
-              f'slower per task (conservative: a neighbour\'s process start or test does not '
-              f'load the GPU as much as its training)')
-
     print(f'\n{"task":<22} {"test":>6} {"train":>10} {"test":>10} {"total":>10}')
     durations, tot_train, tot_test = [], 0.0, 0.0
     for name, task in VTAB1K_TASKS.items():
-        train_s = EPOCHS * epoch * share
-        test_s = task.num_test * t_eval_img * share
+        train_s = EPOCHS * epoch
+        test_s = task.num_test * t_eval_img
         total = train_s + test_s + fixed
         tot_train, tot_test = tot_train + train_s, tot_test + test_s
         durations.append(total)
         print(f'{name:<22} {task.num_test:>6} {fmt(train_s):>10} {fmt(test_s):>10} '
               f'{fmt(total):>10}')
     serial = sum(durations) + start_s
-    wall = schedule(durations, args.gpus * args.jobs_per_gpu) + start_s  # slots start together
+    wall = schedule(durations, args.gpus) + start_s  # the GPUs start together
     fixed_all = fixed * len(durations) + start_s
-    print(f'\nwhere the time goes (all tasks, one slot): training {fmt(tot_train)} '
+    print(f'\nwhere the time goes (all tasks, one GPU): training {fmt(tot_train)} '
           f'({100 * tot_train / serial:.0f}%), testing {fmt(tot_test)} '
           f'({100 * tot_test / serial:.0f}%), fixed costs {fmt(fixed_all)} '
           f'({100 * fixed_all / serial:.0f}%)')
-    jobs = f' with {args.jobs_per_gpu} tasks per GPU' if args.jobs_per_gpu > 1 else ''
-    print(f'{args.backbone_method}: projected 19-task sweep on {args.gpus} GPU(s){jobs}: '
+    print(f'{args.backbone_method}: projected 19-task sweep on {args.gpus} GPU(s): '
           f'{wall / 60:.1f} min')
 
 

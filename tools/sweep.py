@@ -1,8 +1,7 @@
-"""Runs the 19 VTAB-1k tasks of one backbone/method on a node, one or more tasks per GPU.
+"""Runs the 19 VTAB-1k tasks of one backbone/method on a node, one task per GPU at a time.
 
     python tools/sweep.py vim_s_memba --gpus 8                  # train, then test, every task
                                                                 # (one process per GPU slot)
-    python tools/sweep.py vim_s_memba --gpus 1 --jobs-per-gpu 2 # two tasks share each GPU
     python tools/sweep.py vim_s_memba --gpus 8 --mode test      # test the trained ones
     python tools/sweep.py --config configs/demo/vim_tiny_memba_synthetic.py \
         --tasks dsprites_loc clevr_count --gpus 1 --work-root work_dirs/demo
@@ -12,9 +11,7 @@ queue, longest first; each GPU slot takes the next task when its current one
 ends. A slot trains and tests its tasks in one ``tools/train.py --serve`` process
 (``--mode test``: one ``tools/test.py --serve`` process), started once (a failed
 task ends it, and the slot's next task gets a new one), so the sweep pays the
-start-up of Python, the stack and CUDA once per slot. With
-``--jobs-per-gpu 2`` each GPU has two slots: one task's set-up, data loading and
-host-side loop overhead then overlap the other's GPU work. A task whose result file
+start-up of Python, the stack and CUDA once per slot (GPU). A task whose result file
 exists is skipped; an interrupted task resumes from its last checkpoint.
 ``--cfg-options`` apply to training and testing; arguments after ``--`` go to
 tools/train.py only. At the end the result table is written to the sweep's work
@@ -69,10 +66,8 @@ def task_configs(args):
 
 
 class Sweep:
-    def __init__(self, items, slots, mode, train_args, python, verbose=False, cfg_options=(),
-                 gpus=None):
-        self.items, self.slots, self.mode, self.verbose = items, slots, mode, verbose
-        self.gpus = gpus or slots  # slot s runs on GPU s % gpus
+    def __init__(self, items, slots, mode, train_args, python, verbose=False, cfg_options=()):
+        self.items, self.slots, self.mode, self.verbose = items, slots, mode, verbose  # slot = GPU
         self.cfg_options = list(cfg_options)
         self.train_args, self.python = train_args, python
         self.lock = threading.Lock()
@@ -142,7 +137,7 @@ class Sweep:
             self.log(f'{task}: result exists, skipped ({self.progress()})')
             return
         os.makedirs(wd, exist_ok=True)
-        gpu = slot % self.gpus
+        gpu = slot
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
         log_file = osp.join(wd, 'sweep.log')
         t0 = time.time()
@@ -207,9 +202,6 @@ def main():
     p.add_argument('backbone_method', nargs='?', help='e.g. vim_s_memba (configs/vtab1k/<this>_<task>.py)')
     p.add_argument('--config', help='one config for every task instead (the task is set per run)')
     p.add_argument('--gpus', type=int, default=1, help='GPUs to use (0 .. N-1)')
-    p.add_argument('--jobs-per-gpu', type=int, default=1,
-                   help='tasks run at once on each GPU (2 hides process starts and loop '
-                        'overhead, see tools/benchmark_sweep.py --jobs-per-gpu)')
     p.add_argument('--mode', choices=['train', 'test'], default='train',
                    help='train then test (default), or only test trained tasks')
     p.add_argument('--tasks', nargs='+', help='a subset of the 19 tasks')
@@ -222,16 +214,13 @@ def main():
         p.error('give either BACKBONE_METHOD or --config')
     if args.gpus < 1:
         p.error('--gpus must be >= 1')
-    if args.jobs_per_gpu < 1:
-        p.error('--jobs-per-gpu must be >= 1')
     try:
         items, root = task_configs(args)
     except KeyError as e:
         raise SystemExit(f'error: {e.args[0]}')
-    slots = args.gpus * args.jobs_per_gpu
-    sweep = Sweep(items, slots, args.mode, train_args, sys.executable, args.verbose,
-                  args.cfg_options, gpus=args.gpus)
-    sweep.log(f'{len(items)} tasks on {args.gpus} GPU(s) x {args.jobs_per_gpu} slot(s), '
+    sweep = Sweep(items, args.gpus, args.mode, train_args, sys.executable, args.verbose,
+                  args.cfg_options)
+    sweep.log(f'{len(items)} tasks on {args.gpus} GPU(s), '
               f'mode {args.mode}, results under {root}')
     sweep.run()
     sweep.log(f'finished in {time.time() - sweep.start:.0f}s: {len(sweep.done)} done, '

@@ -289,14 +289,6 @@ class VTAB1k(BaseDataset):
         results['img'] = self._cache_images[idx].copy()
         return self._apply(self.pipeline.transforms[self._cache_prefix:], results)
 
-    @property
-    def static_samples(self) -> bool:
-        """True when ``self[i]`` is the same on every call: the images are cached and
-        only ``PackInputs`` runs after the cache (what ``DeviceBatchLoader`` needs)."""
-        rest = self.pipeline.transforms[self._cache_prefix:]
-        return self._cache_images is not None and \
-            all(type(t).__name__ == 'PackInputs' for t in rest)
-
     # ------------------------------------------------------------------ cache
     def _cacheable_prefix(self) -> int:
         """Number of leading transforms the cache covers (those before PackInputs)."""

@@ -1,12 +1,11 @@
-"""Runner hooks, the bf16 optimiser wrapper, the train and test loops, and the optimiser
+"""Runner hooks, the bf16 optimiser wrapper, the test loop, and the optimiser
 constructor (registered in mmpretrain's registries)."""
 from .hooks import (AtomicCheckpointHook, DeferredRuntimeInfoHook, NonFiniteLossHook,
                     PEFTCheckpointHook, complete_trainable_checkpoint)
-from .loops import AutocastTestLoop, DeviceDataEpochBasedTrainLoop
+from .loops import AutocastTestLoop
 from .optim_constructor import MergedParamGroupsConstructor
 from .optim_wrapper import BF16OptimWrapper
 
 __all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'NonFiniteLossHook',
            'DeferredRuntimeInfoHook', 'complete_trainable_checkpoint',
-           'MergedParamGroupsConstructor', 'AutocastTestLoop', 'DeviceDataEpochBasedTrainLoop',
-           'BF16OptimWrapper']
+           'MergedParamGroupsConstructor', 'AutocastTestLoop', 'BF16OptimWrapper']

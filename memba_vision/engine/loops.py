@@ -1,30 +1,9 @@
-"""Loops: training from a copy of the training set on the GPU; testing under bf16 autocast
-(mmengine's ``fp16`` switch only gives float16)."""
+"""A test loop under bf16 autocast (mmengine's ``fp16`` switch only gives float16)."""
 import torch
-from mmengine.model import is_model_wrapper
-from mmengine.runner import EpochBasedTrainLoop, TestLoop
+from mmengine.runner import TestLoop
 from mmpretrain.registry import LOOPS
 
-from ..datasets.device_loader import DeviceBatchLoader
-
-__all__ = ['AutocastTestLoop', 'DeviceDataEpochBasedTrainLoop']
-
-
-@LOOPS.register_module()
-class DeviceDataEpochBasedTrainLoop(EpochBasedTrainLoop):
-    """``EpochBasedTrainLoop`` fed by a ``DeviceBatchLoader`` on the model's device.
-
-    For training sets whose samples are the same in every epoch (VTAB-1k's 1,000
-    cached images, no augmentation): the set is copied to the GPU once, and each
-    batch is gathered there, in the order the config's sampler gives. Arguments
-    are ``EpochBasedTrainLoop``'s; the config's ``train_dataloader`` is built as
-    usual and wrapped (its workers never start).
-    """
-
-    def __init__(self, runner, dataloader, max_epochs: int, **kwargs):
-        super().__init__(runner, dataloader, max_epochs, **kwargs)
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        self.dataloader = DeviceBatchLoader(self.dataloader, model.data_preprocessor.device)
+__all__ = ['AutocastTestLoop']
 
 
 @LOOPS.register_module()

@@ -30,7 +30,5 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', eta_min=1e-5, by_epoch=True, begin=warmup_epochs,
          end=max_epochs, convert_to_iter_based=True),
 ]
-# The 1,000 cached training images are copied to the GPU once and batched there
-# (DeviceBatchLoader); a pipeline with random transforms needs EpochBasedTrainLoop.
-train_cfg = dict(type='DeviceDataEpochBasedTrainLoop', max_epochs=max_epochs)
+train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs)
 test_cfg = dict()

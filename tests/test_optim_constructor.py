@@ -65,3 +65,31 @@ def test_merged_groups_match_mmengine_per_parameter_settings():
             optim.update_params(torch.nn.functional.cross_entropy(clf(x, mode='tensor'), y))
     for (n, pa), pb in zip(clf_a.named_parameters(), clf_b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=n)
+
+
+def test_frozen_tensors_are_counted_in_one_line():
+    """mmengine warns once per frozen tensor; the constructor logs one line that counts them."""
+    import logging
+
+    from mmengine.logging import MMLogger
+    init_default_scope('mmpretrain')
+    cfg = Config.fromfile(f'{ROOT}/configs/_base_/schedules/vtab1k_100e.py').optim_wrapper
+    cfg = dict(cfg, type='OptimWrapper')
+    cfg.pop('dtype')
+    clf = _classifier()
+    frozen = sum(1 for p in clf.parameters() if not p.requires_grad)
+    assert frozen > 10
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    try:
+        build_optim_wrapper(clf, cfg)
+        # the stock constructor still warns, and the filter is gone afterwards
+        build_optim_wrapper(clf, {k: v for k, v in cfg.items() if k != 'constructor'})
+    finally:
+        logger.removeHandler(handler)
+    skipped = [m for m in messages if 'requires_grad=False' in m]
+    assert skipped[0] == f'{frozen} frozen tensors (requires_grad=False) are not optimised'
+    assert len(skipped) == 1 + frozen and all('is skipped since' in m for m in skipped[1:])

@@ -110,8 +110,6 @@ setup(
         'mmengine>=0.10.0,<0.11.0',
         _mmcv_requirement(),
         'mmpretrain>=1.2.0,<1.3.0',
-        'timm',
-        'einops',
         'numpy',
         'pillow',
     ],

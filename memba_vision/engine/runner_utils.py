@@ -3,7 +3,7 @@ up-front input checks with actionable messages, and result files."""
 import json
 import os
 import os.path as osp
-from typing import Optional
+from typing import Optional, Tuple
 
 from mmengine.config import Config
 
@@ -118,13 +118,20 @@ def write_result(work_dir: str, result: dict) -> str:
     return path
 
 
-def final_checkpoint(work_dir: str) -> Optional[str]:
-    """The checkpoint named by the work dir's ``last_checkpoint`` marker, if it exists."""
+def _marked_checkpoint(work_dir: str) -> Tuple[str, Optional[str]]:
+    """(the path of the work dir's ``last_checkpoint`` marker, the checkpoint it names or None
+    when there is no marker)."""
     marker = osp.join(work_dir, 'last_checkpoint')
     if not osp.isfile(marker):
-        return None
-    path = open(marker).read().strip()
-    return path if osp.isfile(path) else None
+        return marker, None
+    with open(marker) as f:
+        return marker, f.read().strip()
+
+
+def final_checkpoint(work_dir: str) -> Optional[str]:
+    """The checkpoint named by the work dir's ``last_checkpoint`` marker, if it exists."""
+    path = _marked_checkpoint(work_dir)[1]
+    return path if path and osp.isfile(path) else None
 
 
 def check_resumable(work_dir: str) -> None:
@@ -133,11 +140,8 @@ def check_resumable(work_dir: str) -> None:
     (mmengine would start resuming and fail deep inside the runner.) A work dir
     without a marker is fine: ``--resume`` then starts a fresh run.
     """
-    marker = osp.join(work_dir, 'last_checkpoint')
-    if not osp.isfile(marker):
-        return
-    named = open(marker).read().strip()
-    if not osp.isfile(named):
+    marker, named = _marked_checkpoint(work_dir)
+    if named is not None and not osp.isfile(named):
         found = sorted(f for f in os.listdir(work_dir) if f.endswith('.pth'))
         hint = (f'resume from one of {found} with --resume CHECKPOINT' if found else
                 'no checkpoint is left there; train without --resume')

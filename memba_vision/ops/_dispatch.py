@@ -20,12 +20,18 @@ def log_once(key: str, msg: str) -> None:
     print_log(msg, logger='current')
 
 
-def _import_fn(module: str, name: str, label: str) -> Tuple[Optional[Callable], str]:
-    """(``module.name``, '') or (None, why it cannot be imported)."""
+def try_import(module: str, name: Optional[str] = None,
+               label: Optional[str] = None) -> Tuple[Optional[object], str]:
+    """(the module, or its attribute ``name``, '') or (None, why it cannot be imported).
+
+    ``module`` may be relative to memba_vision.ops; ``label`` names it in the reason. A
+    built extension fails here too when it was built against another torch or CUDA.
+    """
     try:
-        return getattr(importlib.import_module(module, __package__), name), ''
+        found = importlib.import_module(module, __package__)
+        return (getattr(found, name) if name else found), ''
     except Exception as e:  # ImportError, or a CUDA build that fails to load
-        return None, f'{label} unavailable: {type(e).__name__}: {e}'.split('\n')[0]
+        return None, f'{label or module} unavailable: {type(e).__name__}: {e}'.split('\n')[0]
 
 
 def forced_backend(env: str, choices: Tuple[str, ...]) -> str:
@@ -35,15 +41,6 @@ def forced_backend(env: str, choices: Tuple[str, ...]) -> str:
         allowed = ', '.join(choices[:-1]) + ' or ' + choices[-1]
         raise ValueError(f'{env} must be {allowed}, got {forced!r}')
     return forced
-
-
-def load_extension(name: str) -> Tuple[Optional[object], str]:
-    """(the extension module ``memba_vision.<name>``, '') or (None, why it cannot be imported:
-    not built, or built against another torch/CUDA)."""
-    try:
-        return importlib.import_module(f'memba_vision.{name}'), ''
-    except Exception as e:
-        return None, f'memba_vision.{name} unavailable: {type(e).__name__}: {e}'.split('\n')[0]
 
 
 def require_loaded(loaded: Tuple[Optional[object], str]):
@@ -66,16 +63,16 @@ def extension_unavailable(loaded: Tuple[Optional[object], str]) -> str:
 @functools.lru_cache(maxsize=None)
 def mamba_ssm_scan_fn() -> Tuple[Optional[Callable], str]:
     """(mamba_ssm's selective_scan_fn, '') or (None, why it is unusable)."""
-    return _import_fn('mamba_ssm.ops.selective_scan_interface', 'selective_scan_fn', 'mamba-ssm')
+    return try_import('mamba_ssm.ops.selective_scan_interface', 'selective_scan_fn', 'mamba-ssm')
 
 
 @functools.lru_cache(maxsize=None)
 def triton_scan_fn() -> Tuple[Optional[Callable], str]:
     """(memba_vision's Triton selective scan, '') or (None, why it is unusable)."""
-    return _import_fn('.selective_scan_triton', 'selective_scan_triton', 'triton')
+    return try_import('.selective_scan_triton', 'selective_scan_triton', 'triton')
 
 
 @functools.lru_cache(maxsize=None)
 def causal_conv1d_cuda_fn() -> Tuple[Optional[Callable], str]:
     """(causal_conv1d_fn, '') or (None, why it is unusable)."""
-    return _import_fn('causal_conv1d', 'causal_conv1d_fn', 'causal-conv1d')
+    return try_import('causal_conv1d', 'causal_conv1d_fn', 'causal-conv1d')

@@ -10,9 +10,10 @@ import functools
 import torch
 
 from . import lim_cuda
+from ._dispatch import try_import
 from .lim import register_lim_backend
 
-__all__ = ['triton_unavailable_reason']
+__all__ = []
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,21 +21,13 @@ def _triton_module():
     """(memba_vision.ops.lim_triton, '') or (None, why it is unusable)."""
     if not torch.cuda.is_available():
         return None, 'no CUDA device'
-    try:
-        from . import lim_triton
-    except Exception as e:  # triton missing or broken
-        return None, f'triton unavailable: {type(e).__name__}: {e}'.split('\n')[0]
-    return lim_triton, ''
+    return try_import('.lim_triton', label='triton')  # triton missing or broken
 
 
 @functools.lru_cache(maxsize=None)
 def _triton_available() -> bool:
     module = _triton_module()[0]
     return module is not None and module.is_available()
-
-
-def triton_unavailable_reason() -> str:
-    return _triton_module()[1]
 
 
 def _lim_triton(x, num_chunks, leak, threshold, u_prev):

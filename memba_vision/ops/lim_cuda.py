@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._dispatch import extension_unavailable, load_extension, require_loaded
+from ._dispatch import extension_unavailable, require_loaded, try_import
 
 __all__ = ['is_available', 'unavailable_reason', 'lim_cuda']
 
@@ -23,7 +23,7 @@ _op = None  # torch.ops.memba_vision.lim.default once the extension is loaded
 @functools.lru_cache(maxsize=None)
 def _load():
     """(torch.ops.memba_vision.lim.default, '') or (None, why it is unusable)."""
-    ext, why = load_extension('_lim_cuda')  # importing it registers torch.ops.memba_vision.lim
+    ext, why = try_import('memba_vision._lim_cuda')  # importing it registers torch.ops.memba_vision.lim
     if ext is None:
         return None, why
     try:

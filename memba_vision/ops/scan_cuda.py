@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._dispatch import extension_unavailable, load_extension, require_loaded
+from ._dispatch import extension_unavailable, require_loaded, try_import
 
 __all__ = ['is_available', 'unavailable_reason', 'extension', 'scan_tokens_cuda',
            'conv_tokens_cuda',
@@ -32,7 +32,7 @@ CONV_WIDTH = 4   # conv kernel width
 @functools.lru_cache(maxsize=None)
 def _load():
     """(the extension module, '') or (None, why it is unusable)."""
-    return load_extension('_scan_cuda')
+    return try_import('memba_vision._scan_cuda')
 
 
 @functools.lru_cache(maxsize=None)

@@ -147,10 +147,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA de
 
 
 def _ext():
-    from memba_vision.ops import scan_cuda
-    if not scan_cuda.is_available():
-        pytest.skip(scan_cuda.unavailable_reason())
-    return scan_cuda.extension()
+    from memba_vision.ops.bidirectional_ssm import scan_extension
+    ext, why = scan_extension()
+    if ext is None:
+        pytest.skip(why)
+    return ext
 
 
 @cuda
@@ -231,7 +232,7 @@ def test_fused_mixer_matches_the_per_op_mixer_on_gpu(gate, dtype, monkeypatch):
     membrane = random_membrane(gate, 2, 45, 'cuda', dtype)
     fused = run(mixer, hidden, membrane, fused=True)
     with monkeypatch.context() as m:
-        m.setenv('MEMBA_LIM_BACKEND', 'torch')  # turns the fused core off
+        m.setenv('MEMBA_BACKEND', 'reference')  # turns the fused core off
         assert mixer._fused(mixer.in_proj(hidden), membrane) is None
         per_op = run(mixer, hidden, membrane)
     ref = run(mixer.double().cpu(), hidden.double().cpu(),

@@ -1,9 +1,7 @@
-"""Fused LIM backends (CUDA extension, Triton) against the fp64 PyTorch reference.
+"""The fused LIM backend (CUDA extension, kernels/lim) against the fp64 PyTorch reference.
 
-GPU tests run each available fused backend through ``ops.lim`` with
-MEMBA_LIM_BACKEND forcing it; they skip without a GPU. On CPU the Triton kernels
-run through Triton's interpreter in a subprocess (TRITON_INTERPRET=1 must be
-set before triton is imported).
+GPU tests run it through ``ops.lim``, which picks it for CUDA tensors once the
+extension is built; they skip without a GPU or the extension.
 
 A reset decision can legitimately differ between the fp32 kernels and the fp64
 reference when a membrane lands within rounding of the threshold; since every
@@ -11,14 +9,10 @@ reference when a membrane lands within rounding of the threshold; since every
 comparison (and must stay rare). The "fires often" threshold 0.55 is not on the
 coarse grid of bf16 inputs, so exact ties do not pile up there.
 """
-import json
 import os
 import random
-import re
 import subprocess
 import sys
-import textwrap
-from importlib.metadata import PackageNotFoundError, version
 
 import pytest
 import torch
@@ -27,8 +21,7 @@ import memba_vision.ops as ops
 from memba_vision.ops import lim_reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = 'MEMBA_LIM_BACKEND'
-FUSED = ('cuda', 'triton')
+ENV = 'MEMBA_BACKEND'
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
 
@@ -130,44 +123,39 @@ def check_case(B, L, R, T, dtype, device, with_prev, threshold, leak=0.5, seed=0
                    what or f'B={B} L={L} R={R} T={T} {dtype} prev={with_prev} th={threshold}')
 
 
-@pytest.fixture(params=FUSED)
-def fused_backend(request, monkeypatch):
+@pytest.fixture
+def fused_backend(monkeypatch):
     if not torch.cuda.is_available():
         pytest.skip('needs a CUDA GPU')
-    if request.param not in ops.available_lim_backends():
-        pytest.skip(f'LIM backend {request.param} unavailable')
-    monkeypatch.setenv(ENV, request.param)
-    return request.param
+    monkeypatch.delenv(ENV, raising=False)
+    name = ops.lim_backend(torch.empty(1, device='cuda'))
+    if name != 'cuda':
+        pytest.skip(f'LIM backend cuda unavailable (lim runs on {name})')
+    return name
 
 
 # ------------------------------------------------------------------ CPU tests
-def test_cpu_import_registers_backends_lazily():
+def test_cpu_import_loads_no_extension():
     code = ('import sys, torch, memba_vision.ops as o; '
-            'print(o.available_lim_backends() if not torch.cuda.is_available() else "gpu"); '
-            'print("memba_vision._lim_cuda" in sys.modules, '
-            '"memba_vision.ops.lim_triton" in sys.modules)')
+            'print(o.lim_backend(torch.zeros(1, 4, 2))); '
+            'print("memba_vision._lim_cuda" in sys.modules, "mamba_ssm" in sys.modules)')
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
     env.pop(ENV, None)
     res = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
                          cwd=ROOT, timeout=120)
     assert res.returncode == 0, res.stderr
     backends, loaded = res.stdout.strip().splitlines()[-2:]
-    if backends != 'gpu':
-        assert backends == "('torch',)"
-    assert loaded == 'False False', 'importing memba_vision.ops loaded a fused LIM backend'
+    assert backends == 'reference'
+    assert loaded == 'False False', 'importing memba_vision.ops loaded an extension or mamba_ssm'
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason='CPU-only behaviour')
-def test_cpu_only_torch_backend_available():
-    assert ops.available_lim_backends() == ('torch',)
-    assert ops.lim_backend(torch.zeros(1, 4, 2)) == 'torch'
-
-
-@pytest.mark.parametrize('forced', FUSED)
-def test_forcing_a_fused_backend_on_cpu_tensors_raises(monkeypatch, forced):
-    monkeypatch.setenv(ENV, forced)
-    with pytest.raises(RuntimeError, match=f'{ENV}={forced} needs CUDA tensors'):
-        ops.lim(torch.randn(2, 8, 4), 4)
+@needs_gpu
+def test_forcing_the_reference_on_gpu(monkeypatch):
+    monkeypatch.setenv(ENV, 'reference')
+    x, u, go, gm = make_inputs(2, 197, 16, 4, torch.float32, 'cuda', True, seed=5)
+    assert ops.lim_backend(x) == 'reference'
+    out, _ = ops.lim(x, 4, 0.5, 0.55, u)
+    assert not _is_cpp_node(out.grad_fn)
 
 
 def _error_cases(device):
@@ -186,9 +174,8 @@ def _error_cases(device):
 
 @pytest.mark.parametrize('device', ['cpu', pytest.param('cuda', marks=needs_gpu)])
 def test_error_messages_identical_for_every_backend(monkeypatch, device):
-    modes = ['torch'] + [b for b in FUSED if device == 'cpu' or b in ops.available_lim_backends()]
     seen = {}
-    for mode in modes:
+    for mode in ('', 'reference'):  # whatever the device runs, and the reference
         monkeypatch.setenv(ENV, mode)
         for name, call in _error_cases(device).items():
             with pytest.raises((ValueError, TypeError)) as info:
@@ -196,74 +183,6 @@ def test_error_messages_identical_for_every_backend(monkeypatch, device):
             seen.setdefault(name, set()).add((info.type, str(info.value)))
     for name, errors in seen.items():
         assert len(errors) == 1, f'{name}: different errors per backend: {errors}'
-
-
-_INTERPRETER_SCRIPT = textwrap.dedent('''
-    import json, sys, torch
-    sys.path.insert(0, {tests!r})
-    import test_lim_backends as t
-    from memba_vision.ops.lim_triton import lim_triton as fn
-    cases = 0
-    for L in (1, 3, 197):
-        for T in (1, 4):
-            if T > L:
-                continue
-            for with_prev in (False, True):
-                for th in (0.55, 1e9):
-                    t.check_case(2, L, 8, T, torch.float32, 'cpu', with_prev, th, seed=cases,
-                                 fn=fn)
-                    cases += 1
-    t.check_case(2, 197, 16, 4, torch.bfloat16, 'cpu', True, 0.55, seed=1, fn=fn)
-    t.check_case(1, 70, 3, 35, torch.float64, 'cpu', True, 0.5, leak=0.9, seed=2, fn=fn)
-    t.check_case(3, 11, 5, 3, torch.float32, 'cpu', False, 0.3, leak=0.9, seed=3, fn=fn)
-    x, u, go, gm = t.make_inputs(2, 197, 8, 4, torch.float32, 'cpu', True, 9)
-    for g_out, g_mean in ((go, None), (None, gm)):  # one output unused: its grad is None
-        got = t.run_lim(x, u, 4, 0.5, 0.55, g_out, g_mean, fn)
-        want = t.reference(x, u, 4, 0.5, 0.55, g_out, g_mean)
-        t.assert_matches(got, want, t.decision_margin(x, u, 4, 0.5, 0.55), 4,
-                         *t.TOL[torch.float32])
-    print(json.dumps({{"cases": cases + 5}}))
-''')
-
-
-def _release(version):
-    """'3.6.0+git1a2b' -> (3, 6)."""
-    return tuple(int(p) for p in re.findall(r'\d+', version)[:2])
-
-
-def _interpreter_blocker():
-    """Why the installed triton's interpreter cannot run any runtime loop here, or ''.
-
-    Before triton 3.7 the interpreter passes scalar kernel arguments as 1-element
-    numpy arrays and converts them with ``int(array)`` for ``range(n)``; numpy
-    >= 2.4 turned that deprecated conversion into a TypeError
-    (triton-lang/triton#9171, fixed for 3.7 by #9172). The compiled kernels are
-    unaffected: with that one interpreter line fixed, or with numpy < 2.4,
-    triton 3.6 runs this test's 21 cases correctly.
-    """
-    try:
-        triton_version, numpy_version = version('triton'), version('numpy')
-    except PackageNotFoundError:
-        return ''
-    if _release(triton_version) < (3, 7) and _release(numpy_version) >= (2, 4):
-        return (f'the triton {triton_version} interpreter cannot run range() over a runtime '
-                f'argument with numpy {numpy_version} (>= 2.4): TypeError(only 0-dimensional '
-                f'arrays can be converted to Python scalars); triton-lang/triton#9171, '
-                f'fixed in triton 3.7')
-    return ''
-
-
-@pytest.mark.skipif(bool(_interpreter_blocker()), reason=_interpreter_blocker() or 'n/a')
-def test_triton_kernels_in_interpreter():
-    pytest.importorskip('triton')
-    env = dict(os.environ, TRITON_INTERPRET='1',
-               PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    env.pop(ENV, None)
-    script = _INTERPRETER_SCRIPT.format(tests=os.path.join(ROOT, 'tests'))
-    res = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
-                         env=env, cwd=ROOT, timeout=300)
-    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
-    assert json.loads(res.stdout.strip().splitlines()[-1])['cases'] == 21
 
 
 # ------------------------------------------------------------------ GPU tests
@@ -502,9 +421,9 @@ def test_op_gradcheck_fp64(cuda_ops, with_prev):
 
 def test_cuda_backend_backward_runs_no_python(cuda_ops, monkeypatch):
     """ops.lim on the cuda backend builds the C++ autograd node, not a Python Function."""
-    if 'cuda' not in ops.available_lim_backends():
+    monkeypatch.delenv(ENV, raising=False)
+    if ops.lim_backend(torch.empty(1, device='cuda')) != 'cuda':
         pytest.skip('LIM backend cuda unavailable')
-    monkeypatch.setenv(ENV, 'cuda')
     x, u, go, gm = make_inputs(2, 197, 16, 4, torch.float32, 'cuda', True, seed=12)
     out, u_mean = ops.lim(x, 4, 0.5, 0.55, u)
     assert out.grad_fn is u_mean.grad_fn and _is_cpp_node(out.grad_fn)

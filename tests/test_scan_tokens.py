@@ -2,8 +2,9 @@
 
 Both are checked against per-token loops written here in fp64: the reversed direction
 walks the tokens backwards directly (no flips), and the gate correction is added
-literally. On a GPU with the extension built, the memba_vision CUDA kernels are
-checked the same way, outputs and every gradient.
+literally. On a GPU with the extension built, memba_vision's scan and conv kernels
+(``memba_vision._scan_cuda``, which ``ops.bidirectional_ssm`` runs) are checked the
+same way, outputs and every gradient, through the small autograd wrappers below.
 """
 import pytest
 import torch
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import requires_cuda
 from memba_vision.ops import causal_conv1d_tokens, selective_scan_tokens
-from memba_vision.ops import scan_cuda
+from memba_vision.ops.bidirectional_ssm import scan_extension
 
 
 def loop_scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate):
@@ -107,19 +108,75 @@ def test_conv_tokens_matches_loop_on_cpu(reverse):
     assert rel(out, loop_conv(x, w, bias, not reverse)) > 1e-2
 
 
-def test_memba_backend_refuses_cpu(monkeypatch):
-    monkeypatch.setenv('MEMBA_SCAN_BACKEND', 'memba')
-    inp = make_inputs(1, 5, 4, n=4, r=3)
-    with pytest.raises(RuntimeError, match='MEMBA_SCAN_BACKEND=memba'):
-        call(api, inp, False)
-    monkeypatch.setenv('MEMBA_CONV_BACKEND', 'memba')
-    with pytest.raises(RuntimeError, match='MEMBA_CONV_BACKEND=memba'):
-        causal_conv1d_tokens(torch.randn(1, 5, 4), torch.randn(4, 4))
-
-
 # ----------------------------------------------------------------- CUDA kernels
 requires_kernels = pytest.mark.skipif(
-    not scan_cuda.is_available(), reason=f'needs the scan extension: {scan_cuda.unavailable_reason()}')
+    scan_extension()[0] is None, reason=f'needs the scan extension: {scan_extension()[1]}')
+
+
+def _f32(t):
+    return None if t is None else t.detach().float().contiguous()
+
+
+def _like(t, ref):
+    """``t`` in ref's dtype with a contiguous last axis."""
+    if t is None:
+        return None
+    t = t.to(ref.dtype)
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class _KernelScan(torch.autograd.Function):
+    """The extension's scan_fwd / scan_bwd as one autograd node (frozen A, D, bias); the
+    gate's dS, dW from the kernel's dz' by the products ``ops.bidirectional_ssm`` uses."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, bias, S, W, softplus, reverse):
+        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, S, W)
+        ctx.flags = (softplus, reverse)
+        return scan_extension()[0].scan_fwd(u, delta, A, B, C, D, z, bias, S, W, softplus,
+                                            reverse)
+
+    @staticmethod
+    def backward(ctx, dy):
+        u, delta, A, B, C, D, z, bias, S, W = ctx.saved_tensors
+        du, ddelta, dz, dB, dC = scan_extension()[0].scan_bwd(
+            u, delta, A, B, C, D, z, bias, S, W, _like(dy, u), *ctx.flags)
+        dS = dW = None
+        if S is not None:
+            dS = torch.matmul(dz, W.to(dz.dtype))
+            dW = torch.matmul(dz.flatten(0, 1).t(), S.flatten(0, 1)).float()
+        return (du, ddelta, None, dB.to(B.dtype), dC.to(C.dtype), None,
+                dz if z is not None else None, None, dS, dW, None, None)
+
+
+def kernel_api(u, delta, A, B, C, D, z, bias, softplus, reverse, gate):
+    """``api`` on memba_vision's scan kernel."""
+    S, W = gate if gate is not None else (None, None)
+    return _KernelScan.apply(_like(u, u), _like(delta, u), _f32(A), _like(B, u), _like(C, u),
+                             _f32(D), _like(z, u), _f32(bias), _like(S, u),
+                             None if W is None else W.float().contiguous(), bool(softplus),
+                             bool(reverse))
+
+
+class _KernelConv(torch.autograd.Function):
+    """The extension's conv_fwd / conv_bwd (frozen weight and bias)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, reverse):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.reverse = reverse
+        return scan_extension()[0].conv_fwd(x, weight, bias, reverse, True)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias = ctx.saved_tensors
+        dx = scan_extension()[0].conv_bwd(x, weight, bias, _like(dy, x), ctx.reverse, True)
+        return dx, None, None, None
+
+
+def kernel_conv(x, weight, bias, reverse):
+    """SiLU(causal conv) of token-major x on memba_vision's conv kernel."""
+    return _KernelConv.apply(_like(x, x), _f32(weight), _f32(bias), bool(reverse))
 
 
 def grads_of(fn, inp, reverse, with_z, with_gate, dy):
@@ -141,7 +198,7 @@ def grads_of(fn, inp, reverse, with_z, with_gate, dy):
 def test_scan_kernel_matches_loop_fp32(b, l, d, reverse, with_z, with_gate):
     inp = make_inputs(b, l, d, device='cuda', seed=b * 1000 + l + d)
     dy = torch.randn(b, l, d, device='cuda')
-    y, g = grads_of(api, inp, reverse, with_z, with_gate, dy)
+    y, g = grads_of(kernel_api, inp, reverse, with_z, with_gate, dy)
     y_ref, g_ref = grads_of(loop_scan, inp, reverse, with_z, with_gate, dy)
     errs = {'y': rel(y, y_ref), **{k: rel(g[k], g_ref[k]) for k in g}}
     print(f'SCAN fp32 b={b} l={l} d={d} reverse={reverse} z={with_z} gate={with_gate}: ' +
@@ -156,7 +213,7 @@ def test_scan_kernel_matches_loop_fp32(b, l, d, reverse, with_z, with_gate):
 def test_scan_kernel_half_precision(dtype, reverse):
     inp = make_inputs(4, 197, 768, device='cuda', dtype=dtype)
     dy = torch.randn(4, 197, 768, device='cuda')
-    y, g = grads_of(api, inp, reverse, True, True, dy)
+    y, g = grads_of(kernel_api, inp, reverse, True, True, dy)
     y_ref, g_ref = grads_of(loop_scan, inp, reverse, True, True, dy.to(dtype))
     assert y.dtype == dtype and g['u'].dtype == dtype
     errs = {'y': rel(y, y_ref), **{k: rel(g[k], g_ref[k]) for k in g}}
@@ -169,7 +226,7 @@ def test_scan_kernel_half_precision(dtype, reverse):
 def test_scan_kernel_is_deterministic_and_writes_everything():
     inp = make_inputs(2, 197, 768, device='cuda')
     dy = torch.randn(2, 197, 768, device='cuda')
-    runs = [grads_of(api, inp, True, True, True, dy) for _ in range(2)]
+    runs = [grads_of(kernel_api, inp, True, True, True, dy) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0])
     for k in runs[0][1]:
         assert torch.equal(runs[0][1][k], runs[1][1][k]), k
@@ -186,7 +243,7 @@ def test_conv_kernel_matches_loop(reverse, dtype, l):
     x = xz[..., 200:]  # a strided view, as the mixer passes it
     w, bias = torch.randn(200, 4, device='cuda'), torch.randn(200, device='cuda')
     xg = x.detach().clone().requires_grad_()
-    out = causal_conv1d_tokens(xg, w, bias, activation='silu', reverse=reverse)
+    out = kernel_conv(xg, w, bias, reverse)
     g = torch.randn_like(out)
     out.backward(g)
     xr = x.detach().double().requires_grad_()

@@ -7,9 +7,8 @@
         --modes graph eager --profile \
         --baseline "python third_party/baselines/official_vim_step.py third_party/vim"
 
-For each backbone, method (lora; memba with the reference LIM; memba with the
-fused LIM), batch size, precision and mode (``graph``: the configs' setting,
-CUDA-graph replay of the backbone; ``eager``): the time of one training step
+For each backbone, method (lora, memba), batch size, precision and mode (``graph``:
+the configs' setting, CUDA-graph replay of the backbone; ``eager``): the time of one training step
 (forward, backward and AdamW on the trainable tensors; CUDA events, median after
 warm-up), images/s, peak GPU memory, and evaluation images/s. No dataset or
 weights are needed. ``--profile`` adds, for every Vim-S batch-32 bf16 row, the
@@ -22,7 +21,6 @@ the CPU).
 """
 import argparse
 import gc
-import os
 import os.path as osp
 import re
 import shlex
@@ -38,11 +36,7 @@ from typing import NamedTuple, Optional  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-METHODS = {  # label -> (config method, LIM backend or None for the default)
-    'lora': ('lora', None),
-    'memba (ref LIM)': ('memba', 'torch'),
-    'memba': ('memba', None),
-}
+METHODS = ('lora', 'memba')  # config methods
 TOP_KERNELS = 20  # kernels listed per profiled row
 TINY = {'vim_s': dict(embed_dims=64, depth=2, d_state=8),
         'vmamba_s': dict(dims=16, depths=[1, 1, 1, 1], d_state=8)}
@@ -176,7 +170,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--models', nargs='+', default=['vim_s', 'vmamba_s'], choices=['vim_s', 'vmamba_s'])
-    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
     p.add_argument('--batch-sizes', nargs='+', type=int)
     p.add_argument('--precisions', nargs='+', choices=['fp32', 'bf16'])
     p.add_argument('--modes', nargs='+', choices=['graph', 'eager'],
@@ -214,12 +208,7 @@ def main():
     print(header)
     print('-' * len(header))
     for backbone in args.models:
-        for label in args.methods:
-            method, lim_backend = METHODS[label]
-            if lim_backend:
-                os.environ['MEMBA_LIM_BACKEND'] = lim_backend
-            else:
-                os.environ.pop('MEMBA_LIM_BACKEND', None)
+        for method in args.methods:
             for mode in modes:
                 torch.manual_seed(0)
                 model = build(backbone, method, args.device, cpu, cuda_graph=mode == 'graph')
@@ -229,18 +218,18 @@ def main():
                                      and prec == 'bf16')
                         t, peak, te, prof, _ = measure(model, batch, size, prec == 'bf16',
                                                        args.device, warmup, reps, want_prof)
-                        by_key[(backbone, label, mode, batch, prec)] = (t, peak)
-                        line = (f'{backbone:<9} {label:<16} {mode:<5} {batch:>5} {prec:>5} '
+                        by_key[(backbone, method, mode, batch, prec)] = (t, peak)
+                        line = (f'{backbone:<9} {method:<16} {mode:<5} {batch:>5} {prec:>5} '
                                 f'{t * 1e3:>9.1f} {batch / t:>11.0f} {peak:>9.2f} '
                                 f'{batch / te:>10.0f}')
                         print(line, flush=True)
                         if prof:
-                            profiles.append((f'{backbone} {label} {mode} b{batch} {prec}', t, prof))
+                            profiles.append((f'{backbone} {method} {mode} b{batch} {prec}', t,
+                                             prof))
                 del model
                 gc.collect()
                 if not cpu:
                     torch.cuda.empty_cache()
-            os.environ.pop('MEMBA_LIM_BACKEND', None)
     for name, t, (busy, launches, top) in profiles:
         print(f'\nprofile {name}: step {t * 1e3:.1f} ms, GPU busy {busy:.1f} ms '
               f'({100 * busy / (t * 1e3):.0f}%), {launches:.0f} kernel launches per step')

@@ -1,4 +1,4 @@
-"""Benchmark the LIM backends (torch reference, Triton, fused CUDA) per call.
+"""Benchmark the LIM backends (PyTorch reference, fused CUDA) per call.
 
 For each backend available on the device and each shape (B, L, R) and dtype:
 forward and forward+backward time per call through ``memba_vision.ops.lim``
@@ -22,9 +22,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from memba_vision.ops import available_lim_backends, lim  # noqa: E402
+from memba_vision.ops import lim, lim_backend  # noqa: E402
 
-ENV = 'MEMBA_LIM_BACKEND'
+ENV = 'MEMBA_BACKEND'
 SHAPES = {'Vim-S call': (32, 197, 16), 'VMamba stage 1': (32, 3136, 16),
           'bandwidth': (256, 3136, 64)}
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
@@ -32,8 +32,9 @@ DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16}
 
 @contextlib.contextmanager
 def forced_backend(name):
+    """``lim`` runs on ``name``: 'reference' is forced, 'cuda' is the default on the GPU."""
     old = os.environ.get(ENV)
-    os.environ[ENV] = name
+    os.environ[ENV] = 'reference' if name == 'reference' else ''
     try:
         yield
     finally:
@@ -185,8 +186,9 @@ def main():
     on_gpu = device.type == 'cuda'
     timer = Timer(device, args.warmup if args.warmup is not None else (20 if on_gpu else 1),
                   args.reps if args.reps is not None else (50 if on_gpu else 2))
-    backends = ['torch'] + ([b for b in ('triton', 'cuda') if b in available_lim_backends()]
-                            if on_gpu else [])
+    backends = ['reference']
+    if on_gpu and lim_backend(torch.empty(1, device=device)) == 'cuda':
+        backends.append('cuda')
     if args.shapes:
         shapes = {f'#{i}': tuple(int(v) for v in s.split(',')) for i, s in enumerate(args.shapes)}
     else:
@@ -213,18 +215,13 @@ def main():
         for backend in backends:
             with forced_backend(backend):
                 model[dname, backend] = bench_model(DTYPES[dname], T, device, timer)
-                if on_gpu and backend != 'torch':
+                if on_gpu and backend != 'reference':
                     graphed[dname, backend] = bench_model_graph(DTYPES[dname], T, device, timer)
         floor[dname] = bench_eager_floor(DTYPES[dname], device, timer)
 
     # ------------------------------------------------------------------ report
     name = torch.cuda.get_device_name(device) if on_gpu else 'CPU'
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = 'none'
-    print(f'\nLIM benchmark on {name}: torch {torch.__version__}, triton {triton_version}, '
+    print(f'\nLIM benchmark on {name}: torch {torch.__version__}, '
           f'backends {backends}, num_chunks={T}, leak=0.5, threshold=1.0, '
           f'{timer.reps} reps after {timer.warmup} warm-up (median)')
     print(f'device-to-device copy bandwidth (read+write): {copy_bw / 1e9:.0f} GB/s')
@@ -236,7 +233,7 @@ def main():
         for dname in args.dtypes:
             itemsize = torch.empty(0, dtype=DTYPES[dname]).element_size()
             fwd_b, bwd_b = minimal_bytes(*shape, T, itemsize)
-            ref = results[sname, dname, 'torch']
+            ref = results[sname, dname, 'reference']
             for backend in backends:
                 t_f, t_fb = results[sname, dname, backend]
                 row = f'{sname + " " + str(shape):<30}{dname:>6}{backend:>8} |'

@@ -4,10 +4,10 @@
     python tools/benchmark_scan.py --batch 128 --dtype fp32
 
 Times, side by side in one run (CUDA events, median of --reps after warm-up):
-the token-major kernels of memba_vision (``ops.selective_scan_tokens`` and
-``ops.causal_conv1d_tokens``, one direction, with and without Memba's fused gate)
-and mamba-ssm's ``selective_scan_fn`` on the same data in its (b, d, l) layout,
-forward and forward+backward (gradients for u, delta, B, C and z, as in PEFT).
+the token-major kernels of memba_vision (``memba_vision._scan_cuda``'s scan and
+conv, which ``ops.bidirectional_ssm`` runs: one direction, with and without Memba's
+fused gate, the kernels alone) and mamba-ssm's ``selective_scan_fn`` on the same data
+in its (b, d, l) layout, forward and forward+backward (gradients for u, delta, B, C and z, as in PEFT).
 It also prints the memory-traffic floor of each call at the measured copy
 bandwidth, so the gap to the hardware is visible. Needs a CUDA GPU.
 """
@@ -54,8 +54,11 @@ def main():
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit('benchmark_scan: needs a CUDA GPU')
-    from memba_vision.ops import causal_conv1d_tokens, selective_scan_tokens
-    from memba_vision.ops._dispatch import mamba_ssm_scan_fn
+    from memba_vision.ops.bidirectional_ssm import scan_extension
+    from memba_vision.ops.scan.mamba_ssm import load as mamba_ssm_scan_fn
+    ext, why = scan_extension()
+    if ext is None:
+        raise SystemExit(f'benchmark_scan: {why}')
 
     dt = torch.bfloat16 if args.dtype == 'bf16' else torch.float32
     b, l, d, n, r = args.batch, args.length, args.dim, 16, 16
@@ -76,24 +79,26 @@ def main():
     u, z = xz[..., :d], xz[..., d:]
     Bm, Cm = x_dbl[..., 24:24 + n], x_dbl[..., 24 + n:]
 
-    def ours(gate):
-        return lambda: selective_scan_tokens(u, delta, A, Bm, Cm, Dp, z=z, delta_bias=bias,
-                                             delta_softplus=True, reverse=True,
-                                             gate=(S, W) if gate else None)
-
     rows = []
 
-    def add(name, fwd, nbytes):
-        f = time_ms(lambda: fwd(), args.warmup, args.reps)
-        fb = time_ms(lambda: fwd().backward(dy), args.warmup, args.reps)
+    def add(name, fwd, bwd, nbytes):
+        f = time_ms(fwd, args.warmup, args.reps)
+        fb = time_ms(lambda: (fwd(), bwd()), args.warmup, args.reps)
         rows.append((name, f * 1e3, fb * 1e3, nbytes))
+
+    def ours(gate):  # (forward, backward) of the reversed direction's scan
+        inputs = [t.detach() for t in (u, delta)] + [A, Bm.detach(), Cm.detach(), Dp,
+                                                     z.detach(), bias]
+        inputs += [S.detach(), W.detach()] if gate else [None, None]
+        return (lambda: ext.scan_fwd(*inputs, True, True),
+                lambda: ext.scan_bwd(*inputs, dy, True, True))
 
     elt = torch.finfo(dt).bits // 8
     tok = b * l * d * elt
     # forward floor: read u, delta, z, write y (B, C, S are small); backward also reads
     # dy and writes du, ddelta, dz
-    add('memba_vision scan', ours(False), (4 + 7) * tok)
-    add('memba_vision scan + gate', ours(True), (4 + 7) * tok)
+    add('memba_vision scan', *ours(False), (4 + 7) * tok)
+    add('memba_vision scan + gate', *ours(True), (4 + 7) * tok)
     fn, why = mamba_ssm_scan_fn()
     if fn is not None:
         u_t = u.detach().transpose(1, 2).contiguous().requires_grad_()
@@ -110,9 +115,9 @@ def main():
         rows.append(('mamba-ssm selective_scan_fn', f * 1e3, fb * 1e3, (4 + 7) * tok))
     else:
         print(f'mamba-ssm not timed: {why}')
-    add('memba_vision conv (reversed)',
-        lambda: causal_conv1d_tokens(u, conv_w, conv_b, activation='silu', reverse=True),
-        (2 + 3) * tok)
+    x = u.detach()
+    add('memba_vision conv (reversed)', lambda: ext.conv_fwd(x, conv_w, conv_b, True, True),
+        lambda: ext.conv_bwd(x, conv_w, conv_b, dy, True, True), (2 + 3) * tok)
 
     bw = copy_bandwidth()
     print(f'device: {torch.cuda.get_device_name()}, shape (b, l, d) = ({b}, {l}, {d}), {args.dtype}, '

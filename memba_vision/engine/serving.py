@@ -42,6 +42,8 @@ def serve(parse_args: Callable, run: Callable, lines: Optional[Iterable[str]] = 
     report them; other exceptions with their traceback.
     """
     import torch
+
+    from ..ops.dispatch import reset_backend_log
     for line in sys.stdin if lines is None else lines:
         if not line.strip():
             continue
@@ -54,6 +56,7 @@ def serve(parse_args: Callable, run: Callable, lines: Optional[Iterable[str]] = 
             args = parse_args(argv)
             if getattr(args, 'serve', False):
                 raise SystemExit('error: --serve inside --serve')
+            reset_backend_log()  # each run logs the backends it runs on
             run(args)
         except SystemExit as e:
             if isinstance(e.code, str):

@@ -1,15 +1,16 @@
-"""Ops with a fast CUDA path and a pure-PyTorch reference of identical numerics."""
+"""Ops, one package each (its reference, its fast paths, its choice between them), and
+``dispatch``, which chooses for all of them (``MEMBA_BACKEND=reference`` forces the
+references; which backend ran is logged once per run)."""
 from .bidirectional_ssm import MembaGateParams, SSMDirection, bidirectional_ssm
-from .causal_conv1d import causal_conv1d, causal_conv1d_reference, causal_conv1d_tokens
-from .lim import (available_lim_backends, lim, lim_backend, lim_reference,
-                  register_lim_backend)
-from .selective_scan import (scan_backend, selective_scan, selective_scan_reference,
-                             selective_scan_tokens)
-from . import lim_backends  # noqa: F401  registers the fused LIM backends (lazy, CPU-safe)
+from .conv import causal_conv1d_reference, causal_conv1d_tokens
+from .dispatch import reset_backend_log
+from .lim import lim, lim_backend, lim_reference
+from .scan import scan_backend, selective_scan, selective_scan_reference, selective_scan_tokens
 
 __all__ = [
     'selective_scan', 'selective_scan_reference', 'selective_scan_tokens', 'scan_backend',
-    'causal_conv1d', 'causal_conv1d_reference', 'causal_conv1d_tokens',
-    'lim', 'lim_reference', 'lim_backend', 'available_lim_backends', 'register_lim_backend',
+    'causal_conv1d_reference', 'causal_conv1d_tokens',
+    'lim', 'lim_reference', 'lim_backend',
     'bidirectional_ssm', 'SSMDirection', 'MembaGateParams',
+    'reset_backend_log',
 ]

@@ -14,7 +14,7 @@ from mmpretrain.registry import MODELS
 from torch import Tensor
 
 from ...ops import causal_conv1d_tokens, selective_scan_tokens
-from ...ops._dispatch import log_once
+from ...ops.dispatch import log_once
 from ...ops.bidirectional_ssm import (MembaGateParams, SSMDirection, bidirectional_ssm,
                                       bidirectional_ssm_reason)
 from ..peft import PEFTConfig, build_gate, freeze_all_but_peft, parse_peft, wrap_lora

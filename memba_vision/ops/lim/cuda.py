@@ -13,17 +13,15 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ._dispatch import extension_unavailable, require_loaded, try_import
+from ..dispatch import cuda_unavailable, extension
 
-__all__ = ['is_available', 'unavailable_reason', 'lim_cuda']
-
-_op = None  # torch.ops.memba_vision.lim.default once the extension is loaded
+__all__ = ['unavailable_reason', 'lim_cuda']
 
 
 @functools.lru_cache(maxsize=None)
 def _load():
     """(torch.ops.memba_vision.lim.default, '') or (None, why it is unusable)."""
-    ext, why = try_import('memba_vision._lim_cuda')  # importing it registers torch.ops.memba_vision.lim
+    ext, why = extension('memba_vision._lim_cuda')  # importing it registers the op
     if ext is None:
         return None, why
     try:
@@ -32,24 +30,13 @@ def _load():
         return None, f'memba_vision._lim_cuda: no torch.ops.memba_vision.lim: {e}'.split('\n')[0]
 
 
-@functools.lru_cache(maxsize=None)
-def is_available() -> bool:
-    """True when the extension imports and a CUDA device is visible."""
-    return not extension_unavailable(_load())
-
-
-def unavailable_reason() -> str:
-    return extension_unavailable(_load())
-
-
-def _get_op():
-    global _op
-    _op = require_loaded(_load())
-    return _op
+def unavailable_reason(x: Tensor) -> str:
+    """'' when the op can run on tensors like ``x``, else why not."""
+    return cuda_unavailable(x, _load)
 
 
 def lim_cuda(x: Tensor, num_chunks: int = 4, leak: float = 0.5, threshold: float = 1.0,
              u_prev: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Fused LIM; inputs are assumed validated by ``ops.lim`` (the op makes them
     contiguous itself)."""
-    return (_op or _get_op())(x, u_prev, num_chunks, leak, threshold)
+    return _load()[0](x, u_prev, num_chunks, leak, threshold)

@@ -30,11 +30,20 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..utils import persistent_stream
-from . import scan_cuda
-from ._dispatch import forced_backend
+from ...utils import persistent_stream
+from ..dispatch import ENV, cuda_unavailable, extension, reference_forced
 
-__all__ = ['SSMDirection', 'MembaGateParams', 'bidirectional_ssm', 'bidirectional_ssm_reason']
+__all__ = ['SSMDirection', 'MembaGateParams', 'bidirectional_ssm', 'bidirectional_ssm_reason',
+           'scan_extension', 'D_STATE', 'GATE_RANK', 'CONV_WIDTH']
+
+D_STATE = 16     # the kernels' state size (N)
+GATE_RANK = 16   # rank of the fused gate correction
+CONV_WIDTH = 4   # conv kernel width
+
+
+def scan_extension():
+    """(``memba_vision._scan_cuda``, '') or (None, why it cannot be imported)."""
+    return extension('memba_vision._scan_cuda')
 
 
 class SSMDirection(NamedTuple):
@@ -200,17 +209,12 @@ def bidirectional_ssm_reason(xz: Tensor, dirs: Tuple[SSMDirection, ...],
                              gate: Optional[MembaGateParams], kernels=None) -> str:
     """'' when ``bidirectional_ssm`` can run on these inputs with the CUDA kernels, else why not.
 
-    Forcing another scan, conv or LIM backend through the environment
-    (``MEMBA_SCAN_BACKEND``, ``MEMBA_CONV_BACKEND``, ``MEMBA_LIM_BACKEND``) turns it off.
-    With a stand-in ``kernels`` object the extension's availability is not checked.
+    ``MEMBA_BACKEND=reference`` turns it off. With a stand-in ``kernels`` object the
+    extension's availability is not checked.
     """
-    for env, choices, own in (('MEMBA_SCAN_BACKEND', ('memba', 'triton', 'cuda', 'torch'), 'memba'),
-                              ('MEMBA_CONV_BACKEND', ('memba', 'cuda', 'torch'), 'memba'),
-                              ('MEMBA_LIM_BACKEND', ('cuda', 'triton', 'torch'), 'cuda')):
-        forced = forced_backend(env, choices)
-        if forced not in ('', own):
-            return f'{env}={forced}'
-    reason = scan_cuda.unavailable_for(xz) if kernels is None else ''
+    if reference_forced():
+        return f'{ENV}=reference'
+    reason = cuda_unavailable(xz, scan_extension) if kernels is None else ''
     if reason:
         return reason
     if kernels is None and xz.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -218,16 +222,16 @@ def bidirectional_ssm_reason(xz: Tensor, dirs: Tuple[SSMDirection, ...],
     if len(dirs) != 2:
         return f'{len(dirs)} directions'
     for p in dirs:
-        if p.A.shape[1] != scan_cuda.D_STATE:
-            return f'd_state {p.A.shape[1]} != {scan_cuda.D_STATE}'
-        if p.conv_weight.shape[1] != scan_cuda.CONV_WIDTH:
-            return f'conv width {p.conv_weight.shape[1]} != {scan_cuda.CONV_WIDTH}'
+        if p.A.shape[1] != D_STATE:
+            return f'd_state {p.A.shape[1]} != {D_STATE}'
+        if p.conv_weight.shape[1] != CONV_WIDTH:
+            return f'conv width {p.conv_weight.shape[1]} != {CONV_WIDTH}'
         if torch.is_grad_enabled() and any(t.requires_grad for t in p):
             return 'an SSM parameter requires a gradient'
     if gate is not None:
         w_in, w_out = gate_weights
-        if w_out.shape[1] != scan_cuda.GATE_RANK:
-            return f'gate rank {w_out.shape[1]} != {scan_cuda.GATE_RANK}'
+        if w_out.shape[1] != GATE_RANK:
+            return f'gate rank {w_out.shape[1]} != {GATE_RANK}'
         if not 1 <= gate.num_chunks <= 64:
             return f'gate num_chunks {gate.num_chunks} > 64'
     return ''
@@ -245,7 +249,9 @@ def bidirectional_ssm(xz: Tensor, dirs: Tuple[SSMDirection, SSMDirection],
     None for zero membranes. The caller checks ``bidirectional_ssm_reason`` first.
     """
     if kernels is None:
-        kernels = scan_cuda.extension()
+        kernels, why = scan_extension()
+        if kernels is None:
+            raise RuntimeError(why)
     f32 = torch.promote_types(xz.dtype, torch.float32)  # fp64 stays fp64 for the references
 
     def wide(t):  # what the kernels read in fp32: conv weights and biases, A, D

@@ -54,3 +54,20 @@ def test_served_runs_get_distinct_experiment_names(capsys):
     names = {served_experiment_name('configs/x/a_task.py', 'tools/test.py') for _ in range(3)}
     assert len(names) == 3 and all(n.startswith('a_task_') for n in names)
     assert 'tools/test.py --serve: process' in capsys.readouterr().out
+
+
+def test_each_served_run_logs_its_backends(monkeypatch):
+    import mmengine.logging
+    import torch
+
+    from memba_vision.ops import lim
+    logged = []
+    monkeypatch.setattr(mmengine.logging, 'print_log', lambda msg, logger=None: logged.append(msg))
+    monkeypatch.delenv('MEMBA_BACKEND', raising=False)
+
+    def run(args):
+        for _ in range(2):
+            lim(torch.randn(1, 8, 2), 4)
+
+    assert serve(parse, run, ['["a"]\n', '["b"]\n']) == 0
+    assert logged == ['memba_vision.ops: LIM runs on reference (cuda: tensors are on the CPU)'] * 2

@@ -56,7 +56,7 @@ def cuda_extensions():
             raise SystemExit(f'memba_vision: MEMBA_CUDA_EXT=1 but the CUDA extensions '
                              f'cannot be built: {reason}')
         print(f'memba_vision: CUDA extensions skipped ({reason}); '
-              'the Triton, mamba-ssm or PyTorch backends are used instead')
+              'the mamba-ssm scan and the PyTorch references are used instead')
         return [], {}
 
     sources = {name: sorted(glob.glob(os.path.join('kernels', folder, '*.cpp')) +

@@ -10,7 +10,8 @@ from memba_vision.ops import dispatch
 def logged(monkeypatch):
     """The messages dispatch logs, from a fresh run."""
     messages = []
-    monkeypatch.setattr(mmengine.logging, 'print_log', lambda msg, logger=None: messages.append(msg))
+    monkeypatch.setattr(mmengine.logging, 'print_log',
+                        lambda msg, logger=None: messages.append(msg))
     monkeypatch.delenv(dispatch.ENV, raising=False)
     dispatch.reset_backend_log()
     return messages

@@ -7,7 +7,8 @@ Times, side by side in one run (CUDA events, median of --reps after warm-up):
 the token-major kernels of memba_vision (``memba_vision._scan_cuda``'s scan and
 conv, which ``ops.bidirectional_ssm`` runs: one direction, with and without Memba's
 fused gate, the kernels alone) and mamba-ssm's ``selective_scan_fn`` on the same data
-in its (b, d, l) layout, forward and forward+backward (gradients for u, delta, B, C and z, as in PEFT).
+in its (b, d, l) layout, forward and forward+backward (gradients for u, delta, B, C
+and z, as in PEFT).
 It also prints the memory-traffic floor of each call at the measured copy
 bandwidth, so the gap to the hardware is visible. Needs a CUDA GPU.
 """

@@ -154,7 +154,11 @@ class VTAB1k(BaseDataset):
     Args:
         task (str): task folder name: one of the 19 in ``vtab1k_tasks``, or any
             other folder in the same layout (your own data).
-        split (str): 'train800val200' (training), 'train800', 'val200' or 'test'.
+        split (str): 'train800val200' (training), 'train800', 'val200' or 'test';
+            for your own data also 'train' or 'val'. The split is the list file
+            ``<task>/<split>.txt`` or, without it, mmpretrain's ``CustomDataset``
+            folder layout ``<task>/<split>/<class name>/<image>`` (classes in
+            sorted order over the task's split folders).
         data_root (str): folder holding the task folders.
         num_classes (int, optional): class count. The 19 tasks take it from
             their table; another task reads it from ``<task>/classes.txt`` (one
@@ -187,16 +191,18 @@ class VTAB1k(BaseDataset):
                 or task in ('.', '..'):
             raise ValueError(f'VTAB1k task must be a folder name under data_root, '
                              f'got {task!r}')
-        if split not in VTAB1K_SPLITS:
+        valid = VTAB1K_SPLITS if task in VTAB1K_TASKS else VTAB1K_SPLITS + CUSTOM_SPLITS
+        if split not in valid:
             raise ValueError(f'unknown VTAB-1k split {split!r}; valid splits: '
-                             f'{", ".join(VTAB1K_SPLITS)}')
+                             f'{", ".join(valid)}')
         for key in ('ann_file', 'data_prefix'):
             if key in kwargs:
                 raise TypeError(f'VTAB1k sets {key} from task and split; do not pass it')
         self.task = task
         self.split = split
         task_names = None
-        if 'classes' not in (kwargs.get('metainfo') or {}) and kwargs.get('classes') is None:
+        if task not in VTAB1K_TASKS and 'classes' not in (kwargs.get('metainfo') or {}) \
+                and kwargs.get('classes') is None:
             task_names = read_class_names(osp.join(data_root, task))
         self.num_classes = task_num_classes(data_root, task, num_classes, task_names)
         self.cache_images = cache_images
@@ -236,7 +242,13 @@ class VTAB1k(BaseDataset):
         if not osp.isdir(self.task_dir):
             raise FileNotFoundError(
                 f'VTAB-1k task folder {self.task_dir} not found; {PREPARE_HINT}')
-        entries = read_list_file(self.ann_file, self.task_dir, self.num_classes)
+        folder = osp.join(self.task_dir, self.split)
+        if not osp.isfile(self.ann_file) and self.task not in VTAB1K_TASKS and \
+                osp.isdir(folder):
+            entries = read_class_folders(self.task_dir, self.split,
+                                         self.metainfo['classes'])
+        else:
+            entries = read_list_file(self.ann_file, self.task_dir, self.num_classes)
         return [dict(img_path=path, gt_label=label) for path, label in entries]
 
     def full_init(self):
@@ -376,11 +388,50 @@ class VTAB1k(BaseDataset):
 
 
 # ------------------------------------------------------------- class counts
+CUSTOM_SPLITS = ('train', 'val')
+
+
+def _class_folders(task_dir: str) -> List[str]:
+    """Sorted class folder names over the split folders of a folder-layout task."""
+    from mmpretrain.datasets.custom import find_folders
+    names = set()
+    for split in VTAB1K_SPLITS + CUSTOM_SPLITS:
+        if osp.isdir(osp.join(task_dir, split)) and \
+                not osp.isfile(osp.join(task_dir, f'{split}.txt')):
+            names.update(find_folders(osp.join(task_dir, split))[0])
+    return sorted(names)
+
+
+def read_class_folders(task_dir: str, split: str,
+                       classes: Sequence[str]) -> List[Tuple[str, int]]:
+    """(image path, label) of ``<task_dir>/<split>/<class>/...`` (mmpretrain's
+    ``CustomDataset`` layout), label = index of the folder name in ``classes``."""
+    from mmpretrain.datasets.custom import get_samples
+    root = osp.join(task_dir, split)
+    folder_to_idx = {name: i for i, name in enumerate(classes)}
+    unknown = sorted(set(os.listdir(root)) - set(folder_to_idx))
+    unknown = [n for n in unknown if osp.isdir(osp.join(root, n))]
+    if unknown:
+        raise ValueError(f'{root}: class folder(s) {", ".join(unknown)} not among the '
+                         f'{len(classes)} classes ({", ".join(map(str, classes))})')
+    samples, _ = get_samples(root, {n: i for n, i in folder_to_idx.items()
+                                    if osp.isdir(osp.join(root, n))},
+                             is_valid_file=lambda f: f.lower().endswith(IMAGE_SUFFIXES))
+    if not samples:
+        raise ValueError(f'{root} holds no images ({", ".join(IMAGE_SUFFIXES)}) in class '
+                         'folders')
+    return [(osp.join(root, rel), label) for rel, label in samples]
+
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+
+
 def read_class_names(task_dir: str) -> Optional[List[str]]:
-    """Class names from ``<task_dir>/classes.txt`` (one a line), if it exists."""
+    """Class names from ``<task_dir>/classes.txt`` (one a line), or the class
+    folders of a folder-layout task; None when there are neither."""
     path = osp.join(task_dir, 'classes.txt')
     if not osp.isfile(path):
-        return None
+        return (_class_folders(task_dir) or None) if osp.isdir(task_dir) else None
     with open(path, encoding='utf-8') as f:
         names = [line.strip() for line in f if line.strip()]
     if not names:
@@ -426,6 +477,9 @@ def task_num_classes(data_root: str, task: str, num_classes: Optional[int] = Non
     if class_names:
         return len(class_names)
     task_dir = osp.join(data_root, task)
+    folders = _class_folders(task_dir) if osp.isdir(task_dir) else []
+    if folders:
+        return len(folders)
     if not osp.isdir(task_dir):
         raise FileNotFoundError(
             f'task folder {task_dir} not found: {task!r} is none of the VTAB-1k tasks '
@@ -442,6 +496,21 @@ def task_num_classes(data_root: str, task: str, num_classes: Optional[int] = Non
     if top < 0:
         raise ValueError(f'the list files of {task_dir} hold no labels')
     return top + 1
+
+
+def dataset_num_classes(dataset_cfg: Mapping) -> int:
+    """Class count of a ``VTAB1k`` dataset config (what a config's
+    ``model.head.num_classes=None`` is filled with)."""
+    if dataset_cfg.get('type') != 'VTAB1k':
+        raise ValueError('model.head.num_classes=None (read from the data) needs a '
+                         f'VTAB1k training dataset, got {dataset_cfg.get("type")!r}')
+    root, task = dataset_cfg.get('data_root', 'data/vtab-1k'), dataset_cfg.get('task')
+    if not isinstance(task, str) or not task:
+        raise ValueError(f'the training dataset config names no task (task={task!r})')
+    names = None
+    if task not in VTAB1K_TASKS and not (dataset_cfg.get('metainfo') or {}).get('classes'):
+        names = read_class_names(osp.join(root, task))
+    return task_num_classes(root, task, dataset_cfg.get('num_classes'), names)
 
 
 # --------------------------------------------------------------------- writing

@@ -4,7 +4,8 @@ Real data, with VTAB-1k's own splits and labels, from tensorflow-datasets
 (``pip install 'memba_vision[data]'``; datasets already prepared in the tfds dir,
 or --download)::
 
-    python tools/prepare_vtab1k.py --tfds-dir ~/tensorflow_datasets [--out data/vtab-1k] [--tasks ...]
+    python tools/prepare_vtab1k.py --tfds-dir ~/tensorflow_datasets \\
+        [--out data/vtab-1k] [--tasks ...]
 
 Small learnable synthetic stand-ins (dsprites_loc, dsprites_ori, clevr_count),
 written to their own folder, marked synthetic::

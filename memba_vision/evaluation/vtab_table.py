@@ -10,7 +10,8 @@ them into one row per (backbone, method) with the 19 task columns in table
 order, the Natural / Specialized / Structured means and the average over the
 tasks (not over the group means), and puts the paper's row for the same
 backbone beside ours. Results on other tasks (your own data) form their own
-"Custom" group after the average, outside the VTAB-1k means. Means are over the tasks present; :func:`to_markdown`
+"Custom" group after the average, outside the VTAB-1k means. Means are over
+the tasks present; :func:`to_markdown`
 marks a mean over an incomplete set with ``*`` and lists the missing tasks,
 :func:`to_csv` writes plain numbers and a ``missing`` column.
 """

@@ -91,16 +91,18 @@ def smallnorb_example(split, i):
             'label_category': 0, 'label_elevation': (5 * i) % 9, 'label_lighting': 0}
 
 
-# (tfds type, z) per i % 5 and the closest-vehicle class it gives
-KITTI_SCENES = (([(CAR, 5.0)], 0), ([(TRUCK, 12.0), (CAR, 25.0)], 1),
-                ([(VAN, 30.0), (PEDESTRIAN, 3.0)], 2), ([(PEDESTRIAN, 3.0)], 3), ([], 3))
+# (tfds type, z) per i % 7 and the closest-vehicle class it gives: bins (-100, 8],
+# (8, 20], (20, 999], none (pedestrians and the like do not count)
+KITTI_SCENES = (([(CAR, 5.0)], 0), ([(VAN, 8.0)], 0), ([(TRUCK, 12.0), (CAR, 25.0)], 1),
+                ([(CAR, 22.0), (PEDESTRIAN, 1.0)], 2), ([(VAN, 30.0), (PEDESTRIAN, 3.0)], 2),
+                ([(PEDESTRIAN, 3.0)], 3), ([], 3))
 
 
 def kitti_example(split, i):
     objects = [{'alpha': 0.0, 'bbox': tfds.features.BBox(0.1, 0.1, 0.4, 0.4),
                 'dimensions': [1.5, 1.6, 4.0], 'location': [1.0, 1.5, z], 'occluded': 0,
                 'rotation_y': 0.0, 'truncated': 0.0, 'type': t}
-               for t, z in KITTI_SCENES[i % 5][0]]
+               for t, z in KITTI_SCENES[i % 7][0]]
     return {'image': id_image(split, i, 32, 3), 'image/file_name': f'{i:06d}.png',
             'objects': objects}
 
@@ -126,7 +128,7 @@ LABELS = {
     'dsprites_ori': lambda s, i: (2 * (3 * i % 40)) // 5,  # 40 angles in 16 bins
     'smallnorb_azi': lambda s, i: i % 18,
     'smallnorb_ele': lambda s, i: (5 * i) % 9,
-    'kitti': lambda s, i: KITTI_SCENES[i % 5][1],
+    'kitti': lambda s, i: KITTI_SCENES[i % 7][1],
 }
 # (tfds split, positions in tfds order) of train800 / val200 / test, by hand:
 #   holdout 90% (clevr): train 2000 -> val = train[1800:2000], test = tfds validation

@@ -115,7 +115,12 @@ setup(
     ],
     extras_require={
         'cuda': ['mamba-ssm', 'causal-conv1d'],
-        'data': ['tensorflow-datasets'],
+        # reading tfds data needs TensorFlow too; the CPU build is enough (and smaller)
+        'data': ['tensorflow-datasets>=4.9.3',
+                 'tensorflow-cpu>=2.16; platform_system == "Linux" and '
+                 'platform_machine == "x86_64"',
+                 'tensorflow>=2.16; platform_system != "Linux" or '
+                 'platform_machine != "x86_64"'],
         'dev': ['pytest'],
     },
     ext_modules=ext_modules,

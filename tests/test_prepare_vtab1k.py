@@ -1,5 +1,6 @@
 """tools/prepare_vtab1k.py: synthetic tasks, VTAB-1k split/label logic, CLI errors."""
 import importlib.util
+import json
 import os
 import os.path as osp
 
@@ -319,46 +320,6 @@ def test_write_tfds_task_with_a_fake_reader(tmp_path, capsys):
                                          reader=FakeReader({}), progress=False)
 
 
-def test_tfds_reader_is_a_thin_adapter(tmp_path, monkeypatch):
-    """TfdsReader against a stand-in tensorflow_datasets module."""
-    import sys
-    import types
-    calls = []
-    version_dir = tmp_path / 'dtd' / '3.0.0'
-
-    class Split:
-        def __init__(self, n):
-            self.num_examples = n
-
-    class Builder:
-        info = types.SimpleNamespace(splits={'train': Split(1880), 'validation': Split(1880),
-                                             'test': Split(1880)})
-        data_dir = str(version_dir)
-
-        def __init__(self, name, data_dir):
-            calls.append(('builder', name, data_dir))
-
-        def as_dataset(self, split, shuffle_files):
-            calls.append(('as_dataset', split, shuffle_files))
-            return [{'image': np.zeros((2, 2, 3), np.uint8), 'label': 7}]
-
-    fake = types.ModuleType('tensorflow_datasets')
-    fake.builder = Builder
-    fake.as_numpy = lambda ds: ds
-    monkeypatch.setitem(sys.modules, 'tensorflow_datasets', fake)
-
-    with pytest.raises(FileNotFoundError, match='not prepared'):
-        tfds_vtab.TfdsReader('dtd:3.*.*', str(tmp_path))
-    version_dir.mkdir(parents=True)
-    (version_dir / 'dataset_info.json').write_text('{}')
-    reader = tfds_vtab.TfdsReader('dtd:3.*.*', str(tmp_path))
-    assert calls[-1] == ('builder', 'dtd:3.*.*', str(tmp_path))
-    assert reader.split_sizes() == {'train': 1880, 'validation': 1880, 'test': 1880}
-    examples = list(reader.read(Slice('validation', 0, 200)))
-    assert calls[-1] == ('as_dataset', 'validation[0:200]', False)
-    assert examples[0]['label'] == 7
-
-
 # ----------------------------------------------------------------- CLI errors
 def run_tool(argv, capsys):
     code = load_tool().main(argv)
@@ -401,4 +362,119 @@ def test_cli_without_tensorflow_datasets(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(builtins, '__import__', no_tfds)
     code, err = run_tool(['--tfds-dir', str(tmp_path), '--out', str(tmp_path / 'out'),
                           '--tasks', 'dtd'], capsys)
-    assert code == 1 and 'pip install memba_vision[data]' in err
+    assert code == 1 and "pip install 'memba_vision[data]'" in err
+
+
+# ----------------------------------------------------------------- data safety
+def release_folder(root, task, n_test=3):
+    """A task folder in the common release's shape (train800val200 has its own copies)."""
+    task_dir = root / task
+    for split, n in (('train800', 800), ('val200', 200), ('train800val200', 1000),
+                     ('test', n_test)):
+        (task_dir / 'images' / split).mkdir(parents=True)
+        lines = []
+        for i in range(n):
+            rel = f'images/{split}/{i}.jpg'
+            (task_dir / rel).write_bytes(b'release image %d' % i)
+            lines.append(f'{rel} {i % 8}')
+        (task_dir / f'{split}.txt').write_text('\n'.join(lines) + '\n')
+    return task_dir
+
+
+def snapshot(root):
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = osp.join(dirpath, n)
+            with open(p, 'rb') as f:
+                files[osp.relpath(p, root)] = (f.read(), os.stat(p).st_mtime_ns)
+    return files
+
+
+SMALL = ['--num-train', '16', '--num-val', '8', '--num-test', '8', '--size', '16']
+
+
+@pytest.mark.parametrize('link', [False, True])
+def test_synthetic_never_touches_a_release(tmp_path, capsys, monkeypatch, link):
+    release = tmp_path / 'release'
+    for task in SYNTHETIC:
+        release_folder(release, task)
+    (tmp_path / 'data').mkdir()
+    root = tmp_path / 'data' / 'vtab-1k'
+    if link:
+        root.symlink_to(release, target_is_directory=True)
+    else:
+        release.rename(root)
+        release = root
+    before = snapshot(release)
+    for extra in ([], ['--force']):
+        code, err = run_tool(['--synthetic', '--out', str(root)] + SMALL + extra, capsys)
+        assert code == 2 and 'refused' in err and 'synthetic' in err, err
+    # no --out: the synthetic tasks go to their own folder, marked synthetic
+    monkeypatch.chdir(tmp_path)
+    code, err = run_tool(['--synthetic', '--force'] + SMALL, capsys)
+    assert code == 0, err
+    assert (tmp_path / 'data' / 'vtab-1k-synthetic' / 'SYNTHETIC_DATA.txt').is_file()
+    assert len(read_list(tmp_path / 'data' / 'vtab-1k-synthetic' / 'clevr_count' /
+                         'test.txt')) == 8
+    assert snapshot(release) == before
+    # a release-shaped folder counts as complete: VTAB1k reads it as is
+    assert tfds_vtab.write_tfds_task('clevr_count', 'unused', str(root), reader=FakeReader({}),
+                                     progress=False) is False
+    assert snapshot(release) == before
+
+
+def test_real_data_never_goes_into_a_synthetic_root(tmp_path, capsys):
+    out = tmp_path / 'synthetic'
+    assert run_tool(['--synthetic', '--out', str(out), '--tasks', 'clevr_count'] + SMALL,
+                    capsys)[0] == 0
+    manifest = json.loads((out / 'clevr_count' / 'manifest.json').read_text())
+    assert manifest['synthetic'] is True and manifest['counts']['train800val200'] == 24
+    code, err = run_tool(['--tfds-dir', str(tmp_path), '--out', str(out), '--tasks', 'dtd'],
+                         capsys)
+    assert code == 2 and 'synthetic' in err
+
+
+def test_force_rebuilds_only_what_the_tool_wrote(tmp_path, capsys):
+    out = tmp_path / 'synthetic'
+    argv = ['--synthetic', '--out', str(out), '--tasks', 'dsprites_loc'] + SMALL
+    assert run_tool(argv, capsys)[0] == 0
+    extra = out / 'dsprites_loc' / 'my_notes.txt'
+    extra.write_text('mine')
+    capsys.readouterr()
+    assert load_tool().main(argv + ['--force', '--num-test', '4']) == 0
+    stdout = capsys.readouterr().out
+    assert 'replacing what this tool wrote' in stdout and '32 images' in stdout
+    assert extra.read_text() == 'mine'  # not the tool's: kept
+    assert sorted(os.listdir(out / 'dsprites_loc' / 'images' / 'test')) == \
+        [f'{i:06d}.jpg' for i in range(4)]
+    # a folder without the tool's manifest is refused, even with --force
+    (out / 'dsprites_loc' / 'manifest.json').unlink()
+    code, err = run_tool(argv + ['--force'], capsys)
+    assert code == 2 and 'did not write' in err and extra.read_text() == 'mine'
+
+
+def test_a_source_with_too_many_examples_fails_before_writing_them(tmp_path):
+    from memba_vision.datasets.vtab1k import write_task_folder
+
+    def source(n):
+        return ((np.zeros((8, 8, 3), np.uint8), 0) for _ in range(n))
+
+    with pytest.raises(ValueError, match='more than the 4'):
+        write_task_folder(str(tmp_path / 't'), {'train800': (source(4), 4),
+                                                'val200': (source(2), 2),
+                                                'test': (source(12), 4)},
+                          num_classes=2, progress=False)
+    assert sorted(os.listdir(tmp_path / 't' / 'images' / 'test')) == \
+        [f'{i:06d}.jpg' for i in range(4)]
+    assert not (tmp_path / 't' / 'test.txt').exists()  # the task stays incomplete
+
+
+def test_jpeg_quality(tmp_path):
+    from memba_vision.datasets.vtab1k import jpeg_writer
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    jpeg_writer()(image, str(tmp_path / 'a.jpg'))
+    Image.fromarray(image).save(tmp_path / 'b.jpg')  # Pillow's defaults: 75, 4:2:0
+    jpeg_writer(95)(image, str(tmp_path / 'c.jpg'))
+    assert (tmp_path / 'a.jpg').read_bytes() == (tmp_path / 'b.jpg').read_bytes()
+    assert (tmp_path / 'c.jpg').read_bytes() != (tmp_path / 'a.jpg').read_bytes()

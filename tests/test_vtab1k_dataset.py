@@ -73,7 +73,7 @@ def test_pipeline_output_and_registry(root):
 
 
 def test_unknown_task_and_split(root):
-    with pytest.raises(ValueError) as exc:
+    with pytest.raises(FileNotFoundError) as exc:  # no such folder: not your own data either
         VTAB1k('imagenet', data_root=str(root))
     msg = one_line_error(exc)
     assert "'imagenet'" in msg and 'caltech101' in msg and 'smallnorb_ele' in msg

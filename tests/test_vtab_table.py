@@ -226,7 +226,7 @@ def test_cli_empty_work_dir(tmp_path, capsys):
     ('{"task": "dtd", "top1": ', 'not valid JSON'),
     ('[1, 2]', 'JSON object'),
     ('{"task": "dtd", "backbone": "vim_s", "method": "memba"}', 'top1'),
-    ('{"task": "mnist", "top1": 50, "backbone": "vim_s", "method": "memba"}', 'mnist'),
+    ('{"task": "a/b", "top1": 50, "backbone": "vim_s", "method": "memba"}', 'a/b'),
     ('{"task": "dtd", "top1": "high", "backbone": "vim_s", "method": "memba"}', 'top1'),
     ('{"task": "dtd", "top1": 123.0, "backbone": "vim_s", "method": "memba"}', 'top1'),
     ('{"task": "dtd", "top1": 50, "backbone": "", "method": "memba"}', 'backbone'),
@@ -241,3 +241,27 @@ def test_malformed_result_file(tmp_path, capsys, content, reason):
     assert load_tool().main([str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert str(bad) in err and '\n' not in err
+
+
+def test_custom_tasks_form_their_own_group(tmp_path):
+    """Tasks outside the 19 (own data) get their own columns, outside the means."""
+    write_result(tmp_path / 'a' / 'result_dtd.json', 'dtd', 60.0, 'vim_s', 'memba')
+    write_result(tmp_path / 'b' / 'result_digits_b.json', 'digits_b', 91.5, 'vim_s', 'memba',
+                 num_images=360)
+    write_result(tmp_path / 'c' / 'result_my_data.json', 'my_data', 40.0, 'vim_s', 'lora',
+                 num_images=36)
+    table = build_table(collect_results(str(tmp_path)))
+    memba = [r for r in table.rows if r.source == 'ours' and r.method == 'memba'][0]
+    assert memba.custom == {'digits_b': 91.5}
+    assert memba.average == 60.0 and memba.groups['natural'] == 60.0  # dtd only
+    lora = [r for r in table.rows if r.source == 'ours' and r.method == 'lora'][0]
+    assert lora.average is None and lora.custom == {'my_data': 40.0}
+    md = to_markdown(table)
+    header = md.splitlines()[0].rstrip(' |').split(' | ')
+    assert header[-2:] == ['Custom: digits_b', 'Custom: my_data']
+    assert header.index('Custom: digits_b') > header.index('Avg')
+    memba_line = [ln for ln in md.splitlines() if '| memba |' in ln][0]
+    assert memba_line.rstrip(' |').split(' | ')[-2:] == ['91.50', '–']
+    assert any('not part of the VTAB-1k' in n for n in table.notes)
+    rows = list(csv.reader(io.StringIO(to_csv(table))))
+    assert rows[0][-3:] == ['custom:digits_b', 'custom:my_data', 'missing']

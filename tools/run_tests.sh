@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates (or updates) the virtual environment in .venv, installs memba_vision
-# with its [dev] extra, and runs the CPU test suite. Extra arguments go to pytest.
+# with its [dev] and [data] extras, and runs the CPU test suite. Extra arguments go to pytest.
 #   bash tools/run_tests.sh            # whole suite
 #   bash tools/run_tests.sh -k lim -x  # a subset
 set -euo pipefail

@@ -41,7 +41,8 @@ def task_configs(args):
     """[(task, config path, extra train/test options, work dir)] for the sweep."""
     tasks = args.tasks or list(VTAB1K_TASKS)
     for t in tasks:
-        get_task(t)
+        if not (args.config and t not in VTAB1K_TASKS):  # --config: own tasks allowed
+            get_task(t)
     out = []
     if args.config:
         stem = osp.splitext(osp.basename(args.config))[0]
@@ -49,8 +50,9 @@ def task_configs(args):
         for t in tasks:
             wd = osp.join(root, t)
             opts = [f'train_dataloader.dataset.task={t}', f'test_dataloader.dataset.task={t}',
-                    f'model.head.num_classes={get_task(t).num_classes}',
                     f'experiment.task={t}']
+            if t in VTAB1K_TASKS:  # own data: the class count comes from the config or data
+                opts.append(f'model.head.num_classes={get_task(t).num_classes}')
             out.append((t, args.config, opts, wd))
     else:
         root = args.work_root or osp.join('work_dirs', 'vtab1k', args.backbone_method)
@@ -61,7 +63,8 @@ def task_configs(args):
                                  f'BACKBONE_METHOD is e.g. vim_s_memba or vmamba_s_lora-in')
             out.append((t, cfg, [], osp.join(root, t)))
     # longest first: training is the same for every task, test sets differ a lot
-    out.sort(key=lambda item: -get_task(item[0]).num_test)
+    out.sort(key=lambda item: -(VTAB1K_TASKS[item[0]].num_test
+                                if item[0] in VTAB1K_TASKS else 0))
     return out, root
 
 

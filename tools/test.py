@@ -49,7 +49,7 @@ def test(args, serving=False):
                                                   load_config, set_precision, test_and_record)
     try:
         cfg = load_config(args.config, args.cfg_options, args.work_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'error: {e}')
     cfg.launcher = args.launcher
     if serving:

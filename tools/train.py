@@ -62,7 +62,7 @@ def train(args, serving=False):
                                                   set_precision, test_and_record)
     try:
         cfg = load_config(args.config, args.cfg_options, args.work_dir)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f'error: {e}')
     cfg.launcher = args.launcher
     if serving:

@@ -19,6 +19,7 @@ from typing import Callable, Dict, Iterator, Tuple
 
 import numpy as np
 
+from .vtab1k import DEFAULT_JPEG_QUALITY
 from .vtab1k_tasks import get_task
 
 __all__ = ['SYNTHETIC_TASKS', 'render_example', 'synthetic_split',
@@ -175,19 +176,24 @@ def synthetic_split(task: str, split: str, num: int, size: int = 64,
 
 def write_synthetic_task(out_dir: str, task: str, num_train: int = 800,
                          num_val: int = 200, num_test: int = 1000, size: int = 64,
-                         seed: int = 0, force: bool = False,
-                         progress: bool = True) -> bool:
-    """Writes ``<out_dir>/<task>`` in the VTAB-1k layout.
+                         seed: int = 0, force: bool = False, progress: bool = True,
+                         jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bool:
+    """Writes ``<out_dir>/<task>`` in the VTAB-1k layout and marks ``out_dir``
+    synthetic (``SYNTHETIC_DATA.txt``).
 
     The list files keep their standard names (train800.txt, val200.txt) even
-    when ``num_train`` / ``num_val`` differ from 800 / 200.
+    when ``num_train`` / ``num_val`` differ from 800 / 200. ``out_dir`` must be
+    new, empty or already marked synthetic, and the task folder absent or
+    written by this tool (else :class:`DataSafetyError`).
 
     Returns:
         False if a complete folder of these sizes was already there (skipped).
     """
+    import os
     import os.path as osp
 
-    from .vtab1k import task_folder_complete, write_task_folder
+    from .vtab1k import (check_data_root, check_task_folder, mark_synthetic_root,
+                         task_folder_complete, write_task_folder)
 
     if task not in SYNTHETIC_TASKS:
         raise ValueError(f'no synthetic generator for {task!r}; synthetic tasks: '
@@ -198,12 +204,20 @@ def write_synthetic_task(out_dir: str, task: str, num_train: int = 800,
             raise ValueError(f'{name} must be >= 1, got {value}')
     if size < 16:
         raise ValueError(f'size must be >= 16, got {size}')
+    check_data_root(out_dir, synthetic=True)
     task_dir = osp.join(out_dir, task)
     counts = {'train800': num_train, 'val200': num_val, 'test': num_test}
     if not force and task_folder_complete(task_dir, counts):
+        check_task_folder(task_dir, synthetic=True)
         return False
+    check_task_folder(task_dir, synthetic=True)
+    os.makedirs(out_dir, exist_ok=True)
+    mark_synthetic_root(out_dir)
     splits = {split: (synthetic_split(task, split, n, size, seed), n)
               for split, n in counts.items()}
-    write_task_folder(task_dir, splits, get_task(task).num_classes,
-                      desc=f'[{task}] ', progress=progress)
+    manifest = dict(source='synthetic', synthetic=True,
+                    generator='memba_vision.datasets.synthetic', size=size, seed=seed,
+                    label_function=SYNTHETIC_TASKS[task].__name__)
+    write_task_folder(task_dir, splits, get_task(task).num_classes, desc=f'[{task}] ',
+                      progress=progress, jpeg_quality=jpeg_quality, manifest=manifest)
     return True

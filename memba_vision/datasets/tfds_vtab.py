@@ -16,13 +16,14 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple
 
 import numpy as np
 
+from .vtab1k import DEFAULT_JPEG_QUALITY
 from .vtab1k_tasks import VTAB1K_TASKS, get_task
 
 __all__ = ['Slice', 'TfdsTask', 'TFDS_TASKS', 'resolve_splits', 'iter_examples',
            'TfdsReader', 'write_tfds_task', 'import_tfds']
 
-TFDS_INSTALL_HINT = ('tensorflow-datasets is needed to build VTAB-1k from tfds: '
-                     'pip install memba_vision[data] (or pip install tensorflow-datasets)')
+TFDS_INSTALL_HINT = ("reading tfds data needs tensorflow-datasets and TensorFlow: "
+                     "pip install 'memba_vision[data]'")
 
 
 class Slice(NamedTuple):
@@ -84,6 +85,7 @@ def feature_label(key: str = 'label') -> Callable[[Mapping], int]:
     def fn(ex):
         return int(ex[key])
     fn.__name__ = f'feature_label_{key}'
+    fn.__doc__ = f'the tfds ClassLabel feature {key!r} as is'
     return fn
 
 
@@ -95,6 +97,7 @@ def binned_label(key: str, num_original: int, num_classes: int) -> Callable[[Map
     def fn(ex):
         return int(math.floor(float(ex[key]) / factor))
     fn.__name__ = f'binned_label_{key}'
+    fn.__doc__ = f'floor({key} / {factor:g}): {num_original} values in {num_classes} bins'
     return fn
 
 
@@ -151,15 +154,49 @@ def binary_image(image: np.ndarray) -> np.ndarray:
 
 class TfdsTask(NamedTuple):
     """How one VTAB-1k task is read from tfds."""
-    builder: str                  # tfds name[/config]:version
+    builder: str                  # tfds name[/config]:version (VTAB's pin, or a checked
+                                  # successor; ``versions`` lists them in preference order)
     split_rule: SplitRule
     label_fn: Callable[[Mapping], int]
     image_key: str = 'image'
     image_fn: Callable[[np.ndarray], np.ndarray] = rgb_image
     reference: str = ''           # the VTAB definition it follows
+    versions: Tuple[str, ...] = ()  # versions read, newest first; () = the one in builder
+    manual: str = ''              # what to download by hand, for datasets tfds cannot fetch
+    note: str = ''                # why a version other than VTAB's pin gives the same task
+
+    @property
+    def name(self) -> str:
+        return self.builder.split(':')[0]
+
+    def candidates(self) -> List[str]:
+        """name[/config]:version strings to try, in preference order."""
+        versions = self.versions or (self.builder.split(':')[1], )
+        return [f'{self.name}:{v}' for v in versions]
 
 
 _TA = 'task_adaptation/data/'
+# What was checked (tensorflow-datasets 4.9.10 source; tensorflow/datasets history;
+# google-research/task_adaptation issues #9 and #18) so that a newer tfds version
+# gives the same VTAB-1k task; also stored in each task's manifest.json.
+PETS_NOTE = (
+    'oxford_iiit_pet 4.0.0 (release note: "Add head bounding boxes. Fix corrupt images. '
+    'Update dataset URL.") keeps 3.2.0\'s splits (train = annotations/trainval.txt, 3680; '
+    'test = annotations/test.txt, 3669), label = breed id - 1 over the same 37 names and '
+    'example keys (file name, hence tfds order); only a few corrupt JPEGs are re-encoded')
+KITTI_NOTE = (
+    'kitti 3.3.0 (release note: "Added labels for the occluded feature.") and 3.2.0 '
+    '("Devkit updated.") keep 3.1.0\'s video-level split of the training images '
+    '(seed 123, 10%/10% of videos: train 6347, validation 423, test 711), file-name keys '
+    'and the type/location features the label uses; the VTAB authors confirmed 3.2.0 '
+    'yields the same data as 3.1.0 (task_adaptation issue 18)')
+RESISC45_MANUAL = (
+    'download NWPU-RESISC45.rar (OneDrive link on the tfds resisc45 catalogue page) and '
+    'extract it so that {manual_dir}/NWPU-RESISC45/<class>/*.jpg exist')
+RETINOPATHY_MANUAL = (
+    'download train.zip.00*, test.zip.00*, sample.zip and trainLabels.csv.zip from '
+    'kaggle.com/c/diabetic-retinopathy-detection/data and unpack them into {manual_dir} '
+    '(train/, test/, sample/, trainLabels.csv)')
 TFDS_TASKS: Dict[str, TfdsTask] = {
     # Natural
     'cifar': TfdsTask('cifar100:3.*.*', train_holdout(90), feature_label(),
@@ -169,8 +206,10 @@ TFDS_TASKS: Dict[str, TfdsTask] = {
     'dtd': TfdsTask('dtd:3.*.*', official_val, feature_label(), reference=_TA + 'dtd.py'),
     'oxford_flowers102': TfdsTask('oxford_flowers102:2.*.*', official_val, feature_label(),
                                   reference=_TA + 'oxford_flowers102.py'),
-    'oxford_iiit_pet': TfdsTask('oxford_iiit_pet:3.*.*', train_holdout(80), feature_label(),
-                                reference=_TA + 'oxford_iiit_pet.py'),
+    # VTAB pins 3.*.*; tfds >= 4.9 builds only 4.0.0 (see PETS_NOTE)
+    'oxford_iiit_pet': TfdsTask('oxford_iiit_pet:4.0.0', train_holdout(80), feature_label(),
+                                reference=_TA + 'oxford_iiit_pet.py',
+                                versions=('4.0.0', '3.*.*'), note=PETS_NOTE),
     'svhn': TfdsTask('svhn_cropped:3.*.*', train_holdout(90), feature_label(),
                      reference=_TA + 'svhn.py'),
     'sun397': TfdsTask('sun397/tfds:4.*.*', official_val, feature_label(),
@@ -181,10 +220,11 @@ TFDS_TASKS: Dict[str, TfdsTask] = {
     'eurosat': TfdsTask('eurosat/rgb:2.*.*', train_only(60, 20), feature_label(),
                         reference=_TA + 'eurosat.py, subset=rgb'),
     'resisc45': TfdsTask('resisc45:3.*.*', train_only(60, 20), feature_label(),
-                         reference=_TA + 'resisc45.py'),
+                         reference=_TA + 'resisc45.py', manual=RESISC45_MANUAL),
     'diabetic_retinopathy': TfdsTask(
         'diabetic_retinopathy_detection/btgraham-300:3.*.*', official_val, feature_label(),
-        reference=_TA + 'diabetic_retinopathy.py, config=btgraham-300, no heavy augmentation'),
+        reference=_TA + 'diabetic_retinopathy.py, config=btgraham-300, no heavy augmentation',
+        manual=RETINOPATHY_MANUAL),
     # Structured
     'clevr_count': TfdsTask('clevr:3.*.*', train_holdout(90, test_split='validation'),
                             clevr_count_label, reference=_TA + 'clevr.py, task=count_all'),
@@ -192,8 +232,10 @@ TFDS_TASKS: Dict[str, TfdsTask] = {
                            clevr_distance_label,
                            reference=_TA + 'clevr.py, task=closest_object_distance'),
     'dmlab': TfdsTask('dmlab:2.0.1', official_val, feature_label(), reference=_TA + 'dmlab.py'),
-    'kitti': TfdsTask('kitti:3.1.0', official_val, kitti_vehicle_distance_label,
-                      reference=_TA + 'kitti.py, task=closest_vehicle_distance'),
+    # VTAB pins 3.1.0; tfds >= 4.9 builds 3.3.0 and reads 3.1.0/3.2.0 (see KITTI_NOTE)
+    'kitti': TfdsTask('kitti:3.3.0', official_val, kitti_vehicle_distance_label,
+                      reference=_TA + 'kitti.py, task=closest_vehicle_distance',
+                      versions=('3.3.0', '3.2.0', '3.1.0'), note=KITTI_NOTE),
     'dsprites_loc': TfdsTask('dsprites:2.*.*', train_only(80, 10),
                              binned_label('label_x_position', 32, 16), image_fn=binary_image,
                              reference=_TA + 'dsprites.py, predicted_attribute='
@@ -257,40 +299,95 @@ def iter_examples(task: str, slices: Iterable[Slice],
 
 # ------------------------------------------------------------------ tfds adapter
 def import_tfds():
-    """Imports tensorflow_datasets, with an install hint when it is missing."""
+    """Imports tensorflow_datasets and TensorFlow (kept off the GPU).
+
+    torch, torchvision and triton are imported first: importing TensorFlow before
+    them segfaults with the CUDA PyTorch wheels, the other order works. A missing
+    package raises ImportError with a one-line install hint.
+    """
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
     try:
-        import tensorflow_datasets as tfds
+        import triton  # noqa: F401
     except ImportError:
-        raise ImportError(TFDS_INSTALL_HINT) from None
+        pass
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as err:
+        raise ImportError(f'{TFDS_INSTALL_HINT} (missing: {err.name or err})') from None
+    try:
+        tf.config.set_visible_devices([], 'GPU')  # leave the GPU to PyTorch
+    except (RuntimeError, ValueError):
+        pass  # devices already initialised
     return tfds
+
+
+def _first_line(err: BaseException) -> str:
+    msg = (str(err).strip().splitlines() or [''])[0]
+    return f'{type(err).__name__}: {msg}' if msg else type(err).__name__
 
 
 class TfdsReader:
     """Reads one prepared tfds dataset from ``tfds_dir`` (the thin tfds adapter).
 
     Args:
-        builder: tfds name[/config]:version, e.g. 'clevr:3.*.*'.
+        task: VTAB-1k task name; its :class:`TfdsTask` names the tfds dataset
+            and the versions accepted, newest first. The first version prepared
+            under ``tfds_dir`` is read.
         tfds_dir: the tfds data_dir.
-        download: let tfds download and prepare the dataset when it is missing
-            (some, e.g. diabetic_retinopathy_detection, need a manual download).
+        download: when none is prepared, let tfds download and build the first
+            version it can build (manual datasets need their files first).
     """
 
-    def __init__(self, builder: str, tfds_dir: str, download: bool = False):
+    def __init__(self, task: str, tfds_dir: str, download: bool = False):
         self.tfds = import_tfds()
-        self.name = builder
-        try:
-            self.builder = self.tfds.builder(builder, data_dir=tfds_dir)
-        except Exception as err:  # tfds raises its own types for unknown names/versions
-            msg = (str(err).strip().splitlines() or [''])[0]
-            raise ValueError(f'tfds cannot open {builder} under {tfds_dir}: '
-                             f'{type(err).__name__}: {msg}') from err
-        if download:
-            self.builder.download_and_prepare()
-        data_dir = str(self.builder.data_dir)
-        if not osp.isfile(osp.join(data_dir, 'dataset_info.json')):
+        spec = TFDS_TASKS[task]
+        builders, errors = [], []
+        for name in spec.candidates():
+            try:
+                builders.append((name, self.tfds.builder(name, data_dir=tfds_dir)))
+            except Exception as err:  # tfds raises its own types for unknown versions
+                errors.append(_first_line(err))
+        if not builders:
+            raise ValueError(
+                f'tensorflow-datasets {self.tfds.__version__} can open none of '
+                f'{", ".join(spec.candidates())} ({errors[0]}); tensorflow-datasets 4.9.10 '
+                f'opens {spec.candidates()[0]}')
+        prepared = [(n, b) for n, b in builders
+                    if osp.isfile(osp.join(str(b.data_dir), 'dataset_info.json'))]
+        if prepared:
+            self.name, self.builder = prepared[0]
+        elif download:
+            self.name, self.builder = builders[0]
+            self._download(spec, tfds_dir)
+        else:
             raise FileNotFoundError(
-                f'tfds dataset {builder} is not prepared under {tfds_dir} (no {data_dir}); '
-                'prepare it with tfds (tfds build, or --download)')
+                f'tfds dataset {spec.candidates()[0]} is not prepared under {tfds_dir}; '
+                + (spec.manual.format(manual_dir=self.manual_dir(tfds_dir)) + ', then '
+                   if spec.manual else '')
+                + f'run with --download (or: tfds build {builders[0][0]} --data_dir '
+                f'{tfds_dir})')
+
+    @staticmethod
+    def manual_dir(tfds_dir: str) -> str:
+        return osp.join(tfds_dir, 'downloads', 'manual')
+
+    def _download(self, spec: TfdsTask, tfds_dir: str):
+        manual_dir = self.manual_dir(tfds_dir)
+        if spec.manual and not (osp.isdir(manual_dir) and os.listdir(manual_dir)):
+            raise FileNotFoundError(f'{self.name} needs a manual download: '
+                                    + spec.manual.format(manual_dir=manual_dir))
+        try:
+            self.builder.download_and_prepare()
+        except Exception as err:
+            hint = (f'; {spec.manual.format(manual_dir=manual_dir)}' if spec.manual else '')
+            raise RuntimeError(f'tfds could not build {self.name} under {tfds_dir}: '
+                               f'{_first_line(err)}{hint}') from None
+
+    @property
+    def version(self) -> str:
+        return str(self.builder.info.version)
 
     def split_sizes(self) -> Dict[str, int]:
         return {name: int(info.num_examples) for name, info in self.builder.info.splits.items()}
@@ -299,31 +396,54 @@ class TfdsReader:
         ds = self.builder.as_dataset(split=str(s), shuffle_files=False)
         return iter(self.tfds.as_numpy(ds))
 
+    def describe(self) -> dict:
+        """What the manifest records about the tfds data."""
+        return dict(name=self.builder.name, config=getattr(self.builder.builder_config,
+                                                             'name', None),
+                    version=self.version, data_dir=str(self.builder.data_dir),
+                    tfds_version=self.tfds.__version__)
+
 
 def write_tfds_task(task: str, tfds_dir: str, out_dir: str, download: bool = False,
-                    force: bool = False, progress: bool = True, reader=None) -> bool:
+                    force: bool = False, progress: bool = True, reader=None,
+                    jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bool:
     """Builds ``<out_dir>/<task>`` in the VTAB-1k layout from tfds.
+
+    A complete task folder (this tool's or the common release's) is skipped;
+    with ``force`` only a folder this tool wrote is rebuilt. A folder holding
+    other data raises :class:`~memba_vision.datasets.vtab1k.DataSafetyError`.
 
     Returns:
         False when the task folder was already complete (skipped).
     """
-    from .vtab1k import task_folder_complete, write_task_folder
+    from .vtab1k import check_task_folder, task_folder_complete, write_task_folder
 
     info = get_task(task)
+    spec = TFDS_TASKS[task]
     task_dir = osp.join(out_dir, task)
     counts = {'train800': 800, 'val200': 200, 'test': None}
     if not force and task_folder_complete(task_dir, counts):
         return False
-    reader = reader or TfdsReader(TFDS_TASKS[task].builder, tfds_dir, download)
+    check_task_folder(task_dir, synthetic=False)  # before any slow tfds work
+    reader = reader or TfdsReader(task, tfds_dir, download)
     splits = resolve_splits(task, reader.split_sizes())
     sizes = {name: sum(s.stop - s.start for s in slices) for name, slices in splits.items()}
     if sizes['test'] != info.num_test:
         print(f'[{task}] warning: test has {sizes["test"]} examples, the VTAB-1k table '
               f'says {info.num_test} (another tfds version?)', flush=True)
+    describe = getattr(reader, 'describe', None)
+    label_doc = (spec.label_fn.__doc__ or '').strip().split('\n')[0]
+    manifest = dict(
+        source='tfds', synthetic=False, tfds=describe() if describe else None,
+        slices={name: [str(s) for s in slices] for name, slices in splits.items()},
+        label_function=f'{spec.label_fn.__name__}: {label_doc}'.rstrip(': '),
+        reference=f'github.com/google-research/task_adaptation {spec.reference}',
+        version_note=spec.note or None)
     os.makedirs(out_dir, exist_ok=True)
     write_task_folder(
         task_dir,
         {name: (iter_examples(task, splits[name], reader.read), sizes[name])
          for name in ('train800', 'val200', 'test')},
-        info.num_classes, desc=f'[{task}] ', progress=progress)
+        info.num_classes, desc=f'[{task}] ', progress=progress, jpeg_quality=jpeg_quality,
+        manifest=manifest)
     return True

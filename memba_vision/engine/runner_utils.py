@@ -22,6 +22,10 @@ def load_config(path: str, cfg_options: Optional[dict] = None,
     cfg = Config.fromfile(path)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
+    head = cfg.get('model', {}).get('head')
+    if isinstance(head, dict) and 'num_classes' in head and head['num_classes'] is None:
+        from memba_vision.datasets.vtab1k import dataset_num_classes
+        head['num_classes'] = dataset_num_classes(cfg.train_dataloader.dataset)
     if work_dir:
         cfg.work_dir = work_dir
     elif not cfg.get('work_dir'):
@@ -80,17 +84,20 @@ def check_pretrained(cfg: Config) -> None:
 
 
 def check_task_data(dataset_cfg: dict) -> None:
-    """Fails early when a VTAB1k dataset's root, task folder or list file is missing."""
+    """Fails early when a VTAB1k dataset's root, task folder or list file is missing
+    (tasks outside the 19 may use a ``<task>/<split>/<class>/`` folder instead)."""
     if dataset_cfg.get('type') != 'VTAB1k':
         return
-    from memba_vision.datasets.vtab1k_tasks import get_task
+    from memba_vision.datasets.vtab1k_tasks import VTAB1K_TASKS, get_task
     root, task, split = dataset_cfg.get('data_root'), dataset_cfg.get('task'), dataset_cfg.get('split')
-    get_task(task)
+    if task not in VTAB1K_TASKS and not osp.isdir(osp.join(str(root), str(task))):
+        get_task(task)  # neither one of the 19 nor a folder: list the valid names
     hint = 'prepare it with tools/prepare_vtab1k.py (README: Data preparation)'
     if not osp.isdir(root):
         raise FileNotFoundError(f'VTAB-1k data root {root} not found: {hint}')
     list_file = osp.join(root, task, f'{split}.txt')
-    if not osp.isfile(list_file):
+    if not osp.isfile(list_file) and not (task not in VTAB1K_TASKS and
+                                          osp.isdir(osp.join(root, task, split))):
         raise FileNotFoundError(f'list file {list_file} not found: {hint}')
 
 

@@ -9,7 +9,9 @@ The test tool writes one ``result_<task>.json`` per task::
 them into one row per (backbone, method) with the 19 task columns in table
 order, the Natural / Specialized / Structured means and the average over the
 tasks (not over the group means), and puts the paper's row for the same
-backbone beside ours. Means are over the tasks present; :func:`to_markdown`
+backbone beside ours. Results on other tasks (your own data) form their own
+"Custom" group after the average, outside the VTAB-1k means. Means are over
+the tasks present; :func:`to_markdown`
 marks a mean over an incomplete set with ``*`` and lists the missing tasks,
 :func:`to_csv` writes plain numbers and a ``missing`` column.
 """
@@ -30,6 +32,7 @@ __all__ = ['TaskResult', 'TableRow', 'VTABTable', 'ResultFileError', 'NoResultsE
 
 GROUP_LABELS = {'natural': 'Natural', 'specialized': 'Specialized',
                 'structured': 'Structured'}
+CUSTOM_GROUP = 'custom'  # tasks outside the 19: own columns, not in the means
 AVERAGE_LABEL = 'Avg'
 DASH = '–'
 
@@ -65,6 +68,7 @@ class TableRow(NamedTuple):
     average: Optional[float]            # mean over the tasks present
     average_complete: bool
     missing: List[str]
+    custom: Dict[str, float] = {}       # tasks outside the 19 (own data) -> top-1
 
 
 class VTABTable(NamedTuple):
@@ -92,8 +96,9 @@ def load_result(path: str) -> TaskResult:
     if missing:
         raise bad(f'missing key(s) {", ".join(missing)}')
     task = data['task']
-    if task not in VTAB1K_TASKS:
-        raise bad(f'unknown task {task!r}')
+    if not isinstance(task, str) or not task.strip() or task != task.strip() or \
+            any(c in task for c in '/\\|,') or task == CUSTOM_GROUP:
+        raise bad(f'task must be a task folder name, got {task!r}')
     top1 = data['top1']
     if isinstance(top1, bool) or not isinstance(top1, (int, float)) or \
             not math.isfinite(top1) or not 0 <= top1 <= 100:
@@ -158,10 +163,9 @@ def _mean(values: Sequence[float]) -> Optional[float]:
 
 def summarize_row(backbone: str, method: str, top1: Dict[str, float],
                   label: Optional[str] = None) -> TableRow:
-    """A row from per-task top-1; means over the tasks present."""
-    unknown = set(top1) - set(VTAB1K_TASKS)
-    if unknown:
-        raise ValueError(f'unknown task(s) {", ".join(sorted(unknown))}')
+    """A row from per-task top-1; means over the VTAB-1k tasks present. Other
+    tasks (own data) go to ``custom``, outside the means."""
+    custom = {t: v for t, v in sorted(top1.items()) if t not in VTAB1K_TASKS}
     tasks = {t: top1.get(t) for t in VTAB1K_TASKS}
     groups, complete = {}, {}
     for group, names in VTAB1K_GROUPS.items():
@@ -172,7 +176,7 @@ def summarize_row(backbone: str, method: str, top1: Dict[str, float],
     return TableRow(backbone=backbone, method=method, label=label or method, source='ours',
                     tasks=tasks, groups=groups, group_complete=complete,
                     average=_mean(present), average_complete=len(present) == len(tasks),
-                    missing=[t for t, v in tasks.items() if v is None])
+                    missing=[t for t, v in tasks.items() if v is None], custom=custom)
 
 
 def _paper_table_row(ref: PaperRow) -> TableRow:
@@ -198,10 +202,16 @@ def build_table(results: Sequence[TaskResult]) -> VTABTable:
         if ref is not None:
             rows.append(_paper_table_row(ref))
 
-    if any(r.source == 'ours' and r.missing for r in rows):
+    def vtab_partial(r):  # some but not all of the 19
+        return r.source == 'ours' and r.missing and len(r.missing) < len(VTAB1K_TASKS)
+
+    if any(vtab_partial(r) for r in rows):
         notes.append('`*`: mean over the tasks present only.')
+    if any(r.custom for r in rows):
+        notes.append('Custom: tasks outside VTAB-1k (own data), top-1 %; not part of the '
+                     'VTAB-1k group means or the average.')
     for r in rows:
-        if r.source == 'ours' and r.missing:
+        if vtab_partial(r):
             notes.append(f'{r.backbone}/{r.method} is missing {len(r.missing)} of '
                          f'{len(VTAB1K_TASKS)} tasks: {", ".join(r.missing)}.')
     for backbone in backbones:
@@ -217,8 +227,8 @@ def build_table(results: Sequence[TaskResult]) -> VTABTable:
             notes.append(f'{backbone}: {reason}.')
     for key, by_task in chosen.items():
         partial = [f'{task} ({r.num_images} of {VTAB1K_TASKS[task].num_test})'
-                   for task, r in by_task.items()
-                   if r.num_images is not None and r.num_images != VTAB1K_TASKS[task].num_test]
+                   for task, r in by_task.items() if task in VTAB1K_TASKS and
+                   r.num_images is not None and r.num_images != VTAB1K_TASKS[task].num_test]
         if partial:
             notes.append(f'{key[0]}/{key[1]} was not evaluated on the full VTAB-1k test '
                          f'split of: {", ".join(partial)}.')
@@ -226,13 +236,16 @@ def build_table(results: Sequence[TaskResult]) -> VTABTable:
 
 
 # ------------------------------------------------------------------ output
-def _columns() -> List[Tuple[str, str, str]]:
-    """(kind, key, header) in table order: tasks with a mean after each group."""
+def _columns(table: Optional[VTABTable] = None) -> List[Tuple[str, str, str]]:
+    """(kind, key, header) in table order: tasks with a mean after each group,
+    the average, then the custom tasks of ``table`` (header ``Custom: <task>``)."""
     cols = []
     for group, names in VTAB1K_GROUPS.items():
         cols += [('task', t, VTAB1K_TASKS[t].label) for t in names]
         cols.append(('group', group, GROUP_LABELS[group]))
     cols.append(('average', 'average', AVERAGE_LABEL))
+    custom = sorted({t for r in (table.rows if table else []) for t in r.custom})
+    cols += [(CUSTOM_GROUP, t, f'Custom: {t}') for t in custom]
     return cols
 
 
@@ -240,13 +253,15 @@ def _cell(row: TableRow, kind: str, key: str) -> Tuple[Optional[float], bool]:
     """(value, complete) of one cell."""
     if kind == 'task':
         return row.tasks[key], True
+    if kind == CUSTOM_GROUP:
+        return row.custom.get(key), True
     if kind == 'group':
         return row.groups[key], row.group_complete[key]
     return row.average, row.average_complete
 
 
 def to_markdown(table: VTABTable) -> str:
-    cols = _columns()
+    cols = _columns(table)
     header = ['Backbone', 'Method'] + [c[2] for c in cols]
     lines = ['| ' + ' | '.join(header) + ' |',
              '|' + '|'.join([':--', ':--'] + ['--:'] * len(cols)) + '|']
@@ -263,11 +278,12 @@ def to_markdown(table: VTABTable) -> str:
 
 
 def to_csv(table: VTABTable) -> str:
-    cols = _columns()
+    cols = _columns(table)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator='\n')
     writer.writerow(['backbone', 'method', 'source'] +
-                    [key for _, key, _ in cols] + ['missing'])
+                    [key if kind != CUSTOM_GROUP else f'{CUSTOM_GROUP}:{key}'
+                     for kind, key, _ in cols] + ['missing'])
     for row in table.rows:
         values = [_cell(row, kind, key)[0] for kind, key, _ in cols]
         writer.writerow([row.backbone, row.method, row.source] +

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from memba_vision.utils import load_checkpoint_file
 
 PY = sys.executable
 TASK = 'dsprites_loc'  # 16 classes: chance is 6.25%
@@ -93,7 +94,7 @@ def test_seeded_cpu_runs_are_identical(synthetic):
     for run in ('a', 'b'):
         work = root / f'seed_{run}'
         tool('tools/train.py', cfg, '--work-dir', str(work), '--cfg-options', 'train_cfg.max_epochs=1')
-        states.append(torch.load(work / 'epoch_1.pth', weights_only=True)['state_dict'])
+        states.append(load_checkpoint_file(str(work / 'epoch_1.pth'))['state_dict'])
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -197,8 +198,8 @@ def test_sweep_runs_a_slots_tasks_in_one_process_and_a_new_one_after_a_failure(
     tool('tools/train.py', cfg, '--work-dir', str(alone), '--cfg-options', *opts,
          'train_dataloader.dataset.task=clevr_count', 'test_dataloader.dataset.task=clevr_count',
          'model.head.num_classes=8', 'experiment.task=clevr_count')
-    served = torch.load(work / 'clevr_count' / 'epoch_1.pth', weights_only=True)['state_dict']
-    fresh = torch.load(alone / 'epoch_1.pth', weights_only=True)['state_dict']
+    served = load_checkpoint_file(str(work / 'clevr_count' / 'epoch_1.pth'))['state_dict']
+    fresh = load_checkpoint_file(str(alone / 'epoch_1.pth'))['state_dict']
     assert served.keys() == fresh.keys()
     assert all(torch.equal(served[k], fresh[k]) for k in fresh)
     # --mode test: both tasks in one tools/test.py --serve process, each with the top-1
@@ -233,7 +234,7 @@ def test_peft_run_saves_trainable_tensors_and_tests_from_them(synthetic, tmp_pat
     work = tmp_path / 'work'
     tool('tools/train.py', str(peft_cfg), '--work-dir', str(work), '--cfg-options',
          'train_cfg.max_epochs=1')
-    ckpt = torch.load(work / 'epoch_1.pth', weights_only=True)
+    ckpt = load_checkpoint_file(str(work / 'epoch_1.pth'))
     keys = set(ckpt['state_dict'])
     assert keys and all('lora_' in k or '.gate.' in k or k.startswith('head.') for k in keys)
     assert ckpt['meta']['memba_vision'] == {'trainable_only': True}

@@ -203,14 +203,19 @@ def test_sweep_runs_a_slots_tasks_in_one_process_and_a_new_one_after_a_failure(
     assert served.keys() == fresh.keys()
     assert all(torch.equal(served[k], fresh[k]) for k in fresh)
     # --mode test: both tasks in one tools/test.py --serve process, each with the top-1
-    # that training's own test gave (the 8-class head after the 16-class one)
+    # that training's own test gave (the 8-class head after the 16-class one); existing
+    # result files are replaced, and a task not trained to the end is reported
     trained = {t: json.load(open(work / t / f'result_{t}.json'))['top1']
                for t in (TASK, 'clevr_count')}
     for t in trained:
-        (work / t / f'result_{t}.json').unlink()
+        (work / t / f'result_{t}.json').write_text(json.dumps(dict(task=t, top1=-1.0)))
     proc = tool('tools/sweep.py', '--config', cfg, '--tasks', TASK, 'clevr_count', '--mode',
                 'test', '--work-root', str(work), '--cfg-options', *opts)
     assert '2 done, 0 skipped, 0 failed' in proc.stdout
+    unfinished = tool('tools/sweep.py', '--config', cfg, '--tasks', TASK, '--mode', 'test',
+                      '--work-root', str(work), '--cfg-options', *opts[1:], check=False)
+    assert unfinished.returncode == 1 and (f'{TASK}: training stopped at epoch_1.pth, before '
+                                           f'epoch_5.pth; train it first') in unfinished.stdout
     testers = [re.findall(r'tools/test.py --serve: process (\d+) runs',
                           (work / t / 'sweep.log').read_text()) for t in trained]
     assert len(testers[0]) == 1 and testers[0] == testers[1]

@@ -14,8 +14,10 @@ ends. A slot trains and tests its tasks in one ``tools/train.py --serve`` proces
 task ends it, and the slot's next task gets a new one), so the sweep pays the
 start-up of Python, the stack and CUDA once per slot. With
 ``--jobs-per-gpu 2`` each GPU has two slots: one task's set-up, data loading and
-host-side loop overhead then overlap the other's GPU work. A task whose result file
-exists is skipped; an interrupted task resumes from its last checkpoint.
+host-side loop overhead then overlap the other's GPU work. Training skips a task whose
+result file exists and resumes an interrupted one from its last checkpoint; ``--mode test``
+tests every task whose training finished (its last epoch's checkpoint) and replaces its
+result file.
 ``--cfg-options`` apply to training and testing; arguments after ``--`` go to
 tools/train.py only. At the end the result table is written to the sweep's work
 directory.
@@ -66,6 +68,25 @@ def task_configs(args):
     # longest first: training is the same for every task, test sets differ a lot
     out.sort(key=lambda item: -get_task(item[0]).num_test)
     return out, root
+
+
+def trained_checkpoint(config, cfg_options, work_dir):
+    """(the checkpoint of the last training epoch, '') or (None, why there is none)."""
+    from mmengine.config import Config, DictAction
+
+    from memba_vision.engine.runner_utils import final_checkpoint
+    ckpt = final_checkpoint(work_dir)
+    if ckpt is None:
+        return None, f'no checkpoint in {work_dir}'
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        parser = argparse.ArgumentParser()
+        parser.add_argument('--o', nargs='+', action=DictAction)
+        cfg.merge_from_dict(parser.parse_args(['--o', *cfg_options]).o)
+    last = f'epoch_{cfg.train_cfg.max_epochs}.pth'
+    if osp.basename(ckpt) != last:
+        return None, f'training stopped at {osp.basename(ckpt)}, before {last}'
+    return ckpt, ''
 
 
 class Sweep:
@@ -136,8 +157,8 @@ class Sweep:
 
     def run_task(self, slot, item):
         task, cfg, opts, wd = item
-        from memba_vision.engine.runner_utils import final_checkpoint, result_path
-        if osp.isfile(result_path(wd, task)):
+        from memba_vision.engine.runner_utils import result_path
+        if self.mode == 'train' and osp.isfile(result_path(wd, task)):
             self.skipped.append(task)
             self.log(f'{task}: result exists, skipped ({self.progress()})')
             return
@@ -157,12 +178,12 @@ class Sweep:
             if ok and not osp.isfile(result_path(wd, task)):
                 ok = False
                 self.log(f'{task}: training ended without a result file in {wd}')
-        else:
-            ckpt = final_checkpoint(wd)
+        else:  # test the final checkpoint in the slot's test.py process; the result file
+            ckpt, why = trained_checkpoint(cfg, [*opts], wd)  # is replaced atomically
             if ckpt is None:
                 ok = False
-                self.log(f'{task}: no checkpoint in {wd}')
-            else:  # in the slot's test.py process
+                self.log(f'{task}: {why}; train it first')
+            else:
                 argv = [cfg, ckpt, '--work-dir', wd, *cfg_opts]
                 ok = self.run_in_worker(slot, 'test.py', argv, env, log_file, task) == 0
         del self.running[task]

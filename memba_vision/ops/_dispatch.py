@@ -1,4 +1,5 @@
-"""Lazy access to optional kernels (mamba-ssm, causal-conv1d, the Triton scan) and one-time logs.
+"""Lazy access to optional kernels (mamba-ssm, causal-conv1d, the Triton scan), backend
+environment variables and once-per-run logs.
 
 Nothing here imports a CUDA package or triton at module import: the first CUDA call tries
 the import once and remembers the outcome.
@@ -8,15 +9,18 @@ import importlib
 import os
 from typing import Callable, Optional, Tuple
 
-_logged = set()
+_logged = set()  # (run, key) pairs
 
 
 def log_once(key: str, msg: str) -> None:
-    """Logs ``msg`` through mmengine's current logger the first time ``key`` is seen."""
-    if key in _logged:
+    """Logs ``msg`` through mmengine's current logger the first time ``key`` is seen in the
+    current run (the logger's instance: one per run, also when a ``--serve`` process runs
+    many)."""
+    from mmengine.logging import MMLogger, print_log
+    run_key = (MMLogger.get_current_instance().instance_name, key)
+    if run_key in _logged:
         return
-    _logged.add(key)
-    from mmengine.logging import print_log
+    _logged.add(run_key)
     print_log(msg, logger='current')
 
 

@@ -49,6 +49,9 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         log_once('conv:torch', f'memba_vision.ops: causal conv1d uses F.conv1d ({reason})')
     elif forced == 'cuda':
         raise RuntimeError(f'{_BACKEND_ENV}=cuda needs CUDA tensors, got {x.device}')
+    else:
+        reason = f'{_BACKEND_ENV}=torch' if forced == 'torch' else 'tensors are on the CPU'
+        log_once('conv:torch', f'memba_vision.ops: causal conv1d uses F.conv1d ({reason})')
     return causal_conv1d_reference(x, weight, bias, activation)
 
 

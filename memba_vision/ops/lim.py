@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._dispatch import forced_backend, log_once
+
 __all__ = ['lim', 'lim_reference', 'lim_backend', 'available_lim_backends',
            'register_lim_backend']
 
@@ -30,7 +32,6 @@ _BACKEND_ENV = 'MEMBA_LIM_BACKEND'
 _VALID_BACKENDS = ('cuda', 'triton', 'torch')
 # name -> (is_available() -> bool, fn(x, num_chunks, leak, threshold, u_prev))
 _BACKENDS: Dict[str, Tuple[Callable[[], bool], Callable]] = {}
-_logged = set()
 # (x.is_cuda, MEMBA_LIM_BACKEND value) -> backend name, emptied whenever a backend
 # is registered; failed resolutions are not cached.
 _resolved: Dict[Tuple[bool, str], str] = {}
@@ -106,12 +107,9 @@ def _check_inputs(x: Tensor, num_chunks: int, u_prev: Optional[Tensor]) -> None:
             raise TypeError(f'lim: u_prev dtype {u_prev.dtype} differs from x dtype {x.dtype}')
 
 
-def _resolve(x: Tensor, env: str) -> str:
-    forced = env.strip().lower()
+def _resolve(x: Tensor) -> str:
+    forced = forced_backend(_BACKEND_ENV, _VALID_BACKENDS)
     if forced:
-        if forced not in _VALID_BACKENDS:
-            raise ValueError(f'{_BACKEND_ENV} must be one of {_VALID_BACKENDS}, '
-                             f'got {forced!r}')
         if forced != 'torch':
             if not x.is_cuda:
                 raise RuntimeError(f'{_BACKEND_ENV}={forced} needs CUDA tensors, '
@@ -126,15 +124,12 @@ def _resolve(x: Tensor, env: str) -> str:
 
 
 def lim_backend(x: Tensor) -> str:
-    """Name of the backend ``lim`` uses for a tensor like ``x`` (logged once per backend)."""
+    """Name of the backend ``lim`` uses for a tensor like ``x`` (logged once per run)."""
     key = (x.is_cuda, os.environ.get(_BACKEND_ENV, ''))
     name = _resolved.get(key)
     if name is None:
-        name = _resolved[key] = _resolve(x, key[1])
-        if name not in _logged:
-            _logged.add(name)
-            from mmengine.logging import print_log
-            print_log(f'memba_vision.ops.lim: using the {name} backend', logger='current')
+        name = _resolved[key] = _resolve(x)
+    log_once(f'lim:{name}', f'memba_vision.ops.lim: using the {name} backend')
     return name
 
 

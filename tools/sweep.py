@@ -6,6 +6,7 @@
     python tools/sweep.py vim_s_memba --gpus 8 --mode test      # test the trained ones
     python tools/sweep.py --config configs/demo/vim_tiny_memba_synthetic.py \
         --tasks dsprites_loc clevr_count --gpus 1 --work-root work_dirs/demo
+    python tools/sweep.py vim_s_memba --only-task-index 3      # one task (tools/slurm_sweep.sh)
 
 (``bash tools/dist_train.sh --sweep vim_s_memba 8`` calls this.) Tasks come from a
 queue, longest first; each GPU slot takes the next task when its current one
@@ -164,7 +165,10 @@ class Sweep:
             return
         os.makedirs(wd, exist_ok=True)
         gpu = slot % self.gpus
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+        # GPU `gpu` of those this process may use (e.g. the one Slurm gave an array job)
+        visible = os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',')
+        device = visible[gpu] if len(visible) > gpu and visible[gpu] else str(gpu)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
         log_file = osp.join(wd, 'sweep.log')
         t0 = time.time()
         self.running[task] = slot
@@ -238,6 +242,11 @@ def main():
     p.add_argument('--verbose', action='store_true', help='also print the training/test logs')
     p.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
                    help='config overrides for both training and testing')
+    p.add_argument('--only-task-index', type=int, metavar='I',
+                   help='run only the I-th task of the queue (0-based; tools/slurm_sweep.sh '
+                        'runs one per array job) and write no table')
+    p.add_argument('--plan', action='store_true',
+                   help='print the number of tasks and the work root, then exit')
     args = p.parse_args(argv)
     if bool(args.backbone_method) == bool(args.config):
         p.error('give either BACKBONE_METHOD or --config')
@@ -249,6 +258,13 @@ def main():
         items, root = task_configs(args)
     except KeyError as e:
         raise SystemExit(f'error: {e.args[0]}')
+    if args.plan:
+        print(len(items), root)
+        return
+    if args.only_task_index is not None:
+        if not 0 <= args.only_task_index < len(items):
+            p.error(f'--only-task-index must be in [0, {len(items) - 1}]')
+        items = [items[args.only_task_index]]
     slots = args.gpus * args.jobs_per_gpu
     sweep = Sweep(items, slots, args.mode, train_args, sys.executable, args.verbose,
                   args.cfg_options, gpus=args.gpus)
@@ -258,7 +274,7 @@ def main():
     sweep.log(f'finished in {time.time() - sweep.start:.0f}s: {len(sweep.done)} done, '
               f'{len(sweep.skipped)} skipped, {len(sweep.failed)} failed'
               + (f' ({", ".join(sweep.failed)})' if sweep.failed else ''))
-    if sweep.done or sweep.skipped:
+    if (sweep.done or sweep.skipped) and args.only_task_index is None:
         subprocess.call([sys.executable, 'tools/vtab_table.py', root], cwd=ROOT)
     sys.exit(1 if sweep.failed else 0)
 

@@ -6,14 +6,11 @@ mmpretrain's registries, so a config only needs
 """
 import warnings
 
-# mmcv-lite lacks mmcv's compiled ops; mmpretrain warns about one we never use.
-warnings.filterwarnings('ignore', message='Fail to import ``MultiScaleDeformableAttention``')
+from .version import __version__
 
-from .version import __version__  # noqa: E402
-from .utils import register_safe_globals  # noqa: E402
-
-register_safe_globals()  # mmengine --resume keeps torch.load(weights_only=True)
-
-from . import ops, models, engine, datasets, evaluation  # noqa: E402,F401
+with warnings.catch_warnings():
+    # mmcv-lite lacks mmcv's compiled ops; importing mmpretrain warns about one we never use
+    warnings.filterwarnings('ignore', message='Fail to import ``MultiScaleDeformableAttention``')
+    from . import ops, models, engine, datasets, evaluation  # noqa: F401
 
 __all__ = ['__version__']

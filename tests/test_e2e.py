@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import ROOT
+from memba_vision.utils import load_checkpoint_file
 
 PY = sys.executable
 TASK = 'dsprites_loc'  # 16 classes: chance is 6.25%
@@ -93,7 +94,7 @@ def test_seeded_cpu_runs_are_identical(synthetic):
     for run in ('a', 'b'):
         work = root / f'seed_{run}'
         tool('tools/train.py', cfg, '--work-dir', str(work), '--cfg-options', 'train_cfg.max_epochs=1')
-        states.append(torch.load(work / 'epoch_1.pth', weights_only=True)['state_dict'])
+        states.append(load_checkpoint_file(str(work / 'epoch_1.pth'))['state_dict'])
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -189,6 +190,10 @@ def test_sweep_runs_a_slots_tasks_in_one_process_and_a_new_one_after_a_failure(
     (failed, log), (first, _), (second, _) = (server(t) for t in
                                               ('dsprites_ori', TASK, 'clevr_count'))
     assert failed != first == second
+    for task in (TASK, 'clevr_count'):  # each served run logs its backends, not only the first
+        log = (work / task / 'sweep.log').read_text()
+        assert 'memba_vision.ops.lim: using the torch backend' in log, log[-3000:]
+        assert 'memba_vision.ops: selective scan uses' in log, log[-3000:]
     assert 'train800val200.txt not found' in log and 'SERVE_DONE' not in log
     for task in (TASK, 'clevr_count'):
         assert json.load(open(work / task / f'result_{task}.json'))['num_images'] == 32
@@ -197,19 +202,24 @@ def test_sweep_runs_a_slots_tasks_in_one_process_and_a_new_one_after_a_failure(
     tool('tools/train.py', cfg, '--work-dir', str(alone), '--cfg-options', *opts,
          'train_dataloader.dataset.task=clevr_count', 'test_dataloader.dataset.task=clevr_count',
          'model.head.num_classes=8', 'experiment.task=clevr_count')
-    served = torch.load(work / 'clevr_count' / 'epoch_1.pth', weights_only=True)['state_dict']
-    fresh = torch.load(alone / 'epoch_1.pth', weights_only=True)['state_dict']
+    served = load_checkpoint_file(str(work / 'clevr_count' / 'epoch_1.pth'))['state_dict']
+    fresh = load_checkpoint_file(str(alone / 'epoch_1.pth'))['state_dict']
     assert served.keys() == fresh.keys()
     assert all(torch.equal(served[k], fresh[k]) for k in fresh)
     # --mode test: both tasks in one tools/test.py --serve process, each with the top-1
-    # that training's own test gave (the 8-class head after the 16-class one)
+    # that training's own test gave (the 8-class head after the 16-class one); existing
+    # result files are replaced, and a task not trained to the end is reported
     trained = {t: json.load(open(work / t / f'result_{t}.json'))['top1']
                for t in (TASK, 'clevr_count')}
     for t in trained:
-        (work / t / f'result_{t}.json').unlink()
+        (work / t / f'result_{t}.json').write_text(json.dumps(dict(task=t, top1=-1.0)))
     proc = tool('tools/sweep.py', '--config', cfg, '--tasks', TASK, 'clevr_count', '--mode',
                 'test', '--work-root', str(work), '--cfg-options', *opts)
     assert '2 done, 0 skipped, 0 failed' in proc.stdout
+    unfinished = tool('tools/sweep.py', '--config', cfg, '--tasks', TASK, '--mode', 'test',
+                      '--work-root', str(work), '--cfg-options', *opts[1:], check=False)
+    assert unfinished.returncode == 1 and (f'{TASK}: training stopped at epoch_1.pth, before '
+                                           f'epoch_5.pth; train it first') in unfinished.stdout
     testers = [re.findall(r'tools/test.py --serve: process (\d+) runs',
                           (work / t / 'sweep.log').read_text()) for t in trained]
     assert len(testers[0]) == 1 and testers[0] == testers[1]
@@ -233,7 +243,7 @@ def test_peft_run_saves_trainable_tensors_and_tests_from_them(synthetic, tmp_pat
     work = tmp_path / 'work'
     tool('tools/train.py', str(peft_cfg), '--work-dir', str(work), '--cfg-options',
          'train_cfg.max_epochs=1')
-    ckpt = torch.load(work / 'epoch_1.pth', weights_only=True)
+    ckpt = load_checkpoint_file(str(work / 'epoch_1.pth'))
     keys = set(ckpt['state_dict'])
     assert keys and all('lora_' in k or '.gate.' in k or k.startswith('head.') for k in keys)
     assert ckpt['meta']['memba_vision'] == {'trainable_only': True}

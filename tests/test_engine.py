@@ -312,7 +312,7 @@ def test_vtab_optim_wrapper_builds_from_the_config():
 def _toy_runner(work_dir, hooks=(), resume=False):
     """A 3-epoch, 2-iteration-per-epoch CPU run saving every epoch, keeping one checkpoint."""
     from mmengine.model import BaseModel
-    from mmengine.runner import Runner
+    from memba_vision.engine import SafeLoadRunner as Runner  # what the tools run
 
     class Toy(BaseModel):
         def __init__(self):

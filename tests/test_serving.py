@@ -56,18 +56,27 @@ def test_served_runs_get_distinct_experiment_names(capsys):
     assert 'tools/test.py --serve: process' in capsys.readouterr().out
 
 
-def test_each_served_run_logs_its_backends(monkeypatch):
-    import mmengine.logging
+def test_each_served_run_logs_its_backends(tmp_path):
+    """The ops' once-only backend lines (scan, conv, LIM) appear in every run's log, not only
+    in the first run of a served process."""
     import torch
+    from mmengine.logging import MMLogger
+    from mmpretrain.registry import MODELS
 
-    from memba_vision.ops import lim
-    logged = []
-    monkeypatch.setattr(mmengine.logging, 'print_log', lambda msg, logger=None: logged.append(msg))
-    monkeypatch.delenv('MEMBA_BACKEND', raising=False)
+    from conftest import TINY_VIM
+    model = MODELS.build(dict(type='Vim', arch=TINY_VIM, img_size=32, patch_size=8,
+                              peft=dict(lora=dict(in_proj=4), gate=dict(rank=4))))
+    lines = ('memba_vision.ops: selective scan runs on reference',
+             'memba_vision.ops: LIM runs on reference', 'memba_vision Vim: per-op mixer path')
 
-    def run(args):
-        for _ in range(2):
-            lim(torch.randn(1, 8, 2), 4)
+    def run(args):  # what a served train.py/test.py run does: a runner with its own logger
+        name = served_experiment_name(args.argv[0], 'tools/train.py')
+        MMLogger.get_instance(name, log_file=str(tmp_path / f'{args.argv[0]}.log'))
+        with torch.no_grad():
+            for _ in range(2):
+                model(torch.randn(1, 3, 32, 32))
 
-    assert serve(parse, run, ['["a"]\n', '["b"]\n']) == 0
-    assert logged == ['memba_vision.ops: LIM runs on reference (cuda: tensors are on the CPU)'] * 2
+    assert serve(parse, run, ['["first"]\n', '["second"]\n']) == 0
+    for run_name in ('first', 'second'):
+        log = (tmp_path / f'{run_name}.log').read_text()
+        assert all(log.count(line) == 1 for line in lines), (run_name, log)

@@ -113,6 +113,16 @@ def _epoch_timer():
     return EpochTimer()
 
 
+def write_standin_pretrained(cfg, path):
+    """Writes the weights of a randomly built backbone of ``cfg`` as a pretrained file."""
+    import memba_vision  # noqa: F401  (registers the backbones)
+    from mmpretrain.registry import MODELS
+    backbone = MODELS.build(dict(cfg.model.backbone, init_cfg=None))
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    torch.save({'model': backbone.state_dict()}, path)
+    return path
+
+
 def measured_epoch(backbone_method, data_root, task, work_dir, epochs=3):
     """The epochs of a short run of ``task`` through mmengine's Runner, each split by
     ``_epoch_timer`` (the first one captures the graphs, the last one saves a
@@ -126,11 +136,7 @@ def measured_epoch(backbone_method, data_root, task, work_dir, epochs=3):
                       work_dir=work_dir)
     # A sweep starts from a pretrained file, so its checkpoints hold only the trainable
     # tensors (PEFTCheckpointHook); a randomly built backbone stands in for that file.
-    from mmpretrain.registry import MODELS
-    pretrained = osp.join(work_dir, 'pretrained.pth')
-    backbone = MODELS.build(dict(cfg.model.backbone, init_cfg=None))
-    torch.save({'model': backbone.state_dict()}, pretrained)
-    del backbone
+    pretrained = write_standin_pretrained(cfg, osp.join(work_dir, 'pretrained.pth'))
     cfg.model.backbone.init_cfg = dict(type='Pretrained', checkpoint=pretrained)
     cfg.train_dataloader.dataset.data_root = data_root
     cfg.test_dataloader.dataset.data_root = data_root
@@ -167,9 +173,20 @@ def main():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--data-root', help='VTAB-1k root: also time one real training epoch')
     p.add_argument('--task', default='dsprites_loc', help='task for the measured epoch')
+    p.add_argument('--write-pretrained', metavar='PATH',
+                   help='only write a stand-in pretrained file (a random backbone of '
+                        '--backbone-method) to PATH, e.g. for tools/gpu_check.sh')
     p.add_argument('--warmup', type=int, default=5)
     p.add_argument('--reps', type=int, default=20)
     args = p.parse_args()
+    if args.write_pretrained:
+        from memba_vision.engine.runner_utils import load_config
+        root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+        cfg = load_config(osp.join(root, 'configs', 'vtab1k',
+                                   f'{args.backbone_method}_{args.task}.py'))
+        print(f'stand-in pretrained backbone: '
+              f'{write_standin_pretrained(cfg, args.write_pretrained)}')
+        return
     from memba_vision.datasets.vtab1k_tasks import VTAB1K_TASKS
     backbone, method = None, None
     for b in ('vim_s', 'vmamba_s'):

@@ -38,10 +38,15 @@ def main():
     p.add_argument('--checkpoint-key', help="entry holding the weights, e.g. 'model_ema'")
     args = p.parse_args()
     import torch
-    from memba_vision.utils import load_checkpoint_file
-    from memba_vision.utils.checkpoint import extract_state_dict
-    state = extract_state_dict(load_checkpoint_file(args.src), args.src, args.checkpoint_key)
-    family = detect_family(state)
+    from memba_vision.utils import CheckpointError, extract_state_dict, load_checkpoint_file
+    try:
+        state = extract_state_dict(load_checkpoint_file(args.src), args.src,
+                                   args.checkpoint_key)
+        family = detect_family(state)
+    except CheckpointError as e:
+        raise SystemExit(f'error: {e}')
+    except ValueError as e:
+        raise SystemExit(f'error: {args.src}: {e}')
     out = convert(state, family)
     os.makedirs(osp.dirname(osp.abspath(args.dst)), exist_ok=True)
     torch.save({'state_dict': out, 'meta': dict(source=osp.basename(args.src), family=family)},

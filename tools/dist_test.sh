@@ -3,6 +3,7 @@
 #   bash tools/dist_test.sh CONFIG CHECKPOINT GPUS [test.py args]     DDP over GPUS processes
 #   bash tools/dist_test.sh --sweep BACKBONE_METHOD GPUS              test every trained task,
 #                                                                     one per GPU at a time
+# Several nodes: NNODES, NODE_RANK, MASTER_ADDR, PORT as in tools/dist_train.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -12,5 +13,6 @@ if [ "${1:-}" = "--sweep" ]; then
 fi
 [ $# -ge 3 ] || { echo "usage: $0 CONFIG CHECKPOINT GPUS [test.py args] | --sweep BACKBONE_METHOD GPUS" >&2; exit 2; }
 CONFIG=$1; CHECKPOINT=$2; GPUS=$3; shift 3
-exec "$PYTHON" -m torch.distributed.run --nnodes=1 --nproc_per_node="$GPUS" \
+exec "$PYTHON" -m torch.distributed.run --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
+  --master_addr="${MASTER_ADDR:-127.0.0.1}" --nproc_per_node="$GPUS" \
   --master_port="${PORT:-29500}" tools/test.py "$CONFIG" "$CHECKPOINT" --launcher pytorch "$@"

@@ -5,6 +5,8 @@
 #   bash tools/dist_train.sh --sweep BACKBONE_METHOD GPUS [train.py args]
 #       all 19 VTAB-1k tasks of e.g. vim_s_memba, one task per GPU at a time,
 #       each trained then tested; finished tasks are skipped, interrupted ones resumed
+# Several nodes (run on each, NODE_RANK 0 .. NNODES-1; GPUS is per node):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 PORT=29500 bash tools/dist_train.sh CONFIG 8
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
@@ -15,5 +17,6 @@ if [ "${1:-}" = "--sweep" ]; then
 fi
 [ $# -ge 2 ] || { echo "usage: $0 CONFIG GPUS [train.py args] | --sweep BACKBONE_METHOD GPUS" >&2; exit 2; }
 CONFIG=$1; GPUS=$2; shift 2
-exec "$PYTHON" -m torch.distributed.run --nnodes=1 --nproc_per_node="$GPUS" \
+exec "$PYTHON" -m torch.distributed.run --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
+  --master_addr="${MASTER_ADDR:-127.0.0.1}" --nproc_per_node="$GPUS" \
   --master_port="${PORT:-29500}" tools/train.py "$CONFIG" --launcher pytorch "$@"

@@ -54,7 +54,11 @@ def main():
                    help='compare both models on a random batch and print the difference')
     args = p.parse_args()
     import torch
-    model = build_finetuned(args.config, args.checkpoint)
+    from memba_vision.utils import CheckpointError
+    try:  # a bad fine-tuned or pretrained checkpoint: one line
+        model = build_finetuned(args.config, args.checkpoint)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f'error: {e}')
     reference = copy.deepcopy(model) if args.verify else None
     n = merge_lora_layers(model)
     if n == 0:

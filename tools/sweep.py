@@ -5,14 +5,17 @@
     python tools/sweep.py vim_s_memba --gpus 8 --mode test      # test the trained ones
     python tools/sweep.py --config configs/demo/vim_tiny_memba_synthetic.py \
         --tasks dsprites_loc clevr_count --gpus 1 --work-root work_dirs/demo
+    python tools/sweep.py vim_s_memba --only-task-index 3      # one task (tools/slurm_sweep.sh)
 
 (``bash tools/dist_train.sh --sweep vim_s_memba 8`` calls this.) Tasks come from a
 queue, longest first; each GPU slot takes the next task when its current one
 ends. A slot trains and tests its tasks in one ``tools/train.py --serve`` process
 (``--mode test``: one ``tools/test.py --serve`` process), started once (a failed
 task ends it, and the slot's next task gets a new one), so the sweep pays the
-start-up of Python, the stack and CUDA once per slot (GPU). A task whose result file
-exists is skipped; an interrupted task resumes from its last checkpoint.
+start-up of Python, the stack and CUDA once per slot (GPU). Training skips a task
+whose result file exists and resumes an interrupted one from its last checkpoint;
+``--mode test`` tests every task whose training finished (its last epoch's checkpoint)
+and replaces its result file.
 ``--cfg-options`` apply to training and testing; arguments after ``--`` go to
 tools/train.py only. At the end the result table is written to the sweep's work
 directory.
@@ -66,6 +69,25 @@ def task_configs(args):
     out.sort(key=lambda item: -(VTAB1K_TASKS[item[0]].num_test
                                 if item[0] in VTAB1K_TASKS else 0))
     return out, root
+
+
+def trained_checkpoint(config, cfg_options, work_dir):
+    """(the checkpoint of the last training epoch, '') or (None, why there is none)."""
+    from mmengine.config import Config, DictAction
+
+    from memba_vision.engine.runner_utils import final_checkpoint
+    ckpt = final_checkpoint(work_dir)
+    if ckpt is None:
+        return None, f'no checkpoint in {work_dir}'
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        parser = argparse.ArgumentParser()
+        parser.add_argument('--o', nargs='+', action=DictAction)
+        cfg.merge_from_dict(parser.parse_args(['--o', *cfg_options]).o)
+    last = f'epoch_{cfg.train_cfg.max_epochs}.pth'
+    if osp.basename(ckpt) != last:
+        return None, f'training stopped at {osp.basename(ckpt)}, before {last}'
+    return ckpt, ''
 
 
 class Sweep:
@@ -134,14 +156,17 @@ class Sweep:
 
     def run_task(self, slot, item):
         task, cfg, opts, wd = item
-        from memba_vision.engine.runner_utils import final_checkpoint, result_path
-        if osp.isfile(result_path(wd, task)):
+        from memba_vision.engine.runner_utils import result_path
+        if self.mode == 'train' and osp.isfile(result_path(wd, task)):
             self.skipped.append(task)
             self.log(f'{task}: result exists, skipped ({self.progress()})')
             return
         os.makedirs(wd, exist_ok=True)
         gpu = slot
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=str(gpu))
+        # GPU `gpu` of those this process may use (e.g. the one Slurm gave an array job)
+        visible = os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',')
+        device = visible[gpu] if len(visible) > gpu and visible[gpu] else str(gpu)
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES=device)
         log_file = osp.join(wd, 'sweep.log')
         t0 = time.time()
         self.running[task] = slot
@@ -155,12 +180,12 @@ class Sweep:
             if ok and not osp.isfile(result_path(wd, task)):
                 ok = False
                 self.log(f'{task}: training ended without a result file in {wd}')
-        else:
-            ckpt = final_checkpoint(wd)
+        else:  # test the final checkpoint in the slot's test.py process; the result file
+            ckpt, why = trained_checkpoint(cfg, [*opts], wd)  # is replaced atomically
             if ckpt is None:
                 ok = False
-                self.log(f'{task}: no checkpoint in {wd}')
-            else:  # in the slot's test.py process
+                self.log(f'{task}: {why}; train it first')
+            else:
                 argv = [cfg, ckpt, '--work-dir', wd, *cfg_opts]
                 ok = self.run_in_worker(slot, 'test.py', argv, env, log_file, task) == 0
         del self.running[task]
@@ -212,6 +237,11 @@ def main():
     p.add_argument('--verbose', action='store_true', help='also print the training/test logs')
     p.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
                    help='config overrides for both training and testing')
+    p.add_argument('--only-task-index', type=int, metavar='I',
+                   help='run only the I-th task of the queue (0-based; tools/slurm_sweep.sh '
+                        'runs one per array job) and write no table')
+    p.add_argument('--plan', action='store_true',
+                   help='print the number of tasks and the work root, then exit')
     args = p.parse_args(argv)
     if bool(args.backbone_method) == bool(args.config):
         p.error('give either BACKBONE_METHOD or --config')
@@ -221,6 +251,13 @@ def main():
         items, root = task_configs(args)
     except KeyError as e:
         raise SystemExit(f'error: {e.args[0]}')
+    if args.plan:
+        print(len(items), root)
+        return
+    if args.only_task_index is not None:
+        if not 0 <= args.only_task_index < len(items):
+            p.error(f'--only-task-index must be in [0, {len(items) - 1}]')
+        items = [items[args.only_task_index]]
     sweep = Sweep(items, args.gpus, args.mode, train_args, sys.executable, args.verbose,
                   args.cfg_options)
     sweep.log(f'{len(items)} tasks on {args.gpus} GPU(s), '
@@ -229,7 +266,7 @@ def main():
     sweep.log(f'finished in {time.time() - sweep.start:.0f}s: {len(sweep.done)} done, '
               f'{len(sweep.skipped)} skipped, {len(sweep.failed)} failed'
               + (f' ({", ".join(sweep.failed)})' if sweep.failed else ''))
-    if sweep.done or sweep.skipped:
+    if (sweep.done or sweep.skipped) and args.only_task_index is None:
         subprocess.call([sys.executable, 'tools/vtab_table.py', root], cwd=ROOT)
     sys.exit(1 if sweep.failed else 0)
 

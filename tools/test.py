@@ -57,7 +57,7 @@ def test(args, serving=False):
         cfg.experiment_name = served_experiment_name(args.config, 'tools/test.py')
     set_precision(cfg, fp32=args.fp32)  # the precision the config trains in
     if not osp.isfile(args.checkpoint):
-        raise SystemExit(f'error: checkpoint {args.checkpoint} not found')
+        raise SystemExit(f'error: checkpoint file not found: {args.checkpoint}')
     cfg.load_from = args.checkpoint
     try:
         check_pretrained(cfg)
@@ -65,9 +65,13 @@ def test(args, serving=False):
     except (FileNotFoundError, KeyError) as e:
         raise SystemExit(f'error: {e.args[0] if e.args else e}')
 
-    from mmengine.runner import Runner
-    runner = Runner.from_cfg(cfg)
-    test_and_record(runner, cfg, args.config, args.checkpoint)
+    from memba_vision.engine import SafeLoadRunner
+    from memba_vision.utils import CheckpointError
+    try:  # a bad checkpoint or pretrained file: one line
+        runner = SafeLoadRunner.from_cfg(cfg)
+        test_and_record(runner, cfg, args.config, args.checkpoint)
+    except CheckpointError as e:
+        raise SystemExit(f'error: {e}')
 
 
 def main():

@@ -73,7 +73,7 @@ def train(args, serving=False):
         cfg.resume, cfg.load_from = True, None
     elif args.resume:
         if not osp.isfile(args.resume):
-            raise SystemExit(f'--resume: checkpoint {args.resume} not found')
+            raise SystemExit(f'error: --resume: checkpoint file not found: {args.resume}')
         cfg.resume, cfg.load_from = True, args.resume
     try:
         if args.resume == 'auto':
@@ -85,12 +85,16 @@ def train(args, serving=False):
     except (FileNotFoundError, KeyError) as e:
         raise SystemExit(f'error: {e.args[0] if e.args else e}')
 
-    from mmengine.runner import Runner
-    runner = Runner.from_cfg(cfg)
-    runner.train()
-    runner.logger.info(f'training finished; checkpoints in {runner.work_dir}')
-    if args.test:
-        test_and_record(runner, cfg, args.config, final_checkpoint(runner.work_dir))
+    from memba_vision.engine import SafeLoadRunner
+    from memba_vision.utils import CheckpointError
+    try:  # a bad pretrained, resumed or (with --test) final checkpoint: one line
+        runner = SafeLoadRunner.from_cfg(cfg)
+        runner.train()
+        runner.logger.info(f'training finished; checkpoints in {runner.work_dir}')
+        if args.test:
+            test_and_record(runner, cfg, args.config, final_checkpoint(runner.work_dir))
+    except CheckpointError as e:
+        raise SystemExit(f'error: {e}')
 
 
 def main():

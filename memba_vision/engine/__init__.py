@@ -1,11 +1,13 @@
-"""Runner hooks, the bf16 optimiser wrapper, the test loop, and the optimiser
-constructor (registered in mmpretrain's registries)."""
+"""Runner hooks, the bf16 optimiser wrapper, the test loop, the optimiser constructor
+(registered in mmpretrain's registries) and the runner the tools use."""
 from .hooks import (AtomicCheckpointHook, DeferredRuntimeInfoHook, NonFiniteLossHook,
                     PEFTCheckpointHook, complete_trainable_checkpoint)
 from .loops import AutocastTestLoop
 from .optim_constructor import MergedParamGroupsConstructor
 from .optim_wrapper import BF16OptimWrapper
+from .runner import SafeLoadRunner
 
 __all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'NonFiniteLossHook',
            'DeferredRuntimeInfoHook', 'complete_trainable_checkpoint',
-           'MergedParamGroupsConstructor', 'AutocastTestLoop', 'BF16OptimWrapper']
+           'MergedParamGroupsConstructor', 'AutocastTestLoop', 'BF16OptimWrapper',
+           'SafeLoadRunner']

@@ -74,10 +74,19 @@ def check_pretrained(cfg: Config) -> None:
     path = init.get('checkpoint')
     if path and osp.isfile(path):
         return
+    import inspect
     from mmpretrain.registry import MODELS
     cls = MODELS.get(backbone.get('type'))
-    url = getattr(cls, 'download_urls', {}).get(backbone.get('arch')) if cls else None
-    where = f'download it from {url} and put it at {path}' if url else f'put it at {path}'
+    arch = backbone.get('arch')
+    if arch is None and cls is not None:
+        arch = inspect.signature(cls).parameters.get('arch', inspect.Parameter.empty).default
+    if isinstance(arch, str):
+        url = getattr(cls, 'download_urls', {}).get(arch) if cls else None
+        where = (f'download it from {url} and put it at {path}' if url else
+                 f'no download location is known for arch {arch!r}; put the file at {path}')
+    else:  # a custom architecture (a dict of sizes) has no official file
+        where = (f'no download location is known for a custom arch ({type(arch).__name__}); '
+                 f'put a checkpoint of that architecture at {path}')
     raise FileNotFoundError(
         f'pretrained backbone checkpoint {path} not found: {where} '
         f'(or point model.backbone.init_cfg.checkpoint elsewhere with --cfg-options)')

@@ -1,7 +1,7 @@
 """Small shared utilities."""
-from .checkpoint import extract_state_dict, load_checkpoint_file, register_safe_globals
+from .checkpoint import CheckpointError, extract_state_dict, load_checkpoint_file, safe_loading
 from .cuda_streams import persistent_stream
 from .files import write_text_atomically
 
-__all__ = ["extract_state_dict", "load_checkpoint_file", "register_safe_globals",
+__all__ = ["CheckpointError", "extract_state_dict", "load_checkpoint_file", "safe_loading",
            "persistent_stream", "write_text_atomically"]

@@ -12,13 +12,13 @@ import torch
 import torch.nn as nn
 from mmengine.logging import print_log
 
-from ...utils.checkpoint import extract_state_dict, load_checkpoint_file
+from ...utils.checkpoint import CheckpointNotFoundError, extract_state_dict, load_checkpoint_file
 from ..peft import LoRALinear, is_peft_param
 
 __all__ = ['load_pretrained', 'PretrainedNotFoundError']
 
 
-class PretrainedNotFoundError(FileNotFoundError):
+class PretrainedNotFoundError(CheckpointNotFoundError):
     pass
 
 

@@ -85,13 +85,17 @@ def plot_maps(image: np.ndarray, models: Sequence[Tuple[str, Dict[str, np.ndarra
                     im = ax.imshow(shown, cmap='inferno', alpha=0.55)
                 else:
                     shown = np.ma.masked_invalid(_upsample(data, (H, W), 'nearest'))
-                    cmap = 'magma' if name.endswith('reset fraction') else 'viridis'
-                    im = ax.imshow(shown, cmap=cmap, alpha=0.75)
+                    if name.endswith('reset fraction'):  # in [0, 1]; all-zero maps stay dark
+                        im = ax.imshow(shown, cmap='magma', alpha=0.75, vmin=0,
+                                       vmax=max(float(np.nanmax(data)), 0.01))
+                    else:
+                        im = ax.imshow(shown, cmap='viridis', alpha=0.75)
                 cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
                 cb.ax.tick_params(labelsize=6)
         col0 += width
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.97, bottom=0.04, top=0.88 if title else 0.93,
+                        wspace=0.55, hspace=0.45)
     fig.savefig(path, dpi=90, format=fmt)
     plt.close(fig)

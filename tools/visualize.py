@@ -94,6 +94,10 @@ def run(args) -> None:
             if not -n <= k < n:
                 raise IndexError(f'layer {k} is out of range: {config} has {n} layers '
                                  f'(0..{n - 1})')
+        classes = getattr(getattr(model, 'head', None), 'num_classes', None)
+        if args.target_class is not None and classes and not 0 <= args.target_class < classes:
+            raise IndexError(f'target class {args.target_class} is out of range: {config} has '
+                             f'{classes} classes')
         label = _label(config, models[0][0] if models else '')
         models.append((label, model, cfg))
     os.makedirs(args.out_dir, exist_ok=True)

@@ -25,7 +25,8 @@ echo "[demo] drawing membrane, spike and saliency maps of the first test image o
 for task in $TASKS; do
   ckpt=$(cat "$WORK/$task/last_checkpoint")
   image="$DATA/$task/$(head -n 1 "$DATA/$task/test.txt" | cut -d ' ' -f 1)"
-  classes=$("$VENV_PY" -c "from memba_vision.datasets.vtab1k_tasks import get_task; print(get_task('$task').num_classes)")
+  classes=$("$VENV_PY" -c "from memba_vision.datasets.vtab1k_tasks import get_task
+print(get_task('$task').num_classes)")
   "$VENV_PY" tools/visualize.py configs/demo/vim_tiny_memba_synthetic.py "$ckpt" "$image" \
     --out-dir "$WORK/figures/$task" --cfg-options "model.head.num_classes=$classes"
 done

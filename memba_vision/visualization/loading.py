@@ -3,7 +3,6 @@ import os.path as osp
 from typing import Optional, Tuple
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = ['load_classifier', 'load_image']

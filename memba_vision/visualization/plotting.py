@@ -13,7 +13,8 @@ def _upsample(grid: np.ndarray, size: Tuple[int, int], mode: str) -> np.ndarray:
     import torch
 
     from .saliency import upsample
-    return upsample(torch.as_tensor(np.asarray(grid, dtype=np.float64))[None], size, mode)[0].numpy()
+    grid = torch.as_tensor(np.asarray(grid, dtype=np.float64))[None]
+    return upsample(grid, size, mode)[0].numpy()
 
 
 def _panels(label: str, maps: Dict[str, np.ndarray], i: int) -> List[List[tuple]]:
@@ -30,7 +31,8 @@ def _panels(label: str, maps: Dict[str, np.ndarray], i: int) -> List[List[tuple]
     for k in maps['layers']:
         row = []
         if f'layer{k}/attention' in maps:
-            row.append(('overlay', f'L{k} implicit attention (cls)', maps[f'layer{k}/attention'][i]))
+            row.append(('overlay', f'L{k} implicit attention (cls)',
+                        maps[f'layer{k}/attention'][i]))
         for d in ('fwd', 'bwd'):
             for kind, title in _KIND_TITLES.items():
                 key = f'layer{k}/{d}_{kind}'

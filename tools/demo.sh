@@ -20,3 +20,13 @@ echo "[demo] fine-tuning a tiny Memba Vim on: $TASKS (logs and checkpoints in $W
 "$VENV_PY" tools/sweep.py --config configs/demo/vim_tiny_memba_synthetic.py \
   --tasks $TASKS --gpus 1 --work-root "$WORK" --verbose \
   --cfg-options "train_dataloader.dataset.data_root=$DATA" "test_dataloader.dataset.data_root=$DATA"
+
+echo "[demo] drawing membrane, spike and saliency maps of the first test image of each task"
+for task in $TASKS; do
+  ckpt=$(cat "$WORK/$task/last_checkpoint")
+  image="$DATA/$task/$(head -n 1 "$DATA/$task/test.txt" | cut -d ' ' -f 1)"
+  classes=$("$VENV_PY" -c "from memba_vision.datasets.vtab1k_tasks import get_task
+print(get_task('$task').num_classes)")
+  "$VENV_PY" tools/visualize.py configs/demo/vim_tiny_memba_synthetic.py "$ckpt" "$image" \
+    --out-dir "$WORK/figures/$task" --cfg-options "model.head.num_classes=$classes"
+done

@@ -107,6 +107,9 @@ class AtomicCheckpointHook(CheckpointHook):
                              f'{self.out_dir} is not one (use CheckpointHook there)')
 
     def _save_checkpoint_with_step(self, runner, step, meta):
+        # mmengine's CheckpointHook._save_checkpoint_with_step removes the outdated checkpoint
+        # before it writes the new one and the marker (tests/test_engine.py::
+        # test_checkpoint_marker_names_a_complete_file_when_killed_mid_save)
         outdated = []
         if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and
                                             self.keep_ckpt_ids[-1] == step):

@@ -40,6 +40,8 @@ class BF16OptimWrapper(OptimWrapper):
             yield
 
     def _clip_grad(self) -> None:
+        # mmengine's OptimWrapper._clip_grad logs float(grad_norm): a host-GPU sync every step
+        # (tests/test_engine.py::test_bf16_wrapper_steps_like_autocast_clip_and_adamw_...)
         params = [p for group in self.optimizer.param_groups for p in group['params']
                   if p.requires_grad and p.grad is not None]
         if params:

@@ -1,11 +1,10 @@
 """Runner hooks, the bf16 optimiser wrapper, the test loop, and the optimiser
 constructor (registered in mmpretrain's registries)."""
-from .hooks import (AtomicCheckpointHook, DeferredRuntimeInfoHook, NonFiniteLossHook,
-                    PEFTCheckpointHook, complete_trainable_checkpoint)
+from .hooks import (AtomicCheckpointHook, DeferredRuntimeInfoHook, PEFTCheckpointHook,
+                    complete_trainable_checkpoint)
 from .loops import AutocastTestLoop
 from .optim_constructor import MergedParamGroupsConstructor
 from .optim_wrapper import BF16OptimWrapper
 
-__all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'NonFiniteLossHook',
-           'DeferredRuntimeInfoHook', 'complete_trainable_checkpoint',
-           'MergedParamGroupsConstructor', 'AutocastTestLoop', 'BF16OptimWrapper']
+__all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'DeferredRuntimeInfoHook',
+           'complete_trainable_checkpoint', 'MergedParamGroupsConstructor', 'AutocastTestLoop', 'BF16OptimWrapper']

@@ -18,7 +18,7 @@ class BF16OptimWrapper(OptimWrapper):
     so a power-of-two loss scale changes no gradient value above about 1e-38 (it is
     exact both ways) and is left out; the gradient norm stays a tensor (``grad_norm``), which
     ``DeferredRuntimeInfoHook`` logs with the loss. A non-finite loss is caught by
-    ``NonFiniteLossHook`` instead of a skipped step.
+    ``DeferredRuntimeInfoHook`` instead of a skipped step.
 
     Args:
         dtype: must be 'bfloat16' (float16 needs loss scaling: use AmpOptimWrapper).

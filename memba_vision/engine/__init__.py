@@ -7,4 +7,5 @@ from .optim_constructor import MergedParamGroupsConstructor
 from .optim_wrapper import BF16OptimWrapper
 
 __all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'DeferredRuntimeInfoHook',
-           'complete_trainable_checkpoint', 'MergedParamGroupsConstructor', 'AutocastTestLoop', 'BF16OptimWrapper']
+           'complete_trainable_checkpoint', 'MergedParamGroupsConstructor', 'AutocastTestLoop',
+           'BF16OptimWrapper']

@@ -23,7 +23,8 @@ _op = None  # torch.ops.memba_vision.lim.default once the extension is loaded
 @functools.lru_cache(maxsize=None)
 def _load():
     """(torch.ops.memba_vision.lim.default, '') or (None, why it is unusable)."""
-    ext, why = try_import('memba_vision._lim_cuda')  # importing it registers torch.ops.memba_vision.lim
+    # importing the extension registers torch.ops.memba_vision.lim
+    ext, why = try_import('memba_vision._lim_cuda')
     if ext is None:
         return None, why
     try:

@@ -5,8 +5,6 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from conftest import ROOT
 
 from memba_vision.datasets.vtab1k_tasks import VTAB1K_TASKS

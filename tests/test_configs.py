@@ -71,6 +71,7 @@ def recipe(cfg):
     return dict(
         optim_wrapper=opt.to_dict(), param_scheduler=[s.to_dict() for s in cfg.param_scheduler],
         train_cfg=cfg.train_cfg.to_dict(), test_cfg=cfg.test_cfg.to_dict(),
+        auto_scale_lr=cfg.auto_scale_lr.to_dict(),
         data_preprocessor=cfg.data_preprocessor.to_dict(),
         default_hooks=cfg.default_hooks.to_dict(), custom_hooks=cfg.custom_hooks,
         test_evaluator=cfg.test_evaluator.to_dict(),
@@ -88,6 +89,7 @@ def test_the_recipe(base_models):
     assert (opt.optimizer.type, opt.optimizer.lr, opt.optimizer.weight_decay) == \
         ('AdamW', 1e-3, 1e-4)
     assert opt.clip_grad.max_norm == 5.0 and cfg.train_dataloader.batch_size == 32
+    assert cfg.auto_scale_lr == dict(base_batch_size=32, enable=False)  # --auto-scale-lr
     # the fast settings (bf16 autocast, CUDA-graph replay) are the configs' own
     assert (opt.type, opt.dtype) == ('BF16OptimWrapper', 'bfloat16')
     assert cfg.default_hooks.runtime_info.type == 'DeferredRuntimeInfoHook'

@@ -151,6 +151,56 @@ def test_failed_test_run_writes_no_result(synthetic, tmp_path):
     assert not (tmp_path / 'out' / f'result_{TASK}.json').exists()
 
 
+def test_test_tool_writes_predictions_metrics_and_drawings(synthetic, tmp_path):
+    """--out (predictions or metrics) and --show-dir, as mmpretrain's tools/test.py."""
+    import pickle
+    root, data, cfg = synthetic
+    from mmengine.config import Config
+    from mmpretrain.registry import MODELS
+    torch.manual_seed(0)
+    model = MODELS.build(Config.fromfile(cfg).model)
+    with torch.no_grad():  # a head that does not predict one class for everything
+        model.head.fc.weight.normal_()
+    torch.save({'state_dict': model.state_dict()}, tmp_path / 'full.pth')
+    work = tmp_path / 'out'
+    tool('tools/test.py', cfg, str(tmp_path / 'full.pth'), '--work-dir', str(work),
+         '--out', str(tmp_path / 'preds.pkl'), '--show-dir', str(tmp_path / 'vis'),
+         '--interval', '64')
+    result = json.load(open(work / f'result_{TASK}.json'))
+    with open(tmp_path / 'preds.pkl', 'rb') as f:
+        preds = pickle.load(f)
+    assert len(preds) == result['num_images'] == 192
+    labels = [(int(p['pred_label']), int(p['gt_label'])) for p in preds]
+    assert len({p for p, _ in labels}) > 1
+    top1 = 100 * sum(p == g for p, g in labels) / len(labels)
+    assert top1 == pytest.approx(result['top1'], abs=1e-4)
+    drawn = sorted(p.name for p in (tmp_path / 'vis').iterdir())
+    assert len(drawn) == 3 and all(n.endswith('_0.png') for n in drawn)  # images 0, 64, 128
+
+    tool('tools/test.py', cfg, str(tmp_path / 'full.pth'), '--work-dir', str(work),
+         '--out', str(tmp_path / 'metrics.json'), '--out-item', 'metrics')
+    metrics = json.load(open(tmp_path / 'metrics.json'))
+    assert metrics == {'accuracy/top1': pytest.approx(result['top1'])}
+    err = one_line_error(tool('tools/test.py', cfg, str(tmp_path / 'full.pth'),
+                              '--out', str(tmp_path / 'preds.txt'), check=False))
+    assert '.pkl' in err
+
+
+def test_train_auto_scale_lr_scales_by_the_total_batch_size(synthetic, tmp_path):
+    root, data, cfg = synthetic
+    work = tmp_path / 'w'
+    tool('tools/train.py', cfg, '--work-dir', str(work), '--auto-scale-lr', '--cfg-options',
+         'train_cfg.max_epochs=1', 'train_dataloader.batch_size=64')
+    logs = ''.join(open(p).read() for p in work.glob('*/*.log'))
+    assert 'LR is set based on batch size of 32 and the current batch size is 64' in logs
+    assert 'Scaling the original LR by 2.0' in logs
+    no_base = tmp_path / 'no_base.py'
+    no_base.write_text(f"_base_ = ['{cfg}']\nauto_scale_lr = None\n")
+    err = one_line_error(tool('tools/train.py', str(no_base), '--work-dir', str(tmp_path / 'x'),
+                              '--auto-scale-lr', check=False))
+    assert 'auto_scale_lr = dict(base_batch_size=N)' in err
+
+
 def test_sweep_trains_tests_tabulates_and_skips_finished_tasks(synthetic):
     root, data, cfg = synthetic
     work = root / 'sweep'

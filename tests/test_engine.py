@@ -11,7 +11,7 @@ import torch
 from mmpretrain.registry import MODELS
 
 from conftest import ROOT, TINY_VIM
-from memba_vision.engine import NonFiniteLossHook, PEFTCheckpointHook, complete_trainable_checkpoint
+from memba_vision.engine import PEFTCheckpointHook, complete_trainable_checkpoint
 from memba_vision.engine.runner_utils import result_path, write_result
 from memba_vision.utils import load_checkpoint_file
 from official_layouts import random_checkpoint, vim_layout, vmamba_v0_layout
@@ -99,16 +99,17 @@ class LoopRunner(FakeRunner):
 
 
 def test_non_finite_loss_stops_training_before_a_checkpoint():
+    from memba_vision.engine import DeferredRuntimeInfoHook
     runner = LoopRunner(log_interval=3)
-    hook = NonFiniteLossHook()
-    hook.before_train(runner)
-    assert hook.interval == 3  # the logger's interval unless given
+    hook = DeferredRuntimeInfoHook()
+    hook._pending, hook._interval = [], 3  # what before_train sets up
     hook.after_train_iter(runner, 0, outputs={'loss': torch.tensor(1.0)})
     runner.iter = 1
     hook.after_train_iter(runner, 1, outputs={'loss': torch.tensor(float('nan'))})  # not read yet
     runner.iter = 2
     with pytest.raises(FloatingPointError, match='loss became nan at epoch 1, iteration 2;'):
         hook.after_train_iter(runner, 2, outputs={'loss': torch.tensor(3.0)})
+    assert list(runner.message_hub.log_scalars['train/loss'].data[0]) == [1.0]
     # an inf waiting for its read-back still blocks the checkpoint that would keep it
     hook.after_train_iter(runner, 3, outputs={'loss_cls': torch.tensor(float('inf'))})
     with pytest.raises(FloatingPointError, match='loss_cls became inf'):
@@ -116,8 +117,8 @@ def test_non_finite_loss_stops_training_before_a_checkpoint():
     hook.after_train_iter(runner, 4, outputs={'loss': torch.tensor(float('nan'))})
     with pytest.raises(FloatingPointError):
         hook.after_train_epoch(runner)
-    with pytest.raises(ValueError, match='interval'):
-        NonFiniteLossHook(interval=0)
+    hook.after_train_iter(runner, 4, outputs={'acc': torch.tensor(float('nan'))})
+    hook.after_train_epoch(runner)  # only losses stop training
 
 
 def test_deferred_runtime_info_logs_the_same_values_in_batches():

@@ -4,6 +4,7 @@
     python tools/train.py CONFIG --resume            # continue from the work dir's last checkpoint
     python tools/train.py CONFIG --fp32              # the fp32 reference instead of bf16 autocast
     python tools/train.py CONFIG --test              # then test the final model in this process
+    python tools/train.py CONFIG --auto-scale-lr     # lr x (GPUs x batch size) / base_batch_size
     python tools/train.py CONFIG --cfg-options model.backbone.cuda_graph=False   # eager backbone
     python tools/train.py --serve    # one JSON argument list per stdin line, each run in turn
 
@@ -43,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument('--test', action='store_true',
                    help='after training, test the final model in this process and write '
                         'result_<task>.json, as tools/test.py does (saves a process start)')
+    p.add_argument('--auto-scale-lr', action='store_true',
+                   help='scale the learning rate by the total batch size (GPUs x batch size) '
+                        'over the config\'s auto_scale_lr.base_batch_size')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config keys')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     p.add_argument('--local_rank', '--local-rank', type=int, default=0)
@@ -69,6 +73,11 @@ def train(args, serving=False):
         from memba_vision.engine.serving import served_experiment_name
         cfg.experiment_name = served_experiment_name(args.config, 'tools/train.py')
     set_precision(cfg, amp=args.amp, fp32=args.fp32)
+    if args.auto_scale_lr:  # mmengine's Runner scales the lr when this is enabled
+        if 'base_batch_size' not in (cfg.get('auto_scale_lr') or {}):
+            raise SystemExit('error: --auto-scale-lr needs auto_scale_lr = '
+                             'dict(base_batch_size=N) in the config')
+        cfg.auto_scale_lr.enable = True
     if args.resume == 'auto':
         cfg.resume, cfg.load_from = True, None
     elif args.resume:

@@ -4,7 +4,8 @@ custom_imports = dict(imports=['memba_vision'], allow_failed_imports=False)
 
 default_hooks = dict(
     # losses and the gradient norm are read back from the GPU every logger interval,
-    # not after every step (which would keep the host from preparing the next one)
+    # not after every step (which would keep the host from preparing the next one);
+    # a NaN/inf loss stops training before a checkpoint of that state
     runtime_info=dict(type='DeferredRuntimeInfoHook'),
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=10),           # loss, lr, ETA
@@ -21,7 +22,6 @@ default_hooks = dict(
 )
 custom_hooks = [
     dict(type='PEFTCheckpointHook'),
-    dict(type='NonFiniteLossHook'),
 ]
 
 env_cfg = dict(

@@ -1,13 +1,12 @@
 """Runner hooks, the bf16 optimiser wrapper, the test loop, the optimiser constructor
 (registered in mmpretrain's registries) and the runner the tools use."""
-from .hooks import (AtomicCheckpointHook, DeferredRuntimeInfoHook, NonFiniteLossHook,
-                    PEFTCheckpointHook, complete_trainable_checkpoint)
+from .hooks import (AtomicCheckpointHook, DeferredRuntimeInfoHook, PEFTCheckpointHook,
+                    complete_trainable_checkpoint)
 from .loops import AutocastTestLoop
 from .optim_constructor import MergedParamGroupsConstructor
 from .optim_wrapper import BF16OptimWrapper
 from .runner import SafeLoadRunner
 
-__all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'NonFiniteLossHook',
-           'DeferredRuntimeInfoHook', 'complete_trainable_checkpoint',
-           'MergedParamGroupsConstructor', 'AutocastTestLoop', 'BF16OptimWrapper',
-           'SafeLoadRunner']
+__all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'DeferredRuntimeInfoHook',
+           'complete_trainable_checkpoint', 'MergedParamGroupsConstructor', 'AutocastTestLoop',
+           'BF16OptimWrapper', 'SafeLoadRunner']

@@ -1,6 +1,6 @@
 """Runner hooks: trainable-only PEFT checkpoints, checkpoints that survive a kill at any
-moment, a stop on non-finite losses, and training-value logging that does not make the
-host wait for the GPU every step."""
+moment, and training-value logging that does not make the host wait for the GPU every
+step and stops on non-finite losses."""
 import math
 import os
 import os.path as osp
@@ -15,8 +15,8 @@ from mmpretrain.registry import HOOKS
 
 from ..utils import write_text_atomically
 
-__all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'NonFiniteLossHook',
-           'DeferredRuntimeInfoHook', 'complete_trainable_checkpoint']
+__all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'DeferredRuntimeInfoHook',
+           'complete_trainable_checkpoint']
 
 _META_KEY = 'memba_vision'
 
@@ -107,6 +107,9 @@ class AtomicCheckpointHook(CheckpointHook):
                              f'{self.out_dir} is not one (use CheckpointHook there)')
 
     def _save_checkpoint_with_step(self, runner, step, meta):
+        # mmengine's CheckpointHook._save_checkpoint_with_step removes the outdated checkpoint
+        # before it writes the new one and the marker (tests/test_engine.py::
+        # test_checkpoint_marker_names_a_complete_file_when_killed_mid_save)
         outdated = []
         if self.max_keep_ckpts > 0 and not (self.keep_ckpt_ids and
                                             self.keep_ckpt_ids[-1] == step):
@@ -141,82 +144,36 @@ def _logger_interval(runner) -> int:
 
 
 @HOOKS.register_module()
-class NonFiniteLossHook(Hook):
-    """Stops training at a NaN/inf loss, before any checkpoint of that state.
-
-    The losses are read back from the GPU in batches: every ``interval`` iterations
-    (the LoggerHook's by default), at the end of each epoch and before every
-    checkpoint, so that the host does not wait for the GPU after each step. The
-    error names the first iteration whose loss was not finite. The last checkpoint
-    written by CheckpointHook (``<work_dir>/last_checkpoint``) stays the last good one.
-    """
-    priority = 'HIGHEST'
-
-    def __init__(self, interval: int = None):
-        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int)
-                                     or interval < 1):
-            raise ValueError(f'NonFiniteLossHook: interval must be an integer >= 1, got {interval!r}')
-        self.interval = interval
-        self._pending = []  # (epoch, iteration, name, loss tensor)
-
-    def before_train(self, runner) -> None:
-        self._pending = []
-        if self.interval is None:
-            self.interval = _logger_interval(runner)
-
-    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
-        for name, value in (outputs or {}).items():
-            if 'loss' in name:
-                value = value.detach() if isinstance(value, torch.Tensor) else value
-                self._pending.append((runner.epoch + 1, runner.iter + 1, name, value))
-        if self.every_n_inner_iters(batch_idx, self.interval or 1) or \
-                self.end_of_epoch(runner.train_dataloader, batch_idx):
-            self.check(runner)
-
-    def after_train_epoch(self, runner) -> None:
-        self.check(runner)
-
-    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        self.check(runner)
-
-    def check(self, runner) -> None:
-        """Raises on the first pending non-finite loss (one read-back for all of them)."""
-        pending, self._pending = self._pending, []
-        for epoch, it, name, value in pending:
-            value = float(value)
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f'{name} became {value} at epoch {epoch}, iteration {it}; training '
-                    f'stopped. The last good checkpoint is the one named in '
-                    f'{runner.work_dir}/last_checkpoint (if any); lower the learning rate or '
-                    f'check the data, then resume with --resume.')
-
-
-@HOOKS.register_module()
 class DeferredRuntimeInfoHook(RuntimeInfoHook):
-    """mmengine's RuntimeInfoHook, reading the training values back from the GPU in batches.
+    """mmengine's RuntimeInfoHook, reading the training values back from the GPU in batches,
+    and stopping training at a NaN/inf loss.
 
     The stock hook turns every output of a training step (the loss) into a Python
     float right after the step, which makes the host wait for the GPU every
     iteration instead of preparing the next step meanwhile. This hook keeps the
     values as tensors, together with the gradient norm that ``BF16OptimWrapper``
     leaves as a tensor, and hands them to the message hub on the iterations the
-    LoggerHook logs and at the end of each epoch: the logged values are the same.
-    Set it as ``default_hooks.runtime_info``.
+    LoggerHook logs, at the end of each epoch and before every checkpoint: the
+    logged values are the same. A loss that is not finite raises FloatingPointError
+    naming its iteration, before any checkpoint of that state is written (the one
+    named in ``<work_dir>/last_checkpoint`` stays the last good one). Set it as
+    ``default_hooks.runtime_info``.
     """
 
     def before_train(self, runner) -> None:
         super().before_train(runner)
-        self._pending = []
+        self._pending = []  # (epoch, iteration, key, value)
         self._interval = _logger_interval(runner)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        step = (runner.epoch + 1, runner.iter + 1)
         # detached: a kept loss would keep its step's autograd graph (and activations) alive
-        self._pending.extend((key, value.detach() if isinstance(value, torch.Tensor) else value)
-                             for key, value in (outputs or {}).items())
+        self._pending.extend(
+            step + (key, value.detach() if isinstance(value, torch.Tensor) else value)
+            for key, value in (outputs or {}).items())
         grad_norm = getattr(runner.optim_wrapper, 'grad_norm', None)
         if isinstance(grad_norm, torch.Tensor):
-            self._pending.append(('grad_norm', grad_norm))
+            self._pending.append(step + ('grad_norm', grad_norm))
             runner.optim_wrapper.grad_norm = None
         if self.every_n_inner_iters(batch_idx, self._interval) or \
                 self.end_of_epoch(runner.train_dataloader, batch_idx) or \
@@ -226,10 +183,20 @@ class DeferredRuntimeInfoHook(RuntimeInfoHook):
     def after_train_epoch(self, runner) -> None:
         self.flush(runner)
 
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        self.flush(runner)
+
     def flush(self, runner) -> None:
-        """Hands the pending values to the message hub, in step order."""
+        """Hands the pending values to the message hub, in step order; raises at the first
+        loss that is not finite."""
         pending, self._pending = self._pending, []
-        for key, value in pending:
+        for epoch, it, key, value in pending:
             if isinstance(value, torch.Tensor):
                 value = value.float().mean().item()
+            if 'loss' in key and not math.isfinite(value):
+                raise FloatingPointError(
+                    f'{key} became {value} at epoch {epoch}, iteration {it}; training '
+                    f'stopped. The last good checkpoint is the one named in '
+                    f'{runner.work_dir}/last_checkpoint (if any); lower the learning rate or '
+                    f'check the data, then resume with --resume.')
             runner.message_hub.update_scalar(f'train/{key}', value)

@@ -24,7 +24,9 @@ class AutocastTestLoop(TestLoop):
         self.dtype = dtype_
 
     def run(self):
-        # mmengine's autocast takes the CUDA autocast dtype when it is given none
+        # mmengine's TestLoop.run_iter enters mmengine's autocast without a dtype, which then
+        # takes torch's CUDA autocast dtype (float16 unless set): set it for the loop's run
+        # (tests/test_engine.py::test_autocast_test_loop_restores_the_autocast_dtype)
         previous = torch.get_autocast_dtype('cuda')
         torch.set_autocast_dtype('cuda', self.dtype)
         try:

@@ -18,7 +18,7 @@ class BF16OptimWrapper(OptimWrapper):
     so a power-of-two loss scale changes no gradient value above about 1e-38 (it is
     exact both ways) and is left out; the gradient norm stays a tensor (``grad_norm``), which
     ``DeferredRuntimeInfoHook`` logs with the loss. A non-finite loss is caught by
-    ``NonFiniteLossHook`` instead of a skipped step.
+    ``DeferredRuntimeInfoHook`` instead of a skipped step.
 
     Args:
         dtype: must be 'bfloat16' (float16 needs loss scaling: use AmpOptimWrapper).
@@ -40,6 +40,8 @@ class BF16OptimWrapper(OptimWrapper):
             yield
 
     def _clip_grad(self) -> None:
+        # mmengine's OptimWrapper._clip_grad logs float(grad_norm): a host-GPU sync every step
+        # (tests/test_engine.py::test_bf16_wrapper_steps_like_autocast_clip_and_adamw_...)
         params = [p for group in self.optimizer.param_groups for p in group['params']
                   if p.requires_grad and p.grad is not None]
         if params:

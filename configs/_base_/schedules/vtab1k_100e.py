@@ -31,4 +31,7 @@ param_scheduler = [
          end=max_epochs, convert_to_iter_based=True),
 ]
 train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=max_epochs)
+# the recipe's lr is for one GPU at batch 32: tools/train.py --auto-scale-lr scales it by
+# (GPUs x batch size) / 32
+auto_scale_lr = dict(base_batch_size=32, enable=False)
 test_cfg = dict()

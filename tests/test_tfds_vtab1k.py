@@ -8,23 +8,32 @@ Every image encodes its example id and split as a 4x4 grid of black/white
 blocks, so each written JPEG can be traced back to its example; the expected
 slices and labels are worked out here by hand from the task definitions.
 """
+import importlib.util
 import json
 import os
 import os.path as osp
-import importlib.util
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from memba_vision.datasets.tfds_vtab import import_tfds  # noqa: E402
+from memba_vision.datasets.tfds_vtab import import_tfds
 
-try:  # the [data] extra; TensorFlow imported after torch (import_tfds)
+# the [data] extra; CI installs it, so the tests never skip there. TensorFlow is
+# imported on first use only (by import_tfds, after torch), not at collection.
+if not os.environ.get('CI') and not all(importlib.util.find_spec(m) for m in
+                                        ('tensorflow', 'tensorflow_datasets')):
+    pytest.skip("needs the [data] extra: pip install 'memba_vision[data]'",
+                allow_module_level=True)
+tfds = None  # tensorflow_datasets, set by the tfds fixture
+
+
+@pytest.fixture(scope='module', autouse=True)
+def tfds_module():
+    global tfds
     tfds = import_tfds()
-except ImportError as err:
-    if os.environ.get('CI'):  # CI installs the [data] extra: never skip there
-        raise
-    pytest.skip(str(err), allow_module_level=True)
+    tfds.disable_progress_bar()
+    return tfds
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SPLIT_CODE = {'train': 1, 'validation': 2, 'test': 3}
@@ -186,9 +195,8 @@ def run_tool(capsys, *args):
 
 
 @pytest.fixture(scope='module')
-def prepared(tmp_path_factory):  # noqa: C901
+def prepared(tmp_path_factory, tfds_module):
     """tfds data_dir with the six fake datasets, their tfds order, and the tool's output."""
-    tfds.disable_progress_bar()
     root = tmp_path_factory.mktemp('tfds')
     tfds_dir, out = root / 'tensorflow_datasets', root / 'vtab-1k'
     config = tfds.download.DownloadConfig(try_download_gcs=False)

@@ -1,5 +1,6 @@
-"""Runner hooks, the bf16 optimiser wrapper, the train and test loops, and the optimiser
-constructor (registered in mmpretrain's registries)."""
+"""Runner hooks, the bf16 optimiser wrapper, the train and test loops, the optimiser
+constructor and the data-parallel wrapper (registered in mmpretrain's registries)."""
+from .data_parallel import PostBackwardDataParallel
 from .hooks import (AtomicCheckpointHook, DeferredRuntimeInfoHook, NonFiniteLossHook,
                     PEFTCheckpointHook, complete_trainable_checkpoint)
 from .loops import AutocastTestLoop, DeviceDataEpochBasedTrainLoop
@@ -9,4 +10,4 @@ from .optim_wrapper import BF16OptimWrapper
 __all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'NonFiniteLossHook',
            'DeferredRuntimeInfoHook', 'complete_trainable_checkpoint',
            'MergedParamGroupsConstructor', 'AutocastTestLoop', 'DeviceDataEpochBasedTrainLoop',
-           'BF16OptimWrapper']
+           'BF16OptimWrapper', 'PostBackwardDataParallel']

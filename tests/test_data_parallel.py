@@ -55,8 +55,8 @@ def check_against_reference(case, ranks, device, tol):
             if moved.abs().max() == 0:  # no gradient anywhere (``unused``): untouched
                 assert torch.equal(got0[name], start[name]), f'step {step}: {name} moved'
             else:  # compare the updates, so that a tolerance means something
-                assert rel(got0[name] - start[name], moved) < tol, \
-                    f'step {step}, {name}: relative error {rel(got0[name] - start[name], moved):.2e}'
+                err = rel(got0[name] - start[name], moved)
+                assert err < tol, f'step {step}, {name}: relative error {err:.2e}'
 
 
 @pytest.mark.parametrize('case', ['toy', 'toy_accum', 'vim'])

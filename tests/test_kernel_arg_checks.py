@@ -18,13 +18,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cases():
-    """(name, op label, call, expected message or None for a call that must work, buffers)."""
+def _cases(dev='cuda'):
+    """([(name, op label, call, argument the error must name or None for a call that must
+    work)], the output buffers that rejected calls must leave alone)."""
     from memba_vision.ops import lim_cuda, scan_cuda
     ext = scan_cuda.extension()
     lim_cuda._get_op()
     lim_op, lim_bwd_op = torch.ops.memba_vision.lim, torch.ops.memba_vision.lim_backward
-    dev, f32, bf16, f64 = 'cuda', torch.float32, torch.bfloat16, torch.float64
+    f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
     g = torch.Generator(device=dev).manual_seed(0)
     B, L, D, N, R = 2, 37, 64, 16, 16
 
@@ -42,7 +43,7 @@ def _cases():
 
     # the layouts of ops.bidirectional_ssm: halves of xz, slices of xdbl, halves of dxz
     xz, xdbl = rnd(B, L, 2 * D), rnd(B, L, 3 + 2 * N)
-    scan = dict(u=xz[..., :D], delta=rnd(B, L, D), A=-torch.rand(D, N, device=dev) - 0.1,
+    scan = dict(u=xz[..., :D], delta=rnd(B, L, D), A=-torch.rand(D, N, device=dev, generator=g) - 0.1,
                 B=xdbl[..., 3:3 + N], C=xdbl[..., 3 + N:], D=rnd(D), z=xz[..., D:],
                 delta_bias=rnd(D), S=rnd(B, L, R), W=rnd(D, R), softplus=True, reverse=False)
     out = rnd(B, L, 2 * D)[..., D:]
@@ -133,7 +134,8 @@ def _cases():
     for i, (index, arg, value) in enumerate([
             (0, 'x', strided_last(B, L, R)), (0, 'x', rnd(B, L, R, dtype=f64)),
             (0, 'x', v.cpu()), (1, 'u_prev_f', rnd(B, l + 1, R)),
-            (2, 'u_prev_b', rnd(B, l, R, dtype=bf16)), (1, 'u_prev_f', rnd(B, R, l).transpose(1, 2)),
+            (2, 'u_prev_b', rnd(B, l, R, dtype=bf16)),
+            (1, 'u_prev_f', rnd(B, R, l).transpose(1, 2)),
             (3, 'num_chunks', L + 1), (3, 'num_chunks', 65)]):
         cases.append((f'lim_pair_fwd {arg} #{i}', 'lim_pair_fwd',
                       pos(ext.lim_pair_fwd, pair, index, value), arg))

@@ -29,6 +29,10 @@ env_cfg = dict(
     mp_cfg=dict(mp_start_method='fork', opencv_num_threads=0),
     dist_cfg=dict(backend='nccl'),
 )
+# Distributed runs (tools/dist_train.sh) average the gradients in one all-reduce after
+# the backward instead of through DDP's autograd hooks, which break the backbone's
+# CUDA-graph capture (memba_vision.engine.PostBackwardDataParallel).
+model_wrapper_cfg = dict(type='mmpretrain.PostBackwardDataParallel')
 vis_backends = [dict(type='LocalVisBackend')]
 visualizer = dict(type='UniversalVisualizer', vis_backends=vis_backends)
 log_level = 'INFO'

@@ -13,12 +13,16 @@
 // Kernels: CUDA (lim_kernel.cu) and Meta (shapes only, for fake tensors).
 // `lim` also has an Autograd kernel, a C++ torch::autograd::Function, so a
 // backward pass through it never enters Python. Inputs may be non-contiguous
-// (they are made contiguous once, a no-op when they already are).
+// (they are made contiguous once, a no-op when they already are); every tensor's
+// device, dtype and shape is checked first (kernels/common/tensor_checks.h).
 #include <torch/extension.h>
 
 #include <limits>
+#include <string>
 #include <optional>
 #include <tuple>
+
+#include "../common/tensor_checks.h"
 
 namespace memba_lim {
 
@@ -45,37 +49,38 @@ OptTensor contiguous_or_none(const OptTensor& t) {
   return t->contiguous();
 }
 
-void check_x(const at::Tensor& x, int64_t num_chunks) {
-  TORCH_CHECK(x.dim() == 3, "memba_vision::lim: x must be (B, L, R), got ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
-              "memba_vision::lim: x must be floating point, got ", x.scalar_type());
-  TORCH_CHECK(num_chunks >= 1 && num_chunks <= x.size(1),
-              "memba_vision::lim: num_chunks must be in [1, L=", x.size(1), "], got ",
-              num_chunks);
-  TORCH_CHECK(num_chunks <= std::numeric_limits<int>::max(),
-              "memba_vision::lim: num_chunks too large");
+// x (B, L, R), floating point, on CUDA; any strides (the op makes a contiguous copy).
+void check_x(const char* op, const at::Tensor& x, int64_t num_chunks) {
+  TORCH_CHECK(x.defined() && x.is_cuda(), op, ": x must be a CUDA tensor, got ",
+              x.defined() ? x.device().str() : std::string("an undefined tensor"));
+  TORCH_CHECK(x.dim() == 3, op, ": x must have shape (B, L, R), got ", x.sizes());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ",
+              x.scalar_type());
+  TORCH_CHECK(num_chunks >= 1 && num_chunks <= x.size(1), op,
+              ": num_chunks must be in [1, L=", x.size(1), "], got ", num_chunks);
+  TORCH_CHECK(num_chunks <= std::numeric_limits<int>::max(), op, ": num_chunks too large");
 }
 
-// A (B, l, R) or (B, L, R) companion of x: u_prev, grad_u_mean, grad_out.
-void check_like(const at::Tensor& t, const at::Tensor& x, at::IntArrayRef shape,
-                const char* name) {
-  TORCH_CHECK(t.device() == x.device(), "memba_vision::lim: ", name, " is on ", t.device(),
-              " but x is on ", x.device());
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "memba_vision::lim: ", name, " dtype ",
-              t.scalar_type(), " differs from x dtype ", x.scalar_type());
-  TORCH_CHECK(t.sizes() == shape, "memba_vision::lim: ", name, " must have shape ", shape,
-              ", got ", t.sizes());
+// A (B, l, R) or (B, L, R) companion of x (u_prev, grad_out, grad_u_mean): x's device
+// and dtype, any strides (made contiguous after all checks).
+void check_like(const char* op, const char* name, const OptTensor& t, const at::Tensor& x,
+                at::IntArrayRef shape) {
+  if (present(t)) {
+    memba_checks::check_tensor(op, name, *t, x.device(), x.scalar_type(), shape,
+                               memba_checks::Strides::kAny);
+  }
 }
 
 // ------------------------------------------------------------ CUDA kernels
 std::tuple<at::Tensor, at::Tensor> lim_cuda_impl(const at::Tensor& x_in,
                                                  const OptTensor& u_prev, int64_t num_chunks,
                                                  double leak, double threshold) {
-  check_x(x_in, num_chunks);
+  const char* op = "memba_vision::lim";
+  check_x(op, x_in, num_chunks);
+  const int64_t B = x_in.size(0), L = x_in.size(1), R = x_in.size(2), l = L / num_chunks;
+  check_like(op, "u_prev", u_prev, x_in, {B, l, R});
   const at::Tensor x = x_in.contiguous();
-  const int64_t B = x.size(0), L = x.size(1), R = x.size(2), l = L / num_chunks;
   const OptTensor u = contiguous_or_none(u_prev);
-  if (u) check_like(*u, x, {B, l, R}, "u_prev");
   at::Tensor out = at::empty_like(x);
   at::Tensor u_mean = at::empty({B, l, R}, x.options());
   lim_forward_cuda(x, u, out, u_mean, num_chunks, leak, threshold);
@@ -86,17 +91,17 @@ std::tuple<at::Tensor, at::Tensor> lim_backward_cuda_impl(
     const at::Tensor& x_in, const OptTensor& u_prev, const OptTensor& grad_out,
     const OptTensor& grad_u_mean, int64_t num_chunks, double leak, double threshold,
     bool need_grad_x, bool need_grad_u_prev) {
-  check_x(x_in, num_chunks);
+  const char* op = "memba_vision::lim_backward";
+  check_x(op, x_in, num_chunks);
+  const int64_t B = x_in.size(0), L = x_in.size(1), R = x_in.size(2), l = L / num_chunks;
+  check_like(op, "u_prev", u_prev, x_in, {B, l, R});
+  check_like(op, "grad_out", grad_out, x_in, {B, L, R});
+  check_like(op, "grad_u_mean", grad_u_mean, x_in, {B, l, R});
+  TORCH_CHECK(!need_grad_u_prev || present(u_prev), op, ": need_grad_u_prev without u_prev");
   const at::Tensor x = x_in.contiguous();
-  const int64_t B = x.size(0), L = x.size(1), R = x.size(2), l = L / num_chunks;
   const OptTensor u = contiguous_or_none(u_prev);
-  if (u) check_like(*u, x, {B, l, R}, "u_prev");
-  TORCH_CHECK(!need_grad_u_prev || u,
-              "memba_vision::lim_backward: need_grad_u_prev without u_prev");
   const OptTensor go = contiguous_or_none(grad_out);
   const OptTensor gm = contiguous_or_none(grad_u_mean);
-  if (go) check_like(*go, x, {B, L, R}, "grad_out");
-  if (gm) check_like(*gm, x, {B, l, R}, "grad_u_mean");
   at::Tensor grad_x, grad_u_prev;
   if (need_grad_x) grad_x = at::empty_like(x);
   if (need_grad_u_prev) grad_u_prev = at::empty({B, l, R}, x.options());

@@ -27,19 +27,30 @@
 // The frozen parameters (A, D, delta_bias, W's rows, conv weight/bias) get no
 // gradient here: the autograd wrappers in memba_vision.ops compute W's and S's
 // gradients from dz with two small matrix products.
+//
+// Every op checks the device, dtype, shape and strides of all its tensor arguments
+// before it reads a pointer or allocates (kernels/common/tensor_checks.h); a wrong one
+// raises RuntimeError "memba_vision <op>: <argument> must ...". Outputs given as
+// buffers must not be expanded (repeated elements). u / x and the LIM pair's x are
+// fp32, fp16 or bf16; the LIM pair's tensors are contiguous.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
 #include <optional>
 #include <tuple>
+#include <typeinfo>
 
+#include "../common/tensor_checks.h"
 #include "scan_kernel.h"
 
 namespace memba_scan {
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
+using memba_checks::check_tensor;
+using memba_checks::kAny;
+using memba_checks::Strides;
 
 bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
 
@@ -53,24 +64,31 @@ DType dtype_of(const at::Tensor& t) {
   return DType::kFloat32;
 }
 
-void check_tokens(const at::Tensor& t, const at::Tensor& ref, int64_t last, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.device() == ref.device(), "memba_vision scan: ", name,
-              " must be a CUDA tensor on ", ref.device());
-  TORCH_CHECK(t.dim() == 3 && t.size(0) == ref.size(0) && t.size(1) == ref.size(1) &&
-                  t.size(2) == last,
-              "memba_vision scan: ", name, " must be (", ref.size(0), ", ", ref.size(1), ", ",
-              last, "), got ", t.sizes());
-  TORCH_CHECK(t.stride(2) == 1, "memba_vision scan: ", name, "'s last axis must be contiguous");
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "memba_vision scan: ", name, " is ",
-              t.scalar_type(), " but u is ", ref.scalar_type());
+constexpr at::ScalarType kKernelDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
+
+// The first token-major tensor of an op (u, x): a CUDA (B, L, C) tensor of a kernel
+// dtype with a contiguous last axis, non-empty and within the kernels' index ranges.
+void check_leading(const char* op, const char* arg, const at::Tensor& t) {
+  TORCH_CHECK(t.defined() && t.is_cuda(), op, ": ", arg, " must be a CUDA tensor, got ",
+              t.defined() ? t.device().str() : std::string("an undefined tensor"));
+  check_tensor(op, arg, t, t.device(), kKernelDtypes, {kAny, kAny, kAny}, Strides::kLastAxis);
+  TORCH_CHECK(t.size(0) >= 1 && t.size(1) >= 1 && t.size(2) >= 1, op, ": ", arg,
+              " must not be empty, got ", t.sizes());
+  TORCH_CHECK(t.size(0) <= 65535 && t.size(1) < (1 << 30) && t.size(2) < (1 << 24), op, ": ",
+              arg, " is too large: ", t.sizes());
 }
 
-void check_param(const at::Tensor& t, const at::Tensor& ref, at::IntArrayRef shape,
-                 const char* name) {
-  TORCH_CHECK(t.device() == ref.device() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
-                  t.sizes() == shape,
-              "memba_vision scan: ", name, " must be a contiguous fp32 CUDA tensor of shape ",
-              shape, ", got ", t.sizes(), " ", t.scalar_type());
+// A (B, L, last) tensor like u: same device and dtype, contiguous last axis.
+void check_tokens(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& u,
+                  int64_t last, bool output = false) {
+  check_tensor(op, arg, t, u.device(), u.scalar_type(), {u.size(0), u.size(1), last},
+               Strides::kLastAxis, output);
+}
+
+// A frozen parameter: contiguous fp32 on u's device.
+void check_param(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& u,
+                 at::IntArrayRef shape) {
+  check_tensor(op, arg, t, u.device(), at::kFloat, shape, Strides::kContiguous);
 }
 
 void check_cuda(cudaError_t err, const char* what) {
@@ -78,29 +96,33 @@ void check_cuda(cudaError_t err, const char* what) {
               cudaGetErrorString(err));
 }
 
+// Every input of the scan (both directions of the op share them).
+void check_scan_inputs(const char* op, const at::Tensor& u, const at::Tensor& delta,
+                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                       const OptTensor& D, const OptTensor& z, const OptTensor& bias,
+                       const OptTensor& S, const OptTensor& W) {
+  check_leading(op, "u", u);
+  const int64_t dim = u.size(2);
+  check_tokens(op, "delta", delta, u, dim);
+  check_param(op, "A", A, u, {dim, kStates});
+  check_tokens(op, "B", B, u, kStates);
+  check_tokens(op, "C", C, u, kStates);
+  if (present(D)) check_param(op, "D", *D, u, {dim});
+  if (present(z)) check_tokens(op, "z", *z, u, dim);
+  if (present(bias)) check_param(op, "delta_bias", *bias, u, {dim});
+  TORCH_CHECK(present(S) == present(W), op, ": the gate spikes S and weight W go together");
+  if (present(S)) {
+    check_tokens(op, "S", *S, u, kGateRank);
+    check_param(op, "W", *W, u, {dim, kGateRank});
+  }
+}
+
+// Call only after check_scan_inputs: reads pointers and strides, touches no memory.
 ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                        const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
                        const OptTensor& z, const OptTensor& bias, const OptTensor& S,
                        const OptTensor& W, bool softplus, bool reverse) {
-  TORCH_CHECK(u.is_cuda() && u.dim() == 3 && u.stride(2) == 1,
-              "memba_vision scan: u must be a CUDA (B, L, D) tensor with contiguous channels, got ",
-              u.sizes());
   const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2);
-  TORCH_CHECK(L >= 1 && batch >= 1 && dim >= 1, "memba_vision scan: empty input");
-  TORCH_CHECK(batch <= 65535 && L < (1 << 30) && dim < (1 << 24),
-              "memba_vision scan: input too large: ", u.sizes());
-  check_tokens(delta, u, dim, "delta");
-  check_tokens(B, u, kStates, "B");
-  check_tokens(C, u, kStates, "C");
-  check_param(A, u, {dim, kStates}, "A");
-  if (present(D)) check_param(*D, u, {dim}, "D");
-  if (present(bias)) check_param(*bias, u, {dim}, "delta_bias");
-  if (present(z)) check_tokens(*z, u, dim, "z");
-  TORCH_CHECK(present(S) == present(W), "memba_vision scan: gate spikes and weight go together");
-  if (present(S)) {
-    check_tokens(*S, u, kGateRank, "gate spikes");
-    check_param(*W, u, {dim, kGateRank}, "gate weight");
-  }
   ScanParams p{};
   p.batch = static_cast<int>(batch);
   p.seqlen = static_cast<int>(L);
@@ -127,11 +149,9 @@ ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::T
   return p;
 }
 
-// A given output buffer, or a new contiguous one like ``ref``.
-at::Tensor output_like(const OptTensor& given, const at::Tensor& ref, const char* name) {
-  if (!present(given)) return at::empty(ref.sizes(), ref.options());
-  check_tokens(*given, ref, ref.size(2), name);
-  return *given;
+// A given (checked) output buffer, or a new contiguous one like ``ref``.
+at::Tensor output_like(const OptTensor& given, const at::Tensor& ref) {
+  return present(given) ? *given : at::empty(ref.sizes(), ref.options());
 }
 
 at::Tensor scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -139,10 +159,13 @@ at::Tensor scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tens
                     const OptTensor& z, const OptTensor& bias, const OptTensor& S,
                     const OptTensor& W, bool softplus, bool reverse, const OptTensor& out_buf,
                     double out_scale, bool accumulate) {
+  const char* op = "memba_vision scan_fwd";
+  check_scan_inputs(op, u, delta, A, B, C, D, z, bias, S, W);
+  if (present(out_buf)) check_tokens(op, "out", *out_buf, u, u.size(2), /*output=*/true);
+  TORCH_CHECK(!accumulate || present(out_buf), op, ": accumulate needs out");
   ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
-  TORCH_CHECK(!accumulate || present(out_buf), "memba_vision scan: accumulate needs out");
   const c10::cuda::CUDAGuard guard(u.device());
-  at::Tensor out = output_like(out_buf, u, "out");
+  at::Tensor out = output_like(out_buf, u);
   p.out = out.data_ptr(); p.out_sb = out.stride(0); p.out_sl = out.stride(1);
   p.out_scale = static_cast<float>(out_scale);
   p.out_accum = accumulate;
@@ -155,20 +178,19 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
     const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& bias,
     const OptTensor& S, const OptTensor& W, const at::Tensor& dout, bool softplus, bool reverse,
     double dout_scale, const OptTensor& dz_out, bool dz_accumulate, const OptTensor& dBC_out) {
-  ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
-  check_tokens(dout, u, u.size(2), "grad_out");
-  TORCH_CHECK(!dz_accumulate || present(dz_out), "memba_vision scan: dz_accumulate needs dz_out");
-  TORCH_CHECK(!present(dz_out) || p.has_z, "memba_vision scan: dz_out without z or a gate");
-  if (present(dBC_out)) {
-    TORCH_CHECK(dBC_out->device() == u.device() && dBC_out->dim() == 3 &&
-                    dBC_out->size(0) == u.size(0) && dBC_out->size(1) == u.size(1) &&
-                    dBC_out->size(2) == 2 * kStates && dBC_out->stride(2) == 1 &&
-                    (dBC_out->scalar_type() == at::kFloat ||
-                     dBC_out->scalar_type() == u.scalar_type()),
-                "memba_vision scan: dBC_out must be (B, L, ", 2 * kStates,
-                ") with a contiguous last axis, fp32 or ", u.scalar_type(), ", got ",
-                dBC_out->sizes(), " ", dBC_out->scalar_type());
+  const char* op = "memba_vision scan_bwd";
+  check_scan_inputs(op, u, delta, A, B, C, D, z, bias, S, W);
+  check_tokens(op, "dout", dout, u, u.size(2));
+  const bool has_z = present(z) || present(S);
+  TORCH_CHECK(!dz_accumulate || present(dz_out), op, ": dz_accumulate needs dz_out");
+  TORCH_CHECK(!present(dz_out) || has_z, op, ": dz_out without z or a gate");
+  if (present(dz_out)) check_tokens(op, "dz_out", *dz_out, u, u.size(2), /*output=*/true);
+  if (present(dBC_out)) {  // fp32 or u's dtype
+    const at::ScalarType dtypes[] = {at::kFloat, u.scalar_type()};
+    check_tensor(op, "dBC_out", *dBC_out, u.device(), dtypes, {u.size(0), u.size(1), 2 * kStates},
+                 Strides::kLastAxis, /*output=*/true);
   }
+  ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
   const c10::cuda::CUDAGuard guard(u.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto f32 = u.options().dtype(at::kFloat);
@@ -184,7 +206,7 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
   at::Tensor du = at::empty(u.sizes(), u.options());
   at::Tensor ddelta = at::empty(u.sizes(), u.options());
   OptTensor dz;
-  if (p.has_z) dz = output_like(dz_out, u, "dz_out");
+  if (p.has_z) dz = output_like(dz_out, u);
   p.ckpt = ckpt.data_ptr<float>();
   p.dout = dout.data_ptr(); p.do_sb = dout.stride(0); p.do_sl = dout.stride(1);
   p.dout_scale = static_cast<float>(dout_scale);
@@ -200,15 +222,17 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
   return {du, ddelta, dz, dbc_sum.narrow(2, 0, kStates), dbc_sum.narrow(2, kStates, kStates)};
 }
 
+// conv_fwd / conv_bwd inputs: x (B, L, D), weight (D, 4), bias (D,).
+void check_conv_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                       const OptTensor& bias) {
+  check_leading(op, "x", x);
+  check_param(op, "weight", weight, x, {x.size(2), 4});
+  if (present(bias)) check_param(op, "bias", *bias, x, {x.size(2)});
+}
+
+// Call only after check_conv_inputs.
 ConvParams make_conv(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                      bool reverse, bool silu) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 3 && x.stride(2) == 1,
-              "memba_vision conv: x must be a CUDA (B, L, D) tensor with contiguous channels, got ",
-              x.sizes());
-  TORCH_CHECK(x.size(0) <= 65535, "memba_vision conv: batch too large");
-  check_param(weight, x, {x.size(2), 4}, "conv weight (width 4)");
-  if (present(bias)) check_param(*bias, x, {x.size(2)}, "conv bias");
-  dtype_of(x);
   ConvParams p{};
   p.batch = static_cast<int>(x.size(0));
   p.seqlen = static_cast<int>(x.size(1));
@@ -228,6 +252,7 @@ void set_conv_out(ConvParams& p, const at::Tensor& out) {
 
 at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                     bool reverse, bool silu) {
+  check_conv_inputs("memba_vision conv_fwd", x, weight, bias);
   ConvParams p = make_conv(x, weight, bias, reverse, silu);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty(x.sizes(), x.options());
@@ -239,14 +264,14 @@ at::Tensor conv_fwd(const at::Tensor& x, const at::Tensor& weight, const OptTens
 at::Tensor conv_bwd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
                     const at::Tensor& grad_y, bool reverse, bool silu, const OptTensor& out,
                     bool accumulate) {
+  const char* op = "memba_vision conv_bwd";
+  check_conv_inputs(op, x, weight, bias);
+  check_tokens(op, "grad_y", grad_y, x, x.size(2));
+  if (present(out)) check_tokens(op, "out", *out, x, x.size(2), /*output=*/true);
+  TORCH_CHECK(!accumulate || present(out), op, ": accumulate needs out");
   ConvParams p = make_conv(x, weight, bias, reverse, silu);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.stride(2) == 1 &&
-                  grad_y.scalar_type() == x.scalar_type() && grad_y.device() == x.device(),
-              "memba_vision conv: grad_y must match x (", x.sizes(), ", ", x.scalar_type(),
-              ") with contiguous channels");
-  TORCH_CHECK(!accumulate || present(out), "memba_vision conv: accumulate needs out");
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor dx = output_like(out, x, "conv out");
+  at::Tensor dx = output_like(out, x);
   p.g = grad_y.data_ptr(); p.g_sb = grad_y.stride(0); p.g_sl = grad_y.stride(1);
   set_conv_out(p, dx);
   p.accum = accumulate;
@@ -254,46 +279,48 @@ at::Tensor conv_bwd(const at::Tensor& x, const at::Tensor& weight, const OptTens
   return dx;
 }
 
+// lim_pair inputs: x (B, L, R) contiguous, u_prev_f / u_prev_b (B, l, R) contiguous or None,
+// l = L // num_chunks.
+void check_lim_pair_inputs(const char* op, const at::Tensor& x, const OptTensor& u_prev_f,
+                           const OptTensor& u_prev_b, int64_t num_chunks) {
+  check_leading(op, "x", x);
+  check_tensor(op, "x", x, x.device(), x.scalar_type(), {kAny, kAny, kAny},
+               Strides::kContiguous);
+  TORCH_CHECK(num_chunks >= 1 && num_chunks <= kLimPairMaxChunks && num_chunks <= x.size(1),
+              op, ": num_chunks must be in [1, min(", kLimPairMaxChunks, ", L=", x.size(1),
+              ")], got ", num_chunks);
+  if (present(u_prev_f)) {
+    check_tensor(op, "u_prev_f", *u_prev_f, x.device(), x.scalar_type(),
+                 {x.size(0), x.size(1) / num_chunks, x.size(2)}, Strides::kContiguous);
+  }
+  if (present(u_prev_b)) {
+    check_tensor(op, "u_prev_b", *u_prev_b, x.device(), x.scalar_type(),
+                 {x.size(0), x.size(1) / num_chunks, x.size(2)}, Strides::kContiguous);
+  }
+}
+
+// Call only after check_lim_pair_inputs.
 LimPairParams make_lim_pair(const at::Tensor& x, const OptTensor& u_prev_f,
                            const OptTensor& u_prev_b, int64_t num_chunks, double leak,
                            double threshold) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 3 && x.is_contiguous(),
-              "memba_vision lim_pair: x must be a contiguous CUDA (B, L, R) tensor, got ",
-              x.sizes());
-  dtype_of(x);
-  const int64_t L = x.size(1);
-  TORCH_CHECK(num_chunks >= 1 && num_chunks <= kLimPairMaxChunks && num_chunks <= L,
-              "memba_vision lim_pair: num_chunks must be in [1, min(", kLimPairMaxChunks,
-              ", L)], got ", num_chunks);
   LimPairParams p{};
   p.batch = static_cast<int>(x.size(0));
-  p.seqlen = static_cast<int>(L);
+  p.seqlen = static_cast<int>(x.size(1));
   p.rank = static_cast<int>(x.size(2));
   p.nchunks = static_cast<int>(num_chunks);
-  p.chunk_len = static_cast<int>(L / num_chunks);
+  p.chunk_len = static_cast<int>(x.size(1) / num_chunks);
   p.leak = static_cast<float>(leak);
   p.threshold = static_cast<float>(threshold);
   p.x = x.data_ptr();
-  const OptTensor* prev[2] = {&u_prev_f, &u_prev_b};
-  for (int d = 0; d < 2; ++d) {
-    p.u_prev[d] = nullptr;
-    if (present(*prev[d])) {
-      const at::Tensor& t = **prev[d];
-      TORCH_CHECK(t.device() == x.device() && t.scalar_type() == x.scalar_type() &&
-                      t.is_contiguous() && t.dim() == 3 && t.size(0) == x.size(0) &&
-                      t.size(1) == p.chunk_len && t.size(2) == x.size(2),
-                  "memba_vision lim_pair: u_prev must be a contiguous (", x.size(0), ", ",
-                  p.chunk_len, ", ", x.size(2), ") ", x.scalar_type(), " tensor, got ",
-                  t.sizes(), " ", t.scalar_type());
-      p.u_prev[d] = t.data_ptr();
-    }
-  }
+  p.u_prev[0] = present(u_prev_f) ? u_prev_f->data_ptr() : nullptr;
+  p.u_prev[1] = present(u_prev_b) ? u_prev_b->data_ptr() : nullptr;
   return p;
 }
 
 std::tuple<at::Tensor, at::Tensor> lim_pair_fwd(const at::Tensor& x, const OptTensor& u_prev_f,
                                                 const OptTensor& u_prev_b, int64_t num_chunks,
                                                 double leak, double threshold) {
+  check_lim_pair_inputs("memba_vision lim_pair_fwd", x, u_prev_f, u_prev_b, num_chunks);
   LimPairParams p = make_lim_pair(x, u_prev_f, u_prev_b, num_chunks, leak, threshold);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({2, x.size(0), x.size(1), x.size(2)}, x.options());
@@ -308,24 +335,22 @@ std::tuple<at::Tensor, OptTensor, OptTensor> lim_pair_bwd(
     const at::Tensor& x, const OptTensor& u_prev_f, const OptTensor& u_prev_b,
     const at::Tensor& grad_out, const OptTensor& grad_mean_f, const OptTensor& grad_mean_b,
     int64_t num_chunks, double leak, double threshold) {
-  LimPairParams p = make_lim_pair(x, u_prev_f, u_prev_b, num_chunks, leak, threshold);
-  TORCH_CHECK(grad_out.is_contiguous() && grad_out.scalar_type() == x.scalar_type() &&
-                  grad_out.device() == x.device() && grad_out.dim() == 4 &&
-                  grad_out.size(0) == 2 && grad_out.size(1) == x.size(0) &&
-                  grad_out.size(2) == x.size(1) && grad_out.size(3) == x.size(2),
-              "memba_vision lim_pair: grad_out must be a contiguous (2, B, L, R) tensor like x");
-  const OptTensor* gm[2] = {&grad_mean_f, &grad_mean_b};
-  for (int d = 0; d < 2; ++d) {
-    p.g_mean[d] = nullptr;
-    if (present(*gm[d])) {
-      const at::Tensor& t = **gm[d];
-      TORCH_CHECK(t.is_contiguous() && t.scalar_type() == x.scalar_type() &&
-                      t.device() == x.device() && t.dim() == 3 && t.size(0) == x.size(0) &&
-                      t.size(1) == p.chunk_len && t.size(2) == x.size(2),
-                  "memba_vision lim_pair: grad of u_mean must be a contiguous (B, l, R) tensor");
-      p.g_mean[d] = t.data_ptr();
-    }
+  const char* op = "memba_vision lim_pair_bwd";
+  check_lim_pair_inputs(op, x, u_prev_f, u_prev_b, num_chunks);
+  const int64_t l = x.size(1) / num_chunks;
+  check_tensor(op, "grad_out", grad_out, x.device(), x.scalar_type(),
+               {2, x.size(0), x.size(1), x.size(2)}, Strides::kContiguous);
+  if (present(grad_mean_f)) {
+    check_tensor(op, "grad_mean_f", *grad_mean_f, x.device(), x.scalar_type(),
+                 {x.size(0), l, x.size(2)}, Strides::kContiguous);
   }
+  if (present(grad_mean_b)) {
+    check_tensor(op, "grad_mean_b", *grad_mean_b, x.device(), x.scalar_type(),
+                 {x.size(0), l, x.size(2)}, Strides::kContiguous);
+  }
+  LimPairParams p = make_lim_pair(x, u_prev_f, u_prev_b, num_chunks, leak, threshold);
+  p.g_mean[0] = present(grad_mean_f) ? grad_mean_f->data_ptr() : nullptr;
+  p.g_mean[1] = present(grad_mean_b) ? grad_mean_b->data_ptr() : nullptr;
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor grad_x = at::empty(grad_out.sizes(), x.options());
   OptTensor grad_prev[2];
@@ -348,6 +373,18 @@ std::tuple<at::Tensor, OptTensor, OptTensor> lim_pair_bwd(
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Token-major selective scan and depthwise causal conv (frozen SSM parameters)";
   namespace py = pybind11;
+  // A failed check becomes RuntimeError(message) here, without c10::Error::what(),
+  // which would symbolise the C++ backtrace, and without depending on torch's own
+  // translator being visible to this module (it is not when the extension's pybind11
+  // build differs from torch's).
+  py::register_local_exception_translator([](std::exception_ptr error) {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const c10::Error& e) {
+      if (typeid(e) != typeid(c10::Error)) throw;  // out of memory etc.: torch's translator
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+  });
   m.def("scan_fwd", &memba_scan::scan_fwd, "selective scan forward", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("softplus"),

@@ -1,5 +1,6 @@
-"""Runner hooks, the bf16 optimiser wrapper, the test loop, the optimiser constructor
-(registered in mmpretrain's registries) and the runner the tools use."""
+"""Runner hooks, the bf16 optimiser wrapper, the test loop, the optimiser constructor, the
+data-parallel wrapper (registered in mmpretrain's registries) and the runner the tools use."""
+from .data_parallel import PostBackwardDataParallel
 from .hooks import (AtomicCheckpointHook, DeferredRuntimeInfoHook, PEFTCheckpointHook,
                     complete_trainable_checkpoint)
 from .loops import AutocastTestLoop
@@ -9,4 +10,4 @@ from .runner import SafeLoadRunner
 
 __all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'DeferredRuntimeInfoHook',
            'complete_trainable_checkpoint', 'MergedParamGroupsConstructor', 'AutocastTestLoop',
-           'BF16OptimWrapper', 'SafeLoadRunner']
+           'BF16OptimWrapper', 'PostBackwardDataParallel', 'SafeLoadRunner']

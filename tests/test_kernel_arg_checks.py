@@ -1,0 +1,225 @@
+"""The CUDA extensions' ops reject wrong tensor arguments with a RuntimeError that names the op
+and the argument, before touching memory (GPU).
+
+Every op is first called with arguments laid out as memba_vision's call sites lay them out
+(strided halves and slices, given output buffers): those must be accepted. Then one argument
+at a time gets a wrong dtype, shape, device or strides. The calls run in a child process
+(``python tests/test_kernel_arg_checks.py``), which prints one line per case, so that a
+crash names the case that caused it instead of ending the test session.
+"""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cases(dev='cuda'):
+    """([(name, op label, call, argument the error must name or None for a call that must
+    work)], the output buffers that rejected calls must leave alone)."""
+    from memba_vision.ops import lim_cuda, scan_cuda
+    ext = scan_cuda.extension()
+    lim_cuda._get_op()
+    lim_op, lim_bwd_op = torch.ops.memba_vision.lim, torch.ops.memba_vision.lim_backward
+    f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
+    g = torch.Generator(device=dev).manual_seed(0)
+    B, L, D, N, R = 2, 37, 64, 16, 16
+
+    def rnd(*shape, dtype=f32):
+        return torch.randn(*shape, device=dev, generator=g).to(dtype)
+
+    def strided_last(*shape, dtype=f32):  # same shape, last axis with stride 2
+        return rnd(*shape[:-1], 2 * shape[-1], dtype=dtype)[..., ::2]
+
+    def transposed(rows, cols, dtype=f32):  # (rows, cols), not contiguous
+        return rnd(cols, rows, dtype=dtype).t()
+
+    def expanded(*shape, dtype=f32):  # repeated elements along the first axes
+        return rnd(1, 1, shape[-1], dtype=dtype).expand(*shape)
+
+    # the layouts of ops.bidirectional_ssm: halves of xz, slices of xdbl, halves of dxz
+    xz, xdbl = rnd(B, L, 2 * D), rnd(B, L, 3 + 2 * N)
+    scan = dict(u=xz[..., :D], delta=rnd(B, L, D), A=-torch.rand(D, N, device=dev, generator=g) - 0.1,
+                B=xdbl[..., 3:3 + N], C=xdbl[..., 3 + N:], D=rnd(D), z=xz[..., D:],
+                delta_bias=rnd(D), S=rnd(B, L, R), W=rnd(D, R), softplus=True, reverse=False)
+    out = rnd(B, L, 2 * D)[..., D:]
+    dz_out, dbc_out = rnd(B, L, 2 * D)[..., D:], rnd(B, L, 3 + 2 * N)[..., 3:]
+    fwd = dict(scan, out=out, out_scale=0.5, accumulate=True)
+    bwd = dict(scan, dout=rnd(B, L, D), dout_scale=0.5, dz_out=dz_out, dz_accumulate=True,
+               dBC_out=dbc_out)
+    buffers = (out, dz_out, dbc_out)
+    conv = [xz[..., :D], rnd(D, 4), rnd(D), False, True]
+    conv_bwd = dict(x=xz[..., :D], weight=rnd(D, 4), bias=rnd(D), grad_y=rnd(B, L, D),
+                    reverse=True, silu=True, out=out, accumulate=True)
+    l = L // 4
+    v = rnd(B, L, R)
+    pair = [v, rnd(B, l, R), rnd(B, l, R), 4, 0.5, 1.0]
+    pair_bwd = [v, rnd(B, l, R), rnd(B, l, R), rnd(2, B, L, R), rnd(B, l, R), rnd(B, l, R),
+                4, 0.5, 1.0]
+    lim = [strided_last(B, L, R), rnd(B, l, R), 4, 0.5, 1.0]  # the op copies strided inputs
+    lim_bwd = [rnd(B, L, R), rnd(B, l, R), rnd(B, L, R), rnd(B, l, R), 4, 0.5, 1.0, True,
+               True]
+
+    def kw(fn, base, **change):
+        return lambda: fn(**dict(base, **change))
+
+    def pos(fn, base, index, value):
+        args = list(base)
+        args[index] = value
+        return lambda: fn(*args)
+
+    cases = [('scan_fwd accepts', 'scan_fwd', kw(ext.scan_fwd, fwd), None),
+             ('scan_bwd accepts', 'scan_bwd', kw(ext.scan_bwd, bwd), None),
+             ('scan_bwd accepts bf16 + fp32 dBC_out', 'scan_bwd',
+              kw(ext.scan_bwd, dict(bwd, **{k: bwd[k].to(bf16) for k in
+                                            ('u', 'delta', 'B', 'C', 'z', 'S', 'dout')},
+                                    dz_out=None, dz_accumulate=False)), None),
+             ('conv_fwd accepts', 'conv_fwd', lambda: ext.conv_fwd(*conv), None),
+             ('conv_bwd accepts', 'conv_bwd', kw(ext.conv_bwd, conv_bwd), None),
+             ('lim_pair_fwd accepts', 'lim_pair_fwd', lambda: ext.lim_pair_fwd(*pair), None),
+             ('lim_pair_bwd accepts', 'lim_pair_bwd', lambda: ext.lim_pair_bwd(*pair_bwd),
+              None),
+             ('lim accepts strided x', 'lim', lambda: lim_op(*lim), None),
+             ('lim_backward accepts', 'lim_backward', lambda: lim_bwd_op(*lim_bwd), None)]
+    bad_scan = {
+        'u': [rnd(B, L, D, dtype=f64), scan['u'].cpu(), transposed(L, D).expand(B, L, D),
+              rnd(L, D)],
+        'delta': [rnd(B, L, D, dtype=bf16), rnd(B, L, D + 1), rnd(B, L, D).cpu(),
+                  strided_last(B, L, D)],
+        'A': [scan['A'].double(), rnd(D, 8), transposed(D, N), scan['A'].cpu()],
+        'B': [rnd(B, L, 8), strided_last(B, L, N), rnd(B, L, N, dtype=bf16)],
+        'C': [rnd(B, L + 1, N), strided_last(B, L, N), rnd(B, L, N).cpu()],
+        'D': [rnd(D + 1), rnd(D, dtype=bf16), rnd(D, 2)[:, 0]],
+        'z': [rnd(B, L, D + 1), rnd(B, L, D, dtype=f64), strided_last(B, L, D)],
+        'delta_bias': [rnd(D, dtype=f64), rnd(1)],
+        'S': [rnd(B, L, 8), rnd(B, L, R, dtype=bf16), strided_last(B, L, R)],
+        'W': [rnd(D, 8), transposed(D, R), rnd(D, R, dtype=bf16)],
+    }
+    for op_name, fn, base in (('scan_fwd', ext.scan_fwd, fwd), ('scan_bwd', ext.scan_bwd, bwd)):
+        for arg, values in bad_scan.items():
+            for i, value in enumerate(values):
+                cases.append((f'{op_name} {arg} #{i}', op_name, kw(fn, base, **{arg: value}),
+                              'u' if arg == 'u' else arg))
+        cases.append((f'{op_name} S without W', op_name, kw(fn, base, W=None), 'the gate'))
+    for i, value in enumerate([rnd(B, L, D, dtype=bf16), rnd(B, L - 1, D), expanded(B, L, D),
+                               out.cpu()]):
+        cases.append((f'scan_fwd out #{i}', 'scan_fwd', kw(ext.scan_fwd, fwd, out=value), 'out'))
+    for arg, values in {'dout': [rnd(B, L, D, dtype=f64), rnd(B, L, 2 * D),
+                                 strided_last(B, L, D)],
+                        'dz_out': [rnd(B, L, D, dtype=bf16), expanded(B, L, D), rnd(B, L, 1)],
+                        'dBC_out': [rnd(B, L, 2 * N, dtype=f64), rnd(B, L, N),
+                                    strided_last(B, L, 2 * N), expanded(B, L, 2 * N),
+                                    dbc_out.cpu()]}.items():
+        for i, value in enumerate(values):
+            cases.append((f'scan_bwd {arg} #{i}', 'scan_bwd', kw(ext.scan_bwd, bwd, **{arg: value}),
+                          arg))
+    for i, (index, arg, value) in enumerate([
+            (0, 'x', rnd(B, L, D, dtype=f64)), (0, 'x', conv[0].cpu()),
+            (0, 'x', strided_last(B, L, D)), (1, 'weight', rnd(D, 1, 4)),
+            (1, 'weight', rnd(D, 4, dtype=bf16)), (1, 'weight', transposed(D, 4)),
+            (2, 'bias', rnd(D + 1)), (2, 'bias', rnd(D, dtype=f64))]):
+        cases.append((f'conv_fwd {arg} #{i}', 'conv_fwd', pos(ext.conv_fwd, conv, index, value),
+                      arg))
+    for arg, values in {'grad_y': [rnd(B, L, D, dtype=bf16), rnd(B, L, D + 1),
+                                   strided_last(B, L, D)],
+                        'out': [expanded(B, L, D), rnd(B, L, D, dtype=f64)],
+                        'weight': [rnd(D, 4).cpu()]}.items():
+        for i, value in enumerate(values):
+            cases.append((f'conv_bwd {arg} #{i}', 'conv_bwd',
+                          kw(ext.conv_bwd, conv_bwd, **{arg: value}), arg))
+    for i, (index, arg, value) in enumerate([
+            (0, 'x', strided_last(B, L, R)), (0, 'x', rnd(B, L, R, dtype=f64)),
+            (0, 'x', v.cpu()), (1, 'u_prev_f', rnd(B, l + 1, R)),
+            (2, 'u_prev_b', rnd(B, l, R, dtype=bf16)),
+            (1, 'u_prev_f', rnd(B, R, l).transpose(1, 2)),
+            (3, 'num_chunks', L + 1), (3, 'num_chunks', 65)]):
+        cases.append((f'lim_pair_fwd {arg} #{i}', 'lim_pair_fwd',
+                      pos(ext.lim_pair_fwd, pair, index, value), arg))
+    for i, (index, arg, value) in enumerate([
+            (3, 'grad_out', rnd(B, L, R)), (3, 'grad_out', rnd(2, B, L, R, dtype=bf16)),
+            (3, 'grad_out', strided_last(2, B, L, R)), (4, 'grad_mean_f', rnd(B, l - 1, R)),
+            (5, 'grad_mean_b', strided_last(B, l, R)), (1, 'u_prev_f', rnd(B, l, R).cpu())]):
+        cases.append((f'lim_pair_bwd {arg} #{i}', 'lim_pair_bwd',
+                      pos(ext.lim_pair_bwd, pair_bwd, index, value), arg))
+    for i, (index, arg, value) in enumerate([
+            (0, 'x', lim[0].cpu()), (0, 'x', rnd(B * L, R)), (1, 'u_prev', rnd(B, l + 1, R)),
+            (1, 'u_prev', rnd(B, l, R, dtype=f64)), (1, 'u_prev', rnd(B, l, R, dtype=f64).cpu()),
+            (2, 'num_chunks', L + 1)]):
+        cases.append((f'lim {arg} #{i}', 'lim', pos(lim_op, lim, index, value), arg))
+    for i, (index, arg, value) in enumerate([
+            (2, 'grad_out', rnd(B, l, R)), (2, 'grad_out', rnd(B, L, R, dtype=bf16)),
+            (3, 'grad_u_mean', rnd(B, L, R)), (1, 'u_prev', rnd(B, l, R).cpu())]):
+        cases.append((f'lim_backward {arg} #{i}', 'lim_backward',
+                      pos(lim_bwd_op, lim_bwd, index, value), arg))
+    return cases, buffers
+
+
+_PREFIX = {'lim': 'memba_vision::lim', 'lim_backward': 'memba_vision::lim_backward'}
+
+
+def _run_cases() -> None:
+    """Child process: one ``CASE`` line before and one ``RESULT`` line after every call."""
+    cases, buffers = _cases()
+    torch.cuda.synchronize()
+    for name, op, call, arg in cases:
+        print(f'CASE {name}', flush=True)
+        before = [b.clone() for b in buffers]
+        try:
+            call()
+            torch.cuda.synchronize()
+            status, msg = 'ok', ''
+        except RuntimeError as e:
+            status, msg = 'raised', str(e).split('\n')[0]
+        if arg is not None:  # a rejected call must leave the caller's buffers as they were
+            torch.cuda.synchronize()
+            if not all(torch.equal(a, b) for a, b in zip(before, buffers)):
+                status = 'touched'
+        else:
+            for b, a in zip(buffers, before):  # accepted calls may write: reset
+                b.copy_(a)
+        print(f'RESULT {name}\t{status}\t{msg}', flush=True)
+
+
+requires_ext = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+@requires_ext
+def test_every_op_checks_every_tensor_argument():
+    from memba_vision.ops import lim_cuda, scan_cuda
+    for mod in (scan_cuda, lim_cuda):
+        if not mod.is_available():
+            pytest.skip(mod.unavailable_reason())
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    lines = proc.stdout.splitlines()
+    started = [ln[5:] for ln in lines if ln.startswith('CASE ')]
+    results = dict(ln[7:].split('\t', 1) for ln in lines if ln.startswith('RESULT '))
+    if proc.returncode != 0:
+        crashed = started[-1] if started and started[-1] not in results else None
+        pytest.fail(f'the case process ended with code {proc.returncode} '
+                    f'(in case {crashed!r}):\n{proc.stderr[-3000:]}')
+    cases, _ = _cases()
+    assert len(cases) > 100 and len(results) == len(cases)
+    failures = []
+    for name, op, _, arg in cases:
+        status, msg = results[name].split('\t', 1)
+        if arg is None:
+            if status != 'ok':
+                failures.append(f'{name}: rejected a valid call: {msg}')
+            continue
+        prefix = _PREFIX.get(op, f'memba_vision {op}')
+        if status != 'raised':
+            failures.append(f'{name}: {status} instead of a RuntimeError')
+        elif not re.search(re.escape(f'{prefix}: {arg}') + r'\b', msg):
+            failures.append(f'{name}: message does not name {prefix!r} and {arg!r}: {msg}')
+    assert not failures, '\n'.join(failures)
+
+
+if __name__ == '__main__':
+    sys.path.insert(0, ROOT)
+    _run_cases()

@@ -19,6 +19,11 @@ def _store(out, value, scale=1.0, accumulate=False):
     return out
 
 
+def _wide(t):
+    """``t`` in fp32, or fp64 when it is fp64: the kernels compute in fp32."""
+    return None if t is None else t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _leaf(t):
     return None if t is None else t.detach().clone().requires_grad_(True)
 
@@ -60,15 +65,16 @@ class ReferenceScanKernels:
     @staticmethod
     def conv_fwd(x, weight, bias, reverse, silu):
         with torch.no_grad():
-            return causal_conv1d_tokens(x, weight, bias, 'silu' if silu else None,
-                                        reverse).contiguous()
+            return causal_conv1d_tokens(_wide(x), _wide(weight), _wide(bias),
+                                        'silu' if silu else None, reverse).to(x.dtype).contiguous()
 
     @staticmethod
     def conv_bwd(x, weight, bias, grad_y, reverse, silu, out=None, accumulate=False):
-        x_ = _leaf(x)
+        x_ = _leaf(_wide(x))
         with torch.enable_grad():
-            y = causal_conv1d_tokens(x_, weight, bias, 'silu' if silu else None, reverse)
-            dx, = torch.autograd.grad(y, [x_], grad_y)
+            y = causal_conv1d_tokens(x_, _wide(weight), _wide(bias), 'silu' if silu else None,
+                                     reverse)
+            dx, = torch.autograd.grad(y, [x_], grad_y.to(y.dtype))
         return _store(out, dx, 1.0, accumulate)
 
     @staticmethod

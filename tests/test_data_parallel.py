@@ -28,7 +28,8 @@ def free_port() -> int:
 def run_ranks(case, backend, out_dir, world=2, timeout=300):
     """Starts ``world`` processes of tests/dist_worker.py; returns each rank's saved states."""
     env = dict(os.environ, MASTER_ADDR='127.0.0.1', MASTER_PORT=str(free_port()),
-               WORLD_SIZE=str(world), PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+               WORLD_SIZE=str(world), OMP_NUM_THREADS='1',
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
     procs = [subprocess.Popen([PY, os.path.join(ROOT, 'tests', 'dist_worker.py'), case, backend,
                                str(out_dir)], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -135,7 +136,8 @@ def torchrun(*args, site, nproc=2, timeout=300):
     """tools/train.py or tools/test.py with --launcher pytorch in ``nproc`` CPU processes."""
     cmd = [PY, '-m', 'torch.distributed.run', '--nnodes=1', f'--nproc_per_node={nproc}',
            f'--master_port={free_port()}', *args, '--launcher', 'pytorch']
-    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=os.pathsep.join([site, ROOT]))
+    env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='',  # CPU processes
+               PYTHONPATH=os.pathsep.join([site, ROOT, os.environ.get('PYTHONPATH', '')]))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=env)
     assert proc.returncode == 0, f'{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
@@ -156,7 +158,8 @@ def test_dist_train_and_test_through_the_runner(synthetic):
 
     one = root / 'one'
     subprocess.run([PY, 'tools/test.py', cfg, str(final), '--work-dir', str(one)], cwd=ROOT,
-                   check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
+                   check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                       [ROOT, os.environ.get('PYTHONPATH', '')])))
     single = json.load(open(one / 'result_dsprites_loc.json'))
     two = root / 'two'
     torchrun('tools/test.py', cfg, str(final), '--work-dir', str(two), site=site)

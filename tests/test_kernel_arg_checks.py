@@ -21,9 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _cases(dev='cuda'):
     """([(name, op label, call, argument the error must name or None for a call that must
     work)], the output buffers that rejected calls must leave alone)."""
-    from memba_vision.ops import lim_cuda, scan_cuda
-    ext = scan_cuda.extension()
-    lim_cuda._get_op()
+    from memba_vision.ops.bidirectional_ssm import scan_extension
+    from memba_vision.ops.lim import cuda as lim_cuda
+    ext = scan_extension()[0]
+    lim_cuda._load()  # importing the extension registers torch.ops.memba_vision.lim
     lim_op, lim_bwd_op = torch.ops.memba_vision.lim, torch.ops.memba_vision.lim_backward
     f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
     g = torch.Generator(device=dev).manual_seed(0)
@@ -189,13 +190,15 @@ requires_ext = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a
 
 @requires_ext
 def test_every_op_checks_every_tensor_argument():
-    from memba_vision.ops import lim_cuda, scan_cuda
-    for mod in (scan_cuda, lim_cuda):
-        if not mod.is_available():
-            pytest.skip(mod.unavailable_reason())
+    from memba_vision.ops.bidirectional_ssm import scan_extension
+    from memba_vision.ops.lim import cuda as lim_cuda
+    for loaded in (scan_extension(), lim_cuda._load()):
+        if loaded[0] is None:
+            pytest.skip(loaded[1])
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)], cwd=ROOT,
                           capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHONPATH=ROOT))
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              [ROOT, os.environ.get('PYTHONPATH', '')])))
     lines = proc.stdout.splitlines()
     started = [ln[5:] for ln in lines if ln.startswith('CASE ')]
     results = dict(ln[7:].split('\t', 1) for ln in lines if ln.startswith('RESULT '))

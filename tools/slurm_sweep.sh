@@ -8,7 +8,8 @@
 # GPUS_PER_TASK=0 runs the tasks on CPUs. Job logs: <work root>/slurm/<job>_<task index>.out
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 2 ] || { echo "usage: $0 PARTITION BACKBONE_METHOD|--config CONFIG [sweep.py options]" >&2; exit 2; }
+USAGE="usage: $0 PARTITION BACKBONE_METHOD|--config CONFIG [sweep.py options]"
+[ $# -ge 2 ] || { echo "$USAGE" >&2; exit 2; }
 PARTITION=$1; shift
 PYTHON=${PYTHON:-python}
 GPUS_PER_TASK=${GPUS_PER_TASK:-1}
@@ -18,7 +19,8 @@ read -r NUM_TASKS ROOT < <("$PYTHON" tools/sweep.py "$@" --plan)
 mkdir -p "$ROOT/slurm"
 GRES=()
 [ "$GPUS_PER_TASK" -gt 0 ] && GRES=(--gres=gpu:"$GPUS_PER_TASK")
-SWEEP=$(printf '%q ' "$PYTHON" tools/sweep.py "$@" --gpus "$(( GPUS_PER_TASK > 0 ? GPUS_PER_TASK : 1 ))")
+SWEEP_GPUS=$(( GPUS_PER_TASK > 0 ? GPUS_PER_TASK : 1 ))
+SWEEP=$(printf '%q ' "$PYTHON" tools/sweep.py "$@" --gpus "$SWEEP_GPUS")
 ARRAY=$(sbatch --parsable -p "$PARTITION" -J "sweep" --array=0-$(( NUM_TASKS - 1 )) \
   --ntasks=1 --cpus-per-task="$CPUS_PER_TASK" "${GRES[@]}" -o "$ROOT/slurm/%A_%a.out" \
   ${SBATCH_ARGS} --wrap "$SWEEP --only-task-index \$SLURM_ARRAY_TASK_ID")

@@ -23,6 +23,7 @@ interval.
 """
 import argparse
 import math
+import os
 import os.path as osp
 import subprocess
 import sys

@@ -114,7 +114,7 @@ setup(
         'pillow',
     ],
     extras_require={
-        'cuda': ['mamba-ssm', 'causal-conv1d'],
+        'cuda': ['mamba-ssm'],
         # reading tfds data needs TensorFlow too; the CPU build is enough (and smaller)
         'data': ['tensorflow-datasets>=4.9.3',
                  'tensorflow-cpu>=2.16; platform_system == "Linux" and '

@@ -1,6 +1,6 @@
 """memba_vision: Memba fine-tuning of vision Mamba backbones on OpenMMLab.
 
-Importing the package registers its backbones, datasets, hooks and metrics into
+Importing the package registers its backbones, datasets, hooks, loops and wrappers into
 mmpretrain's registries, so a config only needs
 ``custom_imports = dict(imports=['memba_vision'], allow_failed_imports=False)``.
 """

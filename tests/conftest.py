@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 
 import pytest
@@ -13,6 +14,35 @@ import memba_vision  # noqa: E402,F401  registers modules
 # Tiny architectures shared by the tests (fast on a 2-core CPU).
 TINY_VIM = dict(embed_dims=32, depth=3, d_state=4)
 TINY_VMAMBA = dict(dims=16, depths=[1, 2, 1], d_state=4)
+
+
+
+def write_tiny_config(root, tasks, num_train, num_val, num_test, size=32, embed_dims=32,
+                      depth=2, lora=8, gate=None, batch_size=None, extra=''):
+    """Writes synthetic tasks to ``root/data`` and, to ``root/tiny.py``, the demo config shrunk
+    to a tiny Memba Vim on them (no loader workers); ``extra``: config lines appended.
+    Returns (config path, data root)."""
+    data = root / 'data'
+    subprocess.run([sys.executable, 'tools/prepare_vtab1k.py', '--synthetic', '--out', str(data),
+                    '--tasks', *tasks, '--num-train', str(num_train), '--num-val', str(num_val),
+                    '--num-test', str(num_test), '--size', str(size)], cwd=ROOT, check=True,
+                   capture_output=True)
+    batch = '' if batch_size is None else f'batch_size={batch_size}, '
+    cfg = root / 'tiny.py'
+    cfg.write_text(f"""
+_base_ = ['{ROOT}/configs/demo/vim_tiny_memba_synthetic.py']
+data_root = '{data}'
+pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
+model = dict(backbone=dict(arch=dict(embed_dims={embed_dims}, depth={depth}, d_state=4),
+                           img_size={size}, peft=dict(lora=dict(in_proj={lora}, out_proj={lora}),
+                                                      gate={gate or dict(rank=4)!r})),
+             head=dict(in_channels={embed_dims}))
+train_dataloader = dict({batch}num_workers=0, persistent_workers=False,
+                        dataset=dict(data_root=data_root, pipeline=pipeline))
+test_dataloader = dict({batch}num_workers=0, dataset=dict(data_root=data_root, pipeline=pipeline))
+""" + extra)
+    return str(cfg), data
+
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 

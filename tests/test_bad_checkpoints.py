@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY_VIM
+from conftest import ROOT, TINY_VIM, write_tiny_config
 from memba_vision.utils import CheckpointError, load_checkpoint_file
 
 PY = sys.executable
@@ -87,22 +87,7 @@ def _tool(name):
 @pytest.fixture(scope='module')
 def tiny_config(tmp_path_factory):
     root = tmp_path_factory.mktemp('bad_ckpt_cfg')
-    data = root / 'data'
-    subprocess.run([PY, 'tools/prepare_vtab1k.py', '--synthetic', '--out', str(data), '--tasks',
-                    'dsprites_loc', '--num-train', '32', '--num-val', '8', '--num-test', '16',
-                    '--size', '32'], cwd=ROOT, check=True, capture_output=True)
-    cfg = root / 'tiny.py'
-    cfg.write_text(f"""
-_base_ = ['{ROOT}/configs/demo/vim_tiny_memba_synthetic.py']
-data_root = '{data}'
-pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
-model = dict(backbone=dict(arch=dict(embed_dims=32, depth=2, d_state=4), img_size=32,
-                           peft=dict(lora=dict(in_proj=8, out_proj=8), gate=dict(rank=4))),
-             head=dict(in_channels=32))
-train_dataloader = dict(num_workers=0, persistent_workers=False,
-                        dataset=dict(data_root=data_root, pipeline=pipeline))
-test_dataloader = dict(num_workers=0, dataset=dict(data_root=data_root, pipeline=pipeline))
-""")
+    cfg, _ = write_tiny_config(root, ['dsprites_loc'], 32, 8, 16)
     return str(cfg), root
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, requires_cuda
+from conftest import ROOT, requires_cuda, write_tiny_config
 
 sys.path.insert(0, os.path.join(ROOT, 'tests'))
 import dist_worker  # noqa: E402
@@ -96,24 +96,8 @@ def test_wrapper_is_the_distributed_default_of_every_config():
 def synthetic(tmp_path_factory):
     """A tiny demo config on a synthetic task with an odd number (75) of test images."""
     root = tmp_path_factory.mktemp('dist')
-    data = root / 'data'
-    subprocess.run([PY, 'tools/prepare_vtab1k.py', '--synthetic', '--out', str(data),
-                    '--tasks', 'dsprites_loc', '--num-train', '112', '--num-val', '16',
-                    '--num-test', '75', '--size', '16'], cwd=ROOT, check=True,
-                   capture_output=True)
-    cfg = root / 'tiny.py'
-    cfg.write_text(f"""
-_base_ = ['{ROOT}/configs/demo/vim_tiny_memba_synthetic.py']
-data_root = '{data}'
-pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
-model = dict(backbone=dict(arch=dict(embed_dims=32, depth=2, d_state=4), img_size=16,
-                           peft=dict(lora=dict(in_proj=8, out_proj=8), gate=dict(rank=4,
-                                                                             num_chunks=2))),
-             head=dict(in_channels=32))
-train_dataloader = dict(batch_size=16, num_workers=0, persistent_workers=False,
-                        dataset=dict(data_root=data_root, pipeline=pipeline))
-test_dataloader = dict(batch_size=16, num_workers=0,
-                       dataset=dict(data_root=data_root, pipeline=pipeline))
+    cfg, _ = write_tiny_config(root, ['dsprites_loc'], 112, 16, 75, size=16,
+                               gate=dict(rank=4, num_chunks=2), batch_size=16, extra="""
 max_epochs = 2
 param_scheduler = []
 optim_wrapper = dict(optimizer=dict(lr=2e-2))

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, write_tiny_config
 from memba_vision.utils import load_checkpoint_file
 
 PY = sys.executable
@@ -30,20 +30,7 @@ def tool(*args, check=True, timeout=600):
 @pytest.fixture(scope='module')
 def synthetic(tmp_path_factory):
     root = tmp_path_factory.mktemp('e2e')
-    data = root / 'data'
-    tool('tools/prepare_vtab1k.py', '--synthetic', '--out', str(data), '--tasks', TASK,
-         '--num-train', '256', '--num-val', '64', '--num-test', '192', '--size', '32')
-    cfg = root / 'tiny.py'
-    cfg.write_text(f"""
-_base_ = ['{ROOT}/configs/demo/vim_tiny_memba_synthetic.py']
-data_root = '{data}'
-pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
-model = dict(backbone=dict(arch=dict(embed_dims=32, depth=2, d_state=4), img_size=32,
-                           peft=dict(lora=dict(in_proj=8, out_proj=8), gate=dict(rank=4))),
-             head=dict(in_channels=32))
-train_dataloader = dict(num_workers=0, persistent_workers=False,
-                        dataset=dict(data_root=data_root, pipeline=pipeline))
-test_dataloader = dict(num_workers=0, dataset=dict(data_root=data_root, pipeline=pipeline))
+    cfg, data = write_tiny_config(root, [TASK], 256, 64, 192, extra=f"""
 max_epochs = {EPOCHS}
 param_scheduler = [dict(type='CosineAnnealingLR', eta_min=1e-4, by_epoch=True, begin=0,
                         end=max_epochs, convert_to_iter_based=True)]

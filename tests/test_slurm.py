@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, write_tiny_config
 
 PY = sys.executable
 TASKS = ('dsprites_loc', 'clevr_count')
@@ -124,21 +124,7 @@ def _job_ids(stdout):
 def tiny(tmp_path_factory):
     """Two synthetic tasks and a one-epoch tiny Memba Vim config."""
     root = tmp_path_factory.mktemp('slurm_data')
-    data = root / 'data'
-    subprocess.run([PY, 'tools/prepare_vtab1k.py', '--synthetic', '--out', str(data), '--tasks',
-                    *TASKS, '--num-train', '32', '--num-val', '8', '--num-test', '16',
-                    '--size', '32'], cwd=ROOT, check=True, capture_output=True)
-    cfg = root / 'tiny.py'
-    cfg.write_text(f"""
-_base_ = ['{ROOT}/configs/demo/vim_tiny_memba_synthetic.py']
-data_root = '{data}'
-pipeline = [dict(type='LoadImageFromFile'), dict(type='PackInputs')]
-model = dict(backbone=dict(arch=dict(embed_dims=16, depth=1, d_state=4), img_size=32,
-                           peft=dict(lora=dict(in_proj=4, out_proj=4), gate=dict(rank=4))),
-             head=dict(in_channels=16))
-train_dataloader = dict(num_workers=0, persistent_workers=False,
-                        dataset=dict(data_root=data_root, pipeline=pipeline))
-test_dataloader = dict(num_workers=0, dataset=dict(data_root=data_root, pipeline=pipeline))
+    cfg, _ = write_tiny_config(root, TASKS, 32, 8, 16, embed_dims=16, depth=1, lora=4, extra="""
 max_epochs = 1
 param_scheduler = []
 train_cfg = dict(max_epochs=max_epochs)

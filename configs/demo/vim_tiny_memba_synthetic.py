@@ -2,8 +2,10 @@
 #   python tools/prepare_vtab1k.py --synthetic --out data/vtab-1k-synthetic
 # The backbone is randomly initialised and frozen, as a pretrained one would be;
 # LoRA, the membrane gates and the head learn. d_state and the gate rank are
-# Vim-S's (16), so on a GPU the demo runs the same scan kernels as the real model. Pick the task with
-#   --cfg-options experiment.task=dsprites_loc (see tools/demo.sh).
+# Vim-S's (16), so on a GPU the demo runs the same scan kernels as the real model.
+# tools/sweep.py --config ... --tasks T sets the task (both datasets, experiment.task and the
+# head's classes; see tools/demo.sh); with tools/train.py set train_dataloader.dataset.task,
+# test_dataloader.dataset.task and model.head.num_classes.
 _base_ = [
     '../_base_/datasets/vtab1k.py',
     '../_base_/schedules/vtab1k_100e.py',

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,6 +16,26 @@ import memba_vision  # noqa: E402,F401  registers modules
 TINY_VIM = dict(embed_dims=32, depth=3, d_state=4)
 TINY_VMAMBA = dict(dims=16, depths=[1, 2, 1], d_state=4)
 
+
+
+def load_tool(name):
+    """The module of ``tools/<name>.py``, imported from its file (tools/ is no package)."""
+    spec = importlib.util.spec_from_file_location(f'tool_{name}',
+                                                  os.path.join(ROOT, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def snapshot(root):
+    """{path relative to ``root``: (bytes, mtime in ns)} of every file below ``root``."""
+    files = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            with open(p, 'rb') as f:
+                files[os.path.relpath(p, root)] = (f.read(), os.stat(p).st_mtime_ns)
+    return files
 
 
 def write_tiny_config(root, tasks, num_train, num_val, num_test, size=32, embed_dims=32,

@@ -1,7 +1,6 @@
 """Bad checkpoint files give one line naming the file and what is wrong, wherever a file
 is loaded (pretrained backbones with a str or dict arch, tools/test.py, train.py --resume,
 convert_checkpoint.py, merge_lora.py); the safe-load allow-list is scoped to our loads."""
-import importlib.util
 import os
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, TINY_VIM, write_tiny_config
+from conftest import ROOT, TINY_VIM, load_tool, write_tiny_config
 from memba_vision.utils import CheckpointError, load_checkpoint_file
 
 PY = sys.executable
@@ -77,13 +76,6 @@ def test_pretrained_init(bad, case, arch):
     assert not created.exists()
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f'_tool_{name}', f'{ROOT}/tools/{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='module')
 def tiny_config(tmp_path_factory):
     root = tmp_path_factory.mktemp('bad_ckpt_cfg')
@@ -109,7 +101,7 @@ def test_tools_one_line(bad, tiny_config, case, tmp_path, monkeypatch):
     paths, created = bad
     cfg, _ = tiny_config
     path, work = paths[case], str(tmp_path / 'work')
-    train, test = _tool('train'), _tool('test')
+    train, test = load_tool('train'), load_tool('test')
     runs = {
         'test.py': lambda: test.test(test.parse_args([cfg, path, '--work-dir', work])),
         'train.py --resume': lambda: train.train(train.parse_args(
@@ -122,7 +114,7 @@ def test_tools_one_line(bad, tiny_config, case, tmp_path, monkeypatch):
     }
     for tool, argv in (('convert_checkpoint', [path, str(tmp_path / 'out.pth')]),
                        ('merge_lora', [cfg, path, str(tmp_path / 'merged.pth')])):
-        def run(module=_tool(tool), argv=[tool, *argv]):
+        def run(module=load_tool(tool), argv=[tool, *argv]):
             monkeypatch.setattr(sys, 'argv', argv)
             module.main()
         runs[tool] = run

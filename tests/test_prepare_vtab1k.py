@@ -1,5 +1,4 @@
 """tools/prepare_vtab1k.py: synthetic tasks, VTAB-1k split/label logic, CLI errors."""
-import importlib.util
 import json
 import os
 import os.path as osp
@@ -14,17 +13,9 @@ from memba_vision.datasets import tfds_vtab
 from memba_vision.datasets.synthetic import synthetic_split, write_synthetic_task
 from memba_vision.datasets.tfds_vtab import Slice, iter_examples, resolve_splits
 from memba_vision.datasets.vtab1k import VTAB1k
+from conftest import load_tool, snapshot
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SYNTHETIC = {'dsprites_loc': 16, 'dsprites_ori': 16, 'clevr_count': 8}
-
-
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        'prepare_vtab1k', osp.join(REPO, 'tools', 'prepare_vtab1k.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def read_list(path):
@@ -46,7 +37,7 @@ def test_synthetic_is_deterministic(task):
 
 
 def test_synthetic_cli_writes_the_layout(tmp_path, capsys):
-    tool = load_tool()
+    tool = load_tool('prepare_vtab1k')
     out = tmp_path / 'vtab'
     argv = ['--synthetic', '--out', str(out), '--num-train', '24', '--num-val', '8',
             '--num-test', '16', '--size', '32', '--seed', '1']
@@ -322,7 +313,7 @@ def test_write_tfds_task_with_a_fake_reader(tmp_path, capsys):
 
 # ----------------------------------------------------------------- CLI errors
 def run_tool(argv, capsys):
-    code = load_tool().main(argv)
+    code = load_tool('prepare_vtab1k').main(argv)
     err = capsys.readouterr().err.strip()
     assert '\n' not in err, err
     return code, err
@@ -381,16 +372,6 @@ def release_folder(root, task, n_test=3):
     return task_dir
 
 
-def snapshot(root):
-    files = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            p = osp.join(dirpath, n)
-            with open(p, 'rb') as f:
-                files[osp.relpath(p, root)] = (f.read(), os.stat(p).st_mtime_ns)
-    return files
-
-
 SMALL = ['--num-train', '16', '--num-val', '8', '--num-test', '8', '--size', '16']
 
 
@@ -442,7 +423,7 @@ def test_force_rebuilds_only_what_the_tool_wrote(tmp_path, capsys):
     extra = out / 'dsprites_loc' / 'my_notes.txt'
     extra.write_text('mine')
     capsys.readouterr()
-    assert load_tool().main(argv + ['--force', '--num-test', '4']) == 0
+    assert load_tool('prepare_vtab1k').main(argv + ['--force', '--num-test', '4']) == 0
     stdout = capsys.readouterr().out
     assert 'replacing what this tool wrote' in stdout and '32 images' in stdout
     assert extra.read_text() == 'mine'  # not the tool's: kept

@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from memba_vision.datasets.tfds_vtab import import_tfds
+from conftest import load_tool, snapshot
 
 # the [data] extra; CI installs it, so the tests never skip there. TensorFlow is
 # imported on first use only (by import_tfds, after torch), not at collection.
@@ -35,7 +36,6 @@ def tfds_module():
     tfds.disable_progress_bar()
     return tfds
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SPLIT_CODE = {'train': 1, 'validation': 2, 'test': 3}
 CAR, VAN, TRUCK, PEDESTRIAN = 0, 1, 2, 3
 
@@ -178,18 +178,10 @@ def fake_builder(name, sizes, make_example):
     return Fake
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        'prepare_vtab1k', osp.join(REPO, 'tools', 'prepare_vtab1k.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_tool(capsys, *args):
     """tools/prepare_vtab1k.py's main in this process (TensorFlow starts once)."""
     capsys.readouterr()
-    code = load_tool().main(list(args))
+    code = load_tool('prepare_vtab1k').main(list(args))
     out, err = capsys.readouterr()
     return code, out, err.strip()
 
@@ -209,7 +201,7 @@ def prepared(tmp_path_factory, tfds_module):
         for split in sizes:
             ds = tfds.as_numpy(reader.as_dataset(split=split, shuffle_files=False))
             order[name, split] = [decode_id(ex['image'])[1] for ex in ds]
-    code = load_tool().main(['--tfds-dir', str(tfds_dir), '--out', str(out), '--tasks',
+    code = load_tool('prepare_vtab1k').main(['--tfds-dir', str(tfds_dir), '--out', str(out), '--tasks',
                              *SLICES])
     assert code == 0
     return tfds_dir, out, order
@@ -295,16 +287,6 @@ def release_folder(root, task, n_test=3):
             lines[split].append(f'{rel} {i % 4}')
         (task_dir / f'{split}.txt').write_text('\n'.join(lines[split]) + '\n')
     return task_dir
-
-
-def snapshot(root):
-    files = {}
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            p = osp.join(dirpath, n)
-            with open(p, 'rb') as f:
-                files[osp.relpath(p, root)] = (f.read(), os.stat(p).st_mtime_ns)
-    return files
 
 
 @pytest.mark.parametrize('with_out', [True, False])

@@ -1,6 +1,5 @@
 """tools/vtab_table.py: grouping, means, missing tasks, paper rows, outputs."""
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -13,6 +12,7 @@ from memba_vision.evaluation.vtab_table import (ResultFileError, build_table,
                                                 to_csv, to_markdown)
 from memba_vision.datasets.vtab1k_tasks import VTAB1K_GROUPS, VTAB1K_TASKS
 from memba_vision.evaluation.paper_results import PAPER_RESULTS, paper_row
+from conftest import load_tool
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -191,17 +191,9 @@ def test_csv(work_dir):
     assert len(partial['missing'].split()) == 15
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        'vtab_table_tool', osp.join(REPO, 'tools', 'vtab_table.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_cli_writes_markdown_and_csv(work_dir, tmp_path, capsys):
     out = tmp_path / 'tables'
-    assert load_tool().main([str(work_dir), '--out', str(out)]) == 0
+    assert load_tool('vtab_table').main([str(work_dir), '--out', str(out)]) == 0
     captured = capsys.readouterr()
     assert '| vim_s | memba | 70.00 |' in captured.out
     assert 'warning' in captured.err and 'cifar' in captured.err
@@ -209,16 +201,16 @@ def test_cli_writes_markdown_and_csv(work_dir, tmp_path, capsys):
     assert md.startswith('| Backbone | Method |') and '67.63' in md
     assert 'missing' in (out / 'vtab_table.csv').read_text().splitlines()[0]
     # default output: the work dir itself
-    assert load_tool().main([str(work_dir)]) == 0
+    assert load_tool('vtab_table').main([str(work_dir)]) == 0
     assert (work_dir / 'vtab_table.md').is_file() and (work_dir / 'vtab_table.csv').is_file()
 
 
 def test_cli_empty_work_dir(tmp_path, capsys):
     (tmp_path / 'empty').mkdir()
-    assert load_tool().main([str(tmp_path / 'empty')]) == 1
+    assert load_tool('vtab_table').main([str(tmp_path / 'empty')]) == 1
     err = capsys.readouterr().err.strip()
     assert 'no result_*.json' in err and '\n' not in err
-    assert load_tool().main([str(tmp_path / 'missing')]) == 1
+    assert load_tool('vtab_table').main([str(tmp_path / 'missing')]) == 1
     assert 'not found' in capsys.readouterr().err
 
 
@@ -238,7 +230,7 @@ def test_malformed_result_file(tmp_path, capsys, content, reason):
     with pytest.raises(ResultFileError) as exc:
         load_result(str(bad))
     assert str(bad) in str(exc.value) and reason in str(exc.value)
-    assert load_tool().main([str(tmp_path)]) == 1
+    assert load_tool('vtab_table').main([str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert str(bad) in err and '\n' not in err
 

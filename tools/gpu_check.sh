@@ -80,8 +80,8 @@ if has multi; then
                 echo "[gpu_check] multi: FAIL ${*:2}"; fi; }
     top1() { $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['top1'])" "$1" \
                2> /dev/null || echo nan; }
-    $PY tools/prepare_vtab1k.py --synthetic --out "$DATA" --tasks dsprites_loc clevr_count dmlab \
-      --num-train 800 --num-val 200 --num-test 200 --size 224 > "$M/prepare.log" 2>&1
+    $PY tools/prepare_vtab1k.py --synthetic --out "$DATA" \
+      --tasks dsprites_loc clevr_count dsprites_ori --num-train 800 --num-val 200 --num-test 200 --size 224 > "$M/prepare.log" 2>&1
     # the configs start from a pretrained Vim-S: a random backbone stands in for it
     $PY tools/benchmark_sweep.py --write-pretrained "$M/vim_s_standin.pth" > "$M/pretrained.log" 2>&1
     OPTS=(model.backbone.init_cfg.checkpoint="$M/vim_s_standin.pth"
@@ -108,7 +108,7 @@ if has multi; then
     $PY tools/gpu_check_throughput.py 1:"$M/tput_1" 2:"$M/tput_2"
     # 3. a 2-GPU sweep of three tasks, killed mid-task (SIGKILL to its process group), resumed
     SW=$M/sweep
-    SWEEP=(tools/sweep.py --config $CFG --tasks dsprites_loc clevr_count dmlab --gpus 2
+    SWEEP=(tools/sweep.py --config $CFG --tasks dsprites_loc clevr_count dsprites_ori --gpus 2
            --work-root "$SW" --cfg-options "${OPTS[@]}" train_cfg.max_epochs=10)
     setsid $PY "${SWEEP[@]}" > "$M/sweep_killed.log" 2>&1 &
     pid=$!

@@ -81,7 +81,8 @@ if has multi; then
     top1() { $PY -c "import json,sys; print(json.load(open(sys.argv[1]))['top1'])" "$1" \
                2> /dev/null || echo nan; }
     $PY tools/prepare_vtab1k.py --synthetic --out "$DATA" \
-      --tasks dsprites_loc clevr_count dsprites_ori --num-train 800 --num-val 200 --num-test 200 --size 224 > "$M/prepare.log" 2>&1
+      --tasks dsprites_loc clevr_count dsprites_ori --num-train 800 --num-val 200 \
+      --num-test 200 --size 224 > "$M/prepare.log" 2>&1
     # the configs start from a pretrained Vim-S: a random backbone stands in for it
     $PY tools/benchmark_sweep.py --write-pretrained "$M/vim_s_standin.pth" > "$M/pretrained.log" 2>&1
     OPTS=(model.backbone.init_cfg.checkpoint="$M/vim_s_standin.pth"

@@ -140,8 +140,8 @@ def test_optimizer_steps_change_only_trainable_tensors(kind):
 def test_bad_peft_settings_fail_at_build():
     with pytest.raises(KeyError, match="unknown key 'lorra'"):
         tiny('vim', dict(lorra=dict(in_proj=4)))
-    with pytest.raises(ValueError, match=r'LoRA rank must be an integer in \[1, 32\]'):
-        tiny('vim', dict(lora=dict(out_proj=64)))
+    with pytest.raises(ValueError, match=r'LoRA rank must be an integer in \[1, 64\]'):
+        tiny('vim', dict(lora=dict(out_proj=65)))
     with pytest.raises(ValueError, match=r'gate rank must be an integer in \[1, 64\]'):
         tiny('vim', dict(gate=dict(rank=65)))
     with pytest.raises(ValueError, match='num_chunks=32 exceeds the sequence length 17'):

@@ -2,8 +2,8 @@
 
     python tools/merge_lora.py CONFIG CHECKPOINT OUT [--verify]
 
-Every LoRALinear becomes a plain nn.Linear with W + s * B A; the membrane gate
-is not linear and stays. OUT is a full checkpoint ({'state_dict', 'meta'}) that
+Every LoRA layer becomes a plain layer with W + s * B A; the membrane gate and a
+ParallelAdapter are not linear and stay. OUT is a full checkpoint ({'state_dict', 'meta'}) that
 tools/test.py accepts with the same config (the LoRA factors it lacks start as
 an exact zero update).
 """
@@ -16,9 +16,13 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 def merge_lora_layers(model) -> int:
-    """Replaces every LoRALinear in ``model`` by its merged nn.Linear; returns how many."""
-    from memba_vision.models.peft import LoRALinear
-    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+    """Replaces every LoRA layer in ``model`` (LoRALinear, MergedLoRALinear, LoRAConv2d) by
+    its merged plain layer; returns how many. Nested LoRA layers merge with their parent."""
+    from memba_vision.models.peft import LoRAConv2d, LoRALinear, MergedLoRALinear
+    kinds = (LoRALinear, MergedLoRALinear, LoRAConv2d)
+    targets = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
+    targets = [(n, m) for n, m in targets  # outermost only
+               if not any(n.startswith(o + '.') for o, _ in targets)]
     for name, module in targets:
         parent_name, _, attr = name.rpartition('.')
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, module.merged())

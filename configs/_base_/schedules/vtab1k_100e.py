@@ -1,6 +1,7 @@
 # DeiT-style fine-tuning recipe used by MambaPEFT and Memba on VTAB-1k:
 # AdamW 1e-3, wd 1e-4, batch 32, 100 epochs (10 linear warm-up, cosine to 1e-5),
 # gradient clipping at 5. No decay on norms, biases, embeddings and SSM A/D.
+# Partial tuning's deltas decay x10 (A, D, conv) and x100 (dt bias), as in MambaPEFT.
 # bf16 autocast on a GPU (tools/train.py --fp32 for the fp32 reference; CPU runs
 # fall back to fp32 by themselves), without loss scaling and without reading values
 # back to the host every step (BF16OptimWrapper). Parameters with equal settings
@@ -19,6 +20,11 @@ optim_wrapper = dict(
             '.pos_embed': no_decay, '.cls_token': no_decay,
             '.A_log': no_decay, '.A_b_log': no_decay, '.A_logs': no_decay,
             '.D': no_decay, '.D_b': no_decay, '.Ds': no_decay,
+            # partial tuning's zero-initialised deltas (MambaPEFT): decay pulls them back to
+            # the pretrained value; the longer key wins over the ones above
+            '.delta.A_': dict(decay_mult=10.0), '.delta.D': dict(decay_mult=10.0),
+            '.delta.conv1d': dict(decay_mult=10.0), '.delta.dt_bias': dict(decay_mult=100.0),
+            '.delta.cls_token': dict(decay_mult=1.0), '.delta.pos_embed': dict(decay_mult=1.0),
         }),
     clip_grad=dict(max_norm=5.0),
 )

@@ -13,7 +13,7 @@ import torch.nn as nn
 from mmengine.logging import print_log
 
 from ...utils.checkpoint import CheckpointNotFoundError, extract_state_dict, load_checkpoint_file
-from ..peft import LoRALinear, is_peft_param
+from ..peft import is_peft_param
 
 __all__ = ['load_pretrained', 'PretrainedNotFoundError']
 
@@ -28,7 +28,7 @@ def _first(keys: List[str], n: int = 8) -> str:
 
 
 def _target_key(model: nn.Module, key: str, model_keys: set) -> Optional[str]:
-    """The model key a checkpoint key loads into (plain Linear keys into LoRA layers)."""
+    """The model key a checkpoint key loads into (a plain layer's keys into its PEFT wrapper)."""
     if key in model_keys:
         return key
     path, _, name = key.rpartition('.')
@@ -36,10 +36,12 @@ def _target_key(model: nn.Module, key: str, model_keys: set) -> Optional[str]:
         module = model.get_submodule(path)
     except AttributeError:
         return None
-    if isinstance(module, LoRALinear) and name in ('weight', 'bias'):
-        target = f'{path}.original_layer.{name}'
-        return target if target in model_keys else None
-    return None
+    if name not in ('weight', 'bias'):
+        return None
+    while hasattr(module, 'original_layer'):  # PEFT wrappers (LoRA, adapter) of a plain layer
+        module, path = module.original_layer, f'{path}.original_layer'
+    target = f'{path}.{name}'
+    return target if target in model_keys else None
 
 
 def load_pretrained(model: nn.Module, path: str,

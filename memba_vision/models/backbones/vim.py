@@ -17,7 +17,9 @@ from ...ops import causal_conv1d_tokens, selective_scan_tokens
 from ...ops.dispatch import log_once
 from ...ops.bidirectional_ssm import (MembaGateParams, SSMDirection, bidirectional_ssm,
                                       bidirectional_ssm_reason)
-from ..peft import PEFTConfig, build_gate, freeze_all_but_peft, parse_peft, wrap_lora
+from ..peft import (AdditionalScan, LearnedTokens, PEFTConfig, TensorDeltas, build_gate,
+                    check_supported, freeze_all_but_peft, parse_peft, wrap_embed, wrap_in_proj,
+                    wrap_merged, wrap_out_proj)
 from .base import MambaBackbone
 from .ssm_layers import RMSNorm, init_A_log, init_dt_bias, resolve_dt_rank
 
@@ -44,6 +46,13 @@ class VimMixer(nn.Module):
     flipped or copied. On CUDA, with the SSM parameters frozen, both directions
     and the gate run as one autograd node (``ops.bidirectional_ssm``); otherwise
     each piece is its own op, as written out in ``_ssm`` and ``forward``.
+
+    PEFT (see ``models.peft``): LoRA wraps in_proj / out_proj (also LoRAp on
+    either half of in_proj, a ParallelAdapter beside out_proj) and, merged into
+    the weight, x_proj / dt_proj of each direction; ``delta`` holds partial
+    tuning's zero-initialised deltas (A_log, D, conv1d, dt_bias and their ``_b``
+    twins); ``extra_scan`` the additional-scan states of each direction; affix
+    tokens come from the backbone, one (2, T, 2D) tensor per layer.
     """
 
     def __init__(self, dim: int, d_state: int = 16, expand: int = 2, d_conv: int = 4,
@@ -56,30 +65,64 @@ class VimMixer(nn.Module):
         out_proj = nn.Linear(d_inner, dim, bias=False)
         with torch.no_grad():  # prenorm-residual rescale of the official init
             out_proj.weight.div_(math.sqrt(num_layers))
+        B_rows = (dt_rank, dt_rank + d_state)
         for suffix in ('', '_b'):
             conv = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, padding=d_conv - 1)
             x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
             dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
             nn.init.uniform_(dt_proj.weight, -dt_rank ** -0.5, dt_rank ** -0.5)
             init_dt_bias(dt_proj.bias)
+            x_proj = wrap_merged(wrap_merged(x_proj, peft, 'x_proj'), peft, 'x_proj_B', B_rows)
             setattr(self, 'conv1d' + suffix, conv)
             setattr(self, 'x_proj' + suffix, x_proj)
-            setattr(self, 'dt_proj' + suffix, dt_proj)
+            setattr(self, 'dt_proj' + suffix, wrap_merged(dt_proj, peft, 'dt_proj'))
         self.A_log = nn.Parameter(init_A_log(d_inner, d_state))
         self.A_b_log = nn.Parameter(init_A_log(d_inner, d_state))
         self.D = nn.Parameter(torch.ones(d_inner))
         self.D_b = nn.Parameter(torch.ones(d_inner))
-        self.in_proj = wrap_lora(in_proj, peft, 'in_proj')
-        self.out_proj = wrap_lora(out_proj, peft, 'out_proj')
+        self.in_proj = wrap_in_proj(in_proj, peft)
+        self.out_proj = wrap_out_proj(out_proj, peft)
         self.gate = build_gate(peft, d_inner, shared_proj=True)  # one W_in/W_out pair
+        self.delta = self._deltas(peft.partial if peft is not None else None, d_conv)
+        self.extra_scan = None
+        if peft is not None and peft.additional_scan is not None:
+            k = peft.additional_scan.states
+            self.extra_scan = nn.ModuleList([AdditionalScan(self.A_log, k),
+                                             AdditionalScan(self.A_b_log, k)])
+
+    def _deltas(self, partial, d_conv: int):
+        if partial is None:
+            return None
+        D, N = self.d_inner, self.d_state
+        shapes = {}
+        for sfx in ('', '_b'):
+            if partial.A_log:
+                shapes['A_b_log' if sfx else 'A_log'] = (D, N)
+            if partial.D:
+                shapes['D' + sfx] = (D,)
+            if partial.conv1d:
+                shapes['conv1d' + sfx] = (D, 1, d_conv)
+            if partial.dt_bias:
+                shapes['dt_bias' + sfx] = (D,)
+        return TensorDeltas(shapes) if shapes else None
+
+    def _shift(self, name: str, tensor: Tensor) -> Tensor:
+        return tensor if self.delta is None else self.delta.shift(name, tensor)
 
     def _direction(self, backward: bool) -> SSMDirection:
         """The frozen SSM parameters of one scan direction (``_b`` for the backward one)."""
         sfx = '_b' if backward else ''
         conv, x_proj, dt_proj = (getattr(self, n + sfx) for n in ('conv1d', 'x_proj', 'dt_proj'))
-        A_log, D = (self.A_b_log, self.D_b) if backward else (self.A_log, self.D)
-        return SSMDirection(conv.weight.squeeze(1), conv.bias, x_proj.weight, dt_proj.weight,
-                            dt_proj.bias, -torch.exp(A_log.float()), D)
+        A_name = 'A_b_log' if backward else 'A_log'
+        A = -torch.exp(self._shift(A_name, getattr(self, A_name)).float())
+        x_proj_weight = x_proj.weight
+        if self.extra_scan is not None:
+            A, x_proj_weight = self.extra_scan[int(backward)].extend(A, x_proj_weight,
+                                                                      self.dt_rank)
+        return SSMDirection(self._shift('conv1d' + sfx, conv.weight).squeeze(1), conv.bias,
+                            x_proj_weight, dt_proj.weight,
+                            self._shift('dt_bias' + sfx, dt_proj.bias), A,
+                            self._shift('D' + sfx, getattr(self, 'D' + sfx)))
 
     def _ssm(self, x: Tensor, z: Optional[Tensor], gate, backward: bool) -> Tensor:
         """One scan direction on token-major x, z (B, L, D) -> y (B, L, D).
@@ -90,8 +133,8 @@ class VimMixer(nn.Module):
         p = self._direction(backward)
         x = causal_conv1d_tokens(x, p.conv_weight, p.conv_bias, activation='silu',
                                  reverse=backward)
-        dt, B, C = F.linear(x, p.x_proj_weight).split(
-            [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        n = p.A.shape[1]  # d_state, plus additional-scan states
+        dt, B, C = F.linear(x, p.x_proj_weight).split([self.dt_rank, n, n], dim=-1)
         dt = F.linear(dt, p.dt_proj_weight)                             # bias in the scan
         return selective_scan_tokens(x, dt, p.A, B, C, p.D, z=z, delta_bias=p.dt_bias,
                                      delta_softplus=True, reverse=backward, gate=gate)
@@ -120,12 +163,31 @@ class VimMixer(nn.Module):
                                    kernels)
         return y, (new if transfer else (membrane if gate is None else None))
 
-    def forward(self, hidden: Tensor, membrane=None):
+    def _ssm_affix(self, x: Tensor, z: Tensor, affix: Tensor) -> Tensor:
+        """Both directions with T affix tokens ahead of each direction's sequence.
+
+        affix (2, T, 2D): [x | z] values of the forward and the backward direction's
+        tokens in scan order. They run through the conv and the scan and their
+        outputs are dropped (so their z half has no effect). -> y_fwd + y_bwd (B, L, D).
+        """
+        B, L, _ = x.shape
+        T = affix.shape[1]
+        ax, az = affix.to(x.dtype).expand(B, -1, -1, -1).chunk(2, dim=-1)  # (B, 2, T, D)
+        y_f = self._ssm(torch.cat([ax[:, 0], x], 1), torch.cat([az[:, 0], z], 1), None,
+                        backward=False)[:, T:]
+        # the backward direction scans from the end: its first tokens go last, reversed
+        y_b = self._ssm(torch.cat([x, ax[:, 1].flip(1)], 1), torch.cat([z, az[:, 1].flip(1)], 1),
+                        None, backward=True)[:, :L]
+        return y_f + y_b
+
+    def forward(self, hidden: Tensor, membrane=None, affix: Optional[Tensor] = None):
         xz = self.in_proj(hidden)                                       # (B, L, 2D)
+        x, z = xz.chunk(2, dim=-1)                                      # (B, L, D) views
+        if affix is not None:
+            return self.out_proj(self._ssm_affix(x, z, affix) / 2), membrane
         fused = self._fused(xz, membrane)
         if fused is not None:
             return self.out_proj(fused[0]), fused[1]
-        x, z = xz.chunk(2, dim=-1)                                      # (B, L, D) views
         gates = (None, None)
         if self.gate is not None:  # z' = z + spikes W_out^T, applied inside the scan
             gates, membrane = self.gate.lim_spikes(z, membrane)
@@ -149,20 +211,22 @@ class VimBlock(nn.Module):
         self.norm = RMSNorm(dim, eps=eps)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, hidden: Tensor, residual: Optional[Tensor], membrane=None):
+    def forward(self, hidden: Tensor, residual: Optional[Tensor], membrane=None,
+                affix: Optional[Tensor] = None):
         residual = hidden if residual is None else residual + self.drop_path(hidden)
         residual = residual.float()
-        hidden, membrane = self.mixer(self.norm(residual), membrane)
+        hidden, membrane = self.mixer(self.norm(residual), membrane, affix)
         return hidden, residual, membrane
 
 
 class VimPatchEmbed(nn.Module):
     """(B, 3, H, W) -> (B, H/p * W/p, C) by a p x p, stride-p convolution."""
 
-    def __init__(self, patch_size: int, in_channels: int, embed_dims: int):
+    def __init__(self, patch_size: int, in_channels: int, embed_dims: int, peft=None):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, embed_dims, patch_size, stride=patch_size)
+        self.proj = wrap_embed(nn.Conv2d(in_channels, embed_dims, patch_size, stride=patch_size),
+                               peft)
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int]]:
         H, W = x.shape[-2:]
@@ -187,9 +251,12 @@ class Vim(MambaBackbone):
         drop_rate: dropout after the position embedding.
         drop_path_rate: stochastic depth, linear over the blocks (0.1 in the
             VTAB recipe).
-        peft: Memba/LoRA settings (see ``memba_vision.models.peft.parse_peft``);
-            None is the plain model. With ``peft`` every parameter but LoRA and
-            gate projections is frozen.
+        peft: the PEFT methods (see ``memba_vision.models.peft.parse_peft``); None
+            or 'full' trains everything, 'linear' nothing. Otherwise only the
+            methods' tensors train. Backbone-level methods: prompt tokens (half
+            before, half after the sequence; the cls index moves with them), affix
+            tokens for every layer, deltas of cls_token / pos_embed, LoRA on the
+            patch embedding.
         checkpoint_key: entry of the pretrained file holding the weights.
         cuda_graph: replay forward and backward as CUDA graphs on CUDA inputs
             (see ``MambaBackbone``).
@@ -219,7 +286,13 @@ class Vim(MambaBackbone):
         self.peft = parse_peft(peft)
         self.checkpoint_key = checkpoint_key
 
-        self.patch_embed = VimPatchEmbed(patch_size, in_channels, C)
+        check_supported(self.peft, 'Vim', methods=('lora', 'gate', 'adapter', 'additional_scan',
+                                                   'affix', 'prompt', 'partial'),
+                        lora=('in_proj', 'out_proj', 'in_proj_x', 'in_proj_z', 'x_proj',
+                              'x_proj_B', 'dt_proj', 'embed'))
+        if self.peft is not None and self.peft.gate is not None and self.peft.affix is not None:
+            raise ValueError('Vim: peft.gate and peft.affix cannot be combined')
+        self.patch_embed = VimPatchEmbed(patch_size, in_channels, C, self.peft)
         if img_size % patch_size:
             raise ValueError(f'Vim: img_size {img_size} is not divisible by patch_size {patch_size}')
         self.grid = (img_size // patch_size,) * 2
@@ -240,8 +313,29 @@ class Vim(MambaBackbone):
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
         self.norm_f = RMSNorm(C, eps=norm_eps)
         self._init_embeddings()
+        self._build_token_methods()
         if self.peft is not None:
             freeze_all_but_peft(self)
+
+    def _build_token_methods(self) -> None:
+        """Backbone-level PEFT: cls/pos deltas, prompt tokens, affix tokens."""
+        peft = self.peft
+        partial = peft.partial if peft is not None else None
+        shapes = {n: getattr(self, n).shape for n in ('cls_token', 'pos_embed')
+                  if partial is not None and getattr(partial, n)}
+        self.delta = TensorDeltas(shapes) if shapes else None
+        self.prompt = self.affix = None
+        C = self.embed_dims
+        if peft is not None and peft.prompt is not None:
+            p = peft.prompt
+            self.prompt = LearnedTokens(p.tokens, C, p.projection, token_dim=C, hidden=C)
+        if peft is not None and peft.affix is not None:
+            a, width = peft.affix, 2 * self.layers[0].mixer.d_inner  # the in_proj output
+            self.affix = LearnedTokens(a.tokens, self.depth * 2 * width, a.projection,
+                                       token_dim=width, hidden=a.hidden or width)
+
+    def _shift(self, name: str, tensor: Tensor) -> Tensor:
+        return tensor if self.delta is None else self.delta.shift(name, tensor)
 
     def _init_embeddings(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=.02)
@@ -284,13 +378,25 @@ class Vim(MambaBackbone):
     def forward_features(self, x: Tensor) -> Tuple[Tensor]:
         x, grid = self.patch_embed(x)                                   # (B, M, C)
         B, M, _ = x.shape
-        pos = self.pos_embed if grid == self.grid else self.resize_pos_embed(self.pos_embed, grid)
+        pos = self._shift('pos_embed', self.pos_embed)
+        pos = pos if grid == self.grid else self.resize_pos_embed(pos, grid)
         mid = M // 2
-        x = torch.cat([x[:, :mid], self.cls_token.expand(B, -1, -1), x[:, mid:]], dim=1)
+        cls = self._shift('cls_token', self.cls_token).expand(B, -1, -1)
+        x = torch.cat([x[:, :mid], cls, x[:, mid:]], dim=1)
         hidden = self.pos_drop(x + pos)
+        if self.prompt is not None:  # (T, C): ceil(T/2) before the sequence, the rest after
+            p = self.prompt().to(hidden.dtype).expand(B, -1, -1)
+            first = (p.shape[1] + 1) // 2
+            hidden = torch.cat([p[:, :first], hidden, p[:, first:]], dim=1)
+            mid += first
+        affix = None
+        if self.affix is not None:  # (T, depth * 2 * 2D) -> per layer (2, T, 2D)
+            tokens = self.affix()
+            affix = tokens.view(tokens.shape[0], self.depth, 2, -1).permute(1, 2, 0, 3)
         residual, membrane = None, None
-        for layer in self.layers:
-            hidden, residual, membrane = layer(hidden, residual, membrane)
+        for i, layer in enumerate(self.layers):
+            hidden, residual, membrane = layer(hidden, residual, membrane,
+                                               None if affix is None else affix[i])
         residual = residual + self.drop_path(hidden)
         hidden = self.norm_f(residual)
         return (hidden[:, mid],)

@@ -16,7 +16,8 @@ from mmpretrain.registry import MODELS
 from torch import Tensor
 
 from ...ops import selective_scan
-from ..peft import PEFTConfig, build_gate, freeze_all_but_peft, parse_peft, wrap_lora
+from ..peft import (PEFTConfig, build_gate, check_supported, freeze_all_but_peft, parse_peft,
+                    wrap_embed, wrap_in_proj, wrap_out_proj)
 from .base import MambaBackbone
 from .ssm_layers import init_A_log, init_dt_bias, resolve_dt_rank
 
@@ -64,8 +65,8 @@ class SS2D(nn.Module):
         self.A_logs = nn.Parameter(init_A_log(D, d_state, copies=K_DIRECTIONS))  # (4D, N)
         self.Ds = nn.Parameter(torch.ones(K_DIRECTIONS * D))
         self.out_norm = nn.LayerNorm(D)
-        self.in_proj = wrap_lora(in_proj, peft, 'in_proj')
-        self.out_proj = wrap_lora(out_proj, peft, 'out_proj')
+        self.in_proj = wrap_in_proj(in_proj, peft)
+        self.out_proj = wrap_out_proj(out_proj, peft)
         self.gate = build_gate(peft, D, shared_proj=False)  # a W_in/W_out pair per direction
 
     def cross_scan(self, x: Tensor) -> Tensor:
@@ -151,10 +152,11 @@ class VMambaStage(nn.Module):
 class VMambaPatchEmbed(nn.Module):
     """(B, 3, H, W) -> (B, H/p, W/p, C): p x p stride-p conv, then LayerNorm."""
 
-    def __init__(self, patch_size: int, in_channels: int, embed_dims: int):
+    def __init__(self, patch_size: int, in_channels: int, embed_dims: int, peft=None):
         super().__init__()
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(in_channels, embed_dims, patch_size, stride=patch_size)
+        self.proj = wrap_embed(nn.Conv2d(in_channels, embed_dims, patch_size, stride=patch_size),
+                               peft)
         self.norm = nn.LayerNorm(embed_dims)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -176,7 +178,10 @@ class VanillaVMamba(MambaBackbone):
             d_conv, dt_rank.
         img_size: input size used to check the gate's chunk count per stage.
         drop_path_rate: stochastic depth, linear over all blocks (0.3 for v0-S).
-        peft: Memba/LoRA settings (see ``memba_vision.models.peft.parse_peft``).
+        peft: the PEFT methods (see ``memba_vision.models.peft.parse_peft``): LoRA
+            on in_proj (or either half), out_proj and the patch embedding, the
+            membrane gate, a ParallelAdapter; None or 'full' trains everything,
+            'linear' nothing.
         checkpoint_key: entry of the pretrained file holding the weights
             ('model' by default; 'model_ema' for the EMA weights where present).
         cuda_graph: replay forward and backward as CUDA graphs on CUDA inputs
@@ -217,7 +222,9 @@ class VanillaVMamba(MambaBackbone):
                                      f' exceeds the {tokens} tokens of stage {i + 1} at '
                                      f'img_size {img_size}')
 
-        self.patch_embed = VMambaPatchEmbed(patch_size, in_channels, dims[0])
+        check_supported(self.peft, 'VanillaVMamba', methods=('lora', 'gate', 'adapter'),
+                        lora=('in_proj', 'out_proj', 'in_proj_x', 'in_proj_z', 'embed'))
+        self.patch_embed = VMambaPatchEmbed(patch_size, in_channels, dims[0], self.peft)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nn.ModuleList()
         for i, (dim, depth) in enumerate(zip(dims, depths)):

@@ -1,0 +1,2 @@
+# Full fine-tuning: every backbone tensor trains (peft=None).
+_base_ = ['./vim_s.py']

@@ -1,0 +1,3 @@
+# Linear probing: the backbone is frozen, only the head trains.
+_base_ = ['./vim_s.py']
+model = dict(backbone=dict(peft='linear'))

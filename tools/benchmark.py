@@ -1,13 +1,15 @@
-"""Training-step and evaluation speed of LoRA vs Memba on generated inputs.
+"""Training-step and evaluation speed of the PEFT methods on generated inputs.
 
-    python tools/benchmark.py                       # Vim-S and VMamba-S on the GPU
+    python tools/benchmark.py                       # Vim-S and VMamba-S, LoRA and Memba, GPU
     python tools/benchmark.py --models vim_s --batch-sizes 32 --precisions bf16
+    python tools/benchmark.py --models vim_s --methods all --batch-sizes 32 --precisions bf16
     python tools/benchmark.py --device cpu          # tiny smoke run
     python tools/benchmark.py --models vim_s --batch-sizes 32 --precisions bf16 \
         --modes graph eager --profile \
         --baseline "python third_party/baselines/official_vim_step.py third_party/vim"
 
-For each backbone, method (lora, memba), batch size, precision and mode (``graph``:
+For each backbone, method (any with a configs/_base_/models/<backbone>_<method>.py; ``all``:
+every one; default lora and memba), batch size, precision and mode (``graph``:
 the configs' setting, CUDA-graph replay of the backbone; ``eager``): the time of one training step
 (forward, backward and AdamW on the trainable tensors; CUDA events, median after
 warm-up), images/s, peak GPU memory, and evaluation images/s. No dataset or
@@ -15,12 +17,13 @@ weights are needed. ``--profile`` adds, for every Vim-S batch-32 bf16 row, the
 GPU busy time per step, the kernel launches per step and the top kernels.
 ``--baseline CMD`` runs a baseline script in the same run (one that prints
 ``bs 32 amp True: train step X ms = Y img/s ...`` lines, like the official-code
-timer) and reports the speed-up against it. The last line compares Memba
+timer) and reports every Vim-S method's speed-up against it. The last line compares Memba
 (fused) with LoRA at batch 32, bf16 on a GPU (the run's own first setting on
 the CPU).
 """
 import argparse
 import gc
+import os
 import os.path as osp
 import re
 import shlex
@@ -36,7 +39,16 @@ from typing import NamedTuple, Optional  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-METHODS = ('lora', 'memba')  # config methods
+METHODS = ('lora', 'memba')  # the default methods
+MODELS_DIR = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', '_base_',
+                      'models')
+
+
+def methods_of(backbone: str) -> list:
+    """The methods with a _base_ model file for ``backbone``, in file-name order."""
+    prefix = backbone + '_'
+    return sorted(f[len(prefix):-3] for f in os.listdir(MODELS_DIR)
+                  if f.startswith(prefix) and f.endswith('.py'))
 TOP_KERNELS = 20  # kernels listed per profiled row
 TINY = {'vim_s': dict(embed_dims=64, depth=2, d_state=8),
         'vmamba_s': dict(dims=16, depths=[1, 1, 1, 1], d_state=8)}
@@ -56,12 +68,12 @@ def build(backbone, method, device, tiny, cuda_graph=True):
     if tiny:
         model_cfg.backbone = dict(model_cfg.backbone, arch=TINY[backbone], img_size=64)
         model_cfg.head.in_channels = 64 if backbone == 'vim_s' else 128
-        if backbone == 'vim_s':
-            model_cfg.backbone.peft = dict(model_cfg.backbone.peft)
-            model_cfg.backbone.peft['lora'] = dict(in_proj=16, out_proj=16)
-        else:
-            model_cfg.backbone.peft = dict(model_cfg.backbone.peft)
-            model_cfg.backbone.peft['lora'] = dict(in_proj=8, out_proj=8)
+        peft = model_cfg.backbone.get('peft')
+        if isinstance(peft, dict) and peft.get('lora'):  # ranks that fit the tiny widths
+            cap = 16 if backbone == 'vim_s' else 8
+            peft = dict(peft, lora={k: min(v, cap) if isinstance(v, int) else v
+                                    for k, v in peft['lora'].items()})
+            model_cfg.backbone.peft = peft
     return MODELS.build(model_cfg).to(device)
 
 
@@ -170,7 +182,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--models', nargs='+', default=['vim_s', 'vmamba_s'], choices=['vim_s', 'vmamba_s'])
-    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
+    p.add_argument('--methods', nargs='+', default=list(METHODS),
+                   help='methods with a configs/_base_/models/<model>_<method>.py, or all')
     p.add_argument('--batch-sizes', nargs='+', type=int)
     p.add_argument('--precisions', nargs='+', choices=['fp32', 'bf16'])
     p.add_argument('--modes', nargs='+', choices=['graph', 'eager'],
@@ -183,6 +196,12 @@ def main():
     p.add_argument('--warmup', type=int)
     p.add_argument('--reps', type=int)
     args = p.parse_args()
+    for backbone in args.models:
+        known = methods_of(backbone)
+        unknown = [m for m in args.methods if m != 'all' and m not in known]
+        if unknown:
+            p.error(f'{backbone} has no method {unknown[0]!r} (configs/_base_/models/'
+                    f'{backbone}_*.py: {", ".join(known)})')
     cpu = args.device == 'cpu'
     batches = args.batch_sizes or ([4] if cpu else [32, 128])
     precisions = args.precisions or (['fp32'] if cpu else ['fp32', 'bf16'])
@@ -208,7 +227,8 @@ def main():
     print(header)
     print('-' * len(header))
     for backbone in args.models:
-        for method in args.methods:
+        methods = methods_of(backbone) if 'all' in args.methods else args.methods
+        for method in methods:
             for mode in modes:
                 torch.manual_seed(0)
                 model = build(backbone, method, args.device, cpu, cuda_graph=mode == 'graph')
@@ -237,9 +257,8 @@ def main():
             print(f'  {ms:7.2f} ms {calls:5.0f}x  {kname[:100]}')
     base = baseline.get((32, True))
     if base and not cpu:
-        for label in ('lora', 'memba'):
-            mine = by_key.get(('vim_s', label, modes[0], 32, 'bf16'))
-            if mine:
+        for (backbone, label, mode, batch, prec), mine in by_key.items():
+            if (backbone, mode, batch, prec) == ('vim_s', modes[0], 32, 'bf16'):
                 print(f'speed-up vs baseline, Vim-S {label} b32 bf16 ({modes[0]}): '
                       f'{base[0] / mine[0]:.2f}x ({32 / mine[0]:.0f} vs {32 / base[0]:.0f} img/s)')
     ref = (modes[0], batches[0] if cpu else 32, precisions[0] if cpu else 'bf16')

@@ -103,6 +103,7 @@ setup(
     long_description=open(os.path.join(HERE, 'README.md')).read(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['memba_vision', 'memba_vision.*']),
+    package_data={'memba_vision.evaluation': ['data/*.csv', 'data/*.md']},  # published numbers
     python_requires='>=3.9',
     install_requires=[
         'torch',

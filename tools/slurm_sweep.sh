@@ -10,6 +10,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 USAGE="usage: $0 PARTITION BACKBONE_METHOD|--config CONFIG [sweep.py options]"
 [ $# -ge 2 ] || { echo "$USAGE" >&2; exit 2; }
+for arg in "$@"; do  # the array indexes one method's tasks, the table job reads one work root
+  [ "$arg" != "--methods" ] || { echo "$0: one BACKBONE_METHOD per call; submit each method" \
+    "on its own (--methods is for tools/sweep.py on one node)" >&2; exit 2; }
+done
 PARTITION=$1; shift
 PYTHON=${PYTHON:-python}
 GPUS_PER_TASK=${GPUS_PER_TASK:-1}

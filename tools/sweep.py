@@ -3,6 +3,8 @@
     python tools/sweep.py vim_s_memba --gpus 8                  # train, then test, every task
                                                                 # (one process per GPU slot)
     python tools/sweep.py vim_s_memba --gpus 8 --mode test      # test the trained ones
+    python tools/sweep.py vim_s --methods memba lora-in --gpus 8   # each method in turn,
+                                                                # then one table of all
     python tools/sweep.py --config configs/demo/vim_tiny_memba_synthetic.py \
         --tasks dsprites_loc clevr_count --gpus 1 --work-root work_dirs/demo
     python tools/sweep.py vim_s_memba --only-task-index 3      # one task (tools/slurm_sweep.sh)
@@ -18,7 +20,9 @@ whose result file exists and resumes an interrupted one from its last checkpoint
 and replaces its result file.
 ``--cfg-options`` apply to training and testing; arguments after ``--`` go to
 tools/train.py only. At the end the result table is written to the sweep's work
-directory.
+directory. ``--methods`` runs the sweep of each method of a backbone in turn, each
+in its usual work root (``work_dirs/vtab1k/<backbone>_<method>``, under --work-root
+if given), and writes one table of all of them to ``<backbone>_methods`` beside them.
 """
 import argparse
 import json
@@ -69,6 +73,37 @@ def task_configs(args):
     out.sort(key=lambda item: -(VTAB1K_TASKS[item[0]].num_test
                                 if item[0] in VTAB1K_TASKS else 0))
     return out, root
+
+
+def backbone_methods(backbone):
+    """The methods with configs/vtab1k/<backbone>_<method>_<task>.py, sorted."""
+    prefix = f'{backbone}_'
+    methods = set()
+    for name in os.listdir(osp.join(ROOT, 'configs', 'vtab1k')):
+        if name.startswith(prefix) and name.endswith('.py'):
+            method, _, task = name[len(prefix):-3].partition('_')
+            if task in VTAB1K_TASKS:
+                methods.add(method)
+    return sorted(methods)
+
+
+def method_plans(args):
+    """[(method, items, work root)] of a --methods sweep, and the folder of its table."""
+    valid = backbone_methods(args.backbone_method)
+    unknown = [m for m in args.methods if m not in valid]
+    if unknown:
+        raise SystemExit(
+            f'error: no configs/vtab1k/{args.backbone_method}_<method>_<task>.py for method(s) '
+            f'{", ".join(unknown)}; valid methods of {args.backbone_method}: '
+            f'{", ".join(valid) or "none (BACKBONE is e.g. vim_s or vmamba_s)"}')
+    base = args.work_root or osp.join('work_dirs', 'vtab1k')
+    plans = []
+    for method in dict.fromkeys(args.methods):  # once each, in the order given
+        name = f'{args.backbone_method}_{method}'
+        items, root = task_configs(argparse.Namespace(
+            **{**vars(args), 'backbone_method': name, 'work_root': osp.join(base, name)}))
+        plans.append((method, items, root))
+    return plans, osp.join(base, f'{args.backbone_method}_methods')
 
 
 def trained_checkpoint(config, cfg_options, work_dir):
@@ -227,13 +262,20 @@ def main():
         i = argv.index('--')
         argv, train_args = argv[:i], argv[i + 1:]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('backbone_method', nargs='?', help='e.g. vim_s_memba (configs/vtab1k/<this>_<task>.py)')
+    p.add_argument('backbone_method', nargs='?', metavar='BACKBONE_METHOD',
+                   help='e.g. vim_s_memba (configs/vtab1k/<this>_<task>.py); '
+                        'with --methods the backbone alone, e.g. vim_s')
+    p.add_argument('--methods', nargs='+', metavar='M',
+                   help='sweep these methods of the backbone in turn (configs/vtab1k/'
+                        '<backbone>_<M>_<task>.py), then write one table of all of them')
     p.add_argument('--config', help='one config for every task instead (the task is set per run)')
     p.add_argument('--gpus', type=int, default=1, help='GPUs to use (0 .. N-1)')
     p.add_argument('--mode', choices=['train', 'test'], default='train',
                    help='train then test (default), or only test trained tasks')
     p.add_argument('--tasks', nargs='+', help='a subset of the 19 tasks')
-    p.add_argument('--work-root', help='default: work_dirs/vtab1k/<backbone_method>')
+    p.add_argument('--work-root', help='default: work_dirs/vtab1k/<backbone_method>; with '
+                                       '--methods the folder of the methods\' work roots '
+                                       '(default: work_dirs/vtab1k)')
     p.add_argument('--verbose', action='store_true', help='also print the training/test logs')
     p.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
                    help='config overrides for both training and testing')
@@ -241,34 +283,60 @@ def main():
                    help='run only the I-th task of the queue (0-based; tools/slurm_sweep.sh '
                         'runs one per array job) and write no table')
     p.add_argument('--plan', action='store_true',
-                   help='print the number of tasks and the work root, then exit')
+                   help='print the number of runs and the work root (with --methods: the '
+                        'table\'s folder, then one "method task work_dir" line per run), '
+                        'then exit')
     args = p.parse_args(argv)
     if bool(args.backbone_method) == bool(args.config):
         p.error('give either BACKBONE_METHOD or --config')
+    if args.methods and args.config:
+        p.error('--methods takes a BACKBONE (e.g. vim_s), not --config')
+    if args.methods and args.only_task_index is not None:
+        p.error('--only-task-index takes one BACKBONE_METHOD, not --methods')
     if args.gpus < 1:
         p.error('--gpus must be >= 1')
     try:
-        items, root = task_configs(args)
+        if args.methods:
+            plans, table_dir = method_plans(args)
+        else:
+            items, table_dir = task_configs(args)
+            plans = [(None, items, table_dir)]
     except KeyError as e:
         raise SystemExit(f'error: {e.args[0]}')
     if args.plan:
-        print(len(items), root)
+        print(sum(len(runs) for _, runs, _ in plans), table_dir)
+        if args.methods:
+            for method, runs, _ in plans:
+                for task, _, _, wd in runs:
+                    print(method, task, wd)
         return
     if args.only_task_index is not None:
         if not 0 <= args.only_task_index < len(items):
             p.error(f'--only-task-index must be in [0, {len(items) - 1}]')
-        items = [items[args.only_task_index]]
-    sweep = Sweep(items, args.gpus, args.mode, train_args, sys.executable, args.verbose,
-                  args.cfg_options)
-    sweep.log(f'{len(items)} tasks on {args.gpus} GPU(s), '
-              f'mode {args.mode}, results under {root}')
-    sweep.run()
-    sweep.log(f'finished in {time.time() - sweep.start:.0f}s: {len(sweep.done)} done, '
-              f'{len(sweep.skipped)} skipped, {len(sweep.failed)} failed'
-              + (f' ({", ".join(sweep.failed)})' if sweep.failed else ''))
-    if (sweep.done or sweep.skipped) and args.only_task_index is None:
-        subprocess.call([sys.executable, 'tools/vtab_table.py', root], cwd=ROOT)
-    sys.exit(1 if sweep.failed else 0)
+        plans = [(None, [items[args.only_task_index]], table_dir)]
+    start, done, skipped, failed, tabled = time.time(), 0, 0, [], []
+    for method, items, root in plans:
+        sweep = Sweep(items, args.gpus, args.mode, train_args, sys.executable, args.verbose,
+                      args.cfg_options)
+        prefix = f'{method}: ' if method else ''
+        sweep.log(f'{prefix}{len(items)} tasks on {args.gpus} GPU(s), '
+                  f'mode {args.mode}, results under {root}')
+        sweep.run()
+        sweep.log(f'{prefix}finished in {time.time() - sweep.start:.0f}s: {len(sweep.done)} '
+                  f'done, {len(sweep.skipped)} skipped, {len(sweep.failed)} failed'
+                  + (f' ({", ".join(sweep.failed)})' if sweep.failed else ''))
+        done, skipped = done + len(sweep.done), skipped + len(sweep.skipped)
+        failed += [f'{method}/{t}' if method else t for t in sweep.failed]
+        if sweep.done or sweep.skipped:
+            tabled.append(root)
+    if args.methods:
+        sweep.log(f'{len(plans)} methods finished in {time.time() - start:.0f}s: {done} done, '
+                  f'{skipped} skipped, {len(failed)} failed'
+                  + (f' ({", ".join(failed)})' if failed else ''))
+    if tabled and args.only_task_index is None:
+        out = ['--out', table_dir] if args.methods else []
+        subprocess.call([sys.executable, 'tools/vtab_table.py', *tabled, *out], cwd=ROOT)
+    sys.exit(1 if failed else 0)
 
 
 if __name__ == '__main__':

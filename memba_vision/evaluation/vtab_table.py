@@ -8,12 +8,15 @@ The test tool writes one ``result_<task>.json`` per task::
 :func:`collect_results` finds them under a work dir, :func:`build_table` groups
 them into one row per (backbone, method) with the 19 task columns in table
 order, the Natural / Specialized / Structured means and the average over the
-tasks (not over the group means), and puts the paper's row for the same
-backbone beside ours. Results on other tasks (your own data) form their own
+tasks (not over the group means). Directly under each of our rows comes the
+paper's row for the same backbone and method, where it has one
+(:mod:`.paper_results`): its 19 task cells, with every mean computed from the
+cells as for ours; a note lists the paper's printed means that differ from them
+by more than rounding. Results on other tasks (your own data) form their own
 "Custom" group after the average, outside the VTAB-1k means. Means are over
-the tasks present; :func:`to_markdown`
-marks a mean over an incomplete set with ``*`` and lists the missing tasks,
-:func:`to_csv` writes plain numbers and a ``missing`` column.
+the tasks present; :func:`to_markdown` marks a mean over an incomplete set with
+``*`` and lists the missing tasks, :func:`to_csv` writes plain numbers, a
+``source`` column (``ours`` or ``paper``) and a ``missing`` column.
 """
 import csv
 import io
@@ -24,7 +27,7 @@ import os.path as osp
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..datasets.vtab1k_tasks import VTAB1K_GROUPS, VTAB1K_TASKS
-from .paper_results import NO_REFERENCE, PaperRow, paper_row
+from .paper_results import PAPER_SOURCE, PaperRow, paper_row
 
 __all__ = ['TaskResult', 'TableRow', 'VTABTable', 'ResultFileError', 'NoResultsError',
            'load_result', 'collect_results', 'group_results', 'summarize_row',
@@ -180,31 +183,37 @@ def summarize_row(backbone: str, method: str, top1: Dict[str, float],
 
 
 def _paper_table_row(ref: PaperRow) -> TableRow:
-    tasks = {t: ref.tasks.get(t) for t in VTAB1K_TASKS}
-    groups = {'natural': ref.natural, 'specialized': ref.specialized,
-              'structured': ref.structured}
+    """The paper's row, its means computed from its task cells (not the printed ones)."""
+    groups = {g: ref.means[g] for g in VTAB1K_GROUPS}
     return TableRow(backbone=ref.backbone, method=ref.method, label=ref.label,
-                    source='paper', tasks=tasks, groups=groups,
-                    group_complete={g: True for g in groups}, average=ref.average,
+                    source='paper', tasks=dict(ref.tasks), groups=groups,
+                    group_complete={g: True for g in groups}, average=ref.means['overall'],
                     average_complete=True, missing=[])
 
 
+def _mean_label(key: str) -> str:
+    return AVERAGE_LABEL if key == 'overall' else GROUP_LABELS[key]
+
+
 def build_table(results: Sequence[TaskResult]) -> VTABTable:
-    """Our rows grouped by backbone, each backbone followed by the paper row."""
+    """Our rows, each followed by the paper's row for the same backbone and method."""
     chosen, warnings = group_results(results)
-    rows, notes = [], []
-    backbones = sorted({b for b, _ in chosen})
-    for backbone in backbones:
-        for (b, method), by_task in chosen.items():
-            if b == backbone:
-                rows.append(summarize_row(b, method, {t: r.top1 for t, r in by_task.items()}))
-        ref = paper_row(backbone)
-        if ref is not None:
+    rows, refs, unpublished = [], [], []
+    for (backbone, method), by_task in chosen.items():
+        rows.append(summarize_row(backbone, method, {t: r.top1 for t, r in by_task.items()}))
+        ref = paper_row(backbone, method)
+        if ref is None:
+            unpublished.append(f'{backbone}/{method}')
+        else:
             rows.append(_paper_table_row(ref))
+            refs.append(ref)
 
     def vtab_partial(r):  # some but not all of the 19
         return r.source == 'ours' and r.missing and len(r.missing) < len(VTAB1K_TASKS)
 
+    notes = [f'Every mean is computed from the task cells shown ({AVERAGE_LABEL}: over the '
+             f'{len(VTAB1K_TASKS)} tasks, not over the group means), for the paper\'s rows '
+             'as for ours.']
     if any(vtab_partial(r) for r in rows):
         notes.append('`*`: mean over the tasks present only.')
     if any(r.custom for r in rows):
@@ -214,17 +223,18 @@ def build_table(results: Sequence[TaskResult]) -> VTABTable:
         if vtab_partial(r):
             notes.append(f'{r.backbone}/{r.method} is missing {len(r.missing)} of '
                          f'{len(VTAB1K_TASKS)} tasks: {", ".join(r.missing)}.')
-    for backbone in backbones:
-        ref = paper_row(backbone)
-        if ref is not None:
-            per_task = 'per-task numbers as published' if ref.tasks else \
-                f'per-task numbers are not published ({DASH})'
-            notes.append(f'{ref.label} for {backbone}: group means and average as '
-                         f'published, {per_task}; source: {ref.source}.')
-        else:
-            reason = NO_REFERENCE.get(backbone, f'no reference numbers are known for '
-                                                f'{backbone}, so no paper row is shown')
-            notes.append(f'{backbone}: {reason}.')
+    if refs:
+        notes.append(f'(paper) rows: per-task top-1 as published in the {PAPER_SOURCE}.')
+    for ref in refs:
+        if ref.differs:
+            printed = ', '.join(f'{_mean_label(k)} {p:g}' for k, (p, _) in ref.differs.items())
+            computed = ', '.join(f'{c:.2f}' for _, c in ref.differs.values())
+            notes.append(f'{ref.label} ({ref.backbone}): the paper prints {printed}; its task '
+                         f'cells give {computed}.')
+        if ref.note:
+            notes.append(f'{ref.backbone}/{ref.method} beside {ref.label}: {ref.note}.')
+    if unpublished:
+        notes.append(f'No published numbers for: {", ".join(unpublished)}.')
     for key, by_task in chosen.items():
         partial = [f'{task} ({r.num_images} of {VTAB1K_TASKS[task].num_test})'
                    for task, r in by_task.items() if task in VTAB1K_TASKS and
@@ -281,12 +291,12 @@ def to_csv(table: VTABTable) -> str:
     cols = _columns(table)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator='\n')
-    writer.writerow(['backbone', 'method', 'source'] +
+    writer.writerow(['backbone', 'method', 'source', 'label'] +
                     [key if kind != CUSTOM_GROUP else f'{CUSTOM_GROUP}:{key}'
                      for kind, key, _ in cols] + ['missing'])
     for row in table.rows:
         values = [_cell(row, kind, key)[0] for kind, key, _ in cols]
-        writer.writerow([row.backbone, row.method, row.source] +
+        writer.writerow([row.backbone, row.method, row.source, row.label] +
                         ['' if v is None else f'{v:.2f}' for v in values] +
                         [' '.join(row.missing)])
     return out.getvalue()

@@ -27,8 +27,9 @@ MAX_JOBS=${MAX_JOBS:-16} MEMBA_CUDA_EXT=1 $PY setup.py build_ext --inplace > "$L
   || { grep -m5 -B2 -A8 error "$LOGS/build.log"; exit 1; }
 echo "[gpu_check] build: $(( $(date +%s) - t0 )) s"
 if has tests; then
-  # PYTEST_ARGS, e.g. "-n 8 --dist loadfile" where pytest-xdist is installed
-  $PY -m pytest tests -q -rs -p no:cacheprovider ${PYTEST_ARGS:-} > "$LOGS/tests.log" 2>&1
+  # PYTEST_ARGS, e.g. "-n 8 --dist loadfile -v" where pytest-xdist is installed (replaces -q);
+  # TEST_FILES: a subset of the suite (default: all of tests/), to split it over several commands
+  $PY -m pytest ${TEST_FILES:-tests} -rfs -p no:cacheprovider ${PYTEST_ARGS:--q} > "$LOGS/tests.log" 2>&1
   echo "[gpu_check] tests rc $?: $(tail -1 "$LOGS/tests.log")"
   grep -E "^SKIPPED" "$LOGS/tests.log"
   grep -E "^.?(SCAN|PARITY)" "$LOGS/tests.log" | sed 's/^\.//' | tail -8

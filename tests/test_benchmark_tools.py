@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
 
 from memba_vision.datasets.vtab1k_tasks import VTAB1K_TASKS
@@ -69,3 +71,17 @@ def test_sweep_runs_one_task_per_gpu_at_a_time(tmp_path, monkeypatch):
     s.run()
     assert sorted(s.done) == [f'task{i}' for i in range(4)]
     assert sorted(seen.values()) == ['0', '0', '1', '1']
+
+
+def test_benchmark_reads_both_official_timers_lines(tmp_path):
+    """The Vim-S timer's line and the VMamba-S one (which adds the peak memory) both parse."""
+    from conftest import load_tool
+    fake = tmp_path / 'timer.py'
+    fake.write_text(
+        "print('bs 32 amp True: train step 98.7 ms = 324 img/s, eval 856 img/s')\n"
+        "print('official vmamba_s v0 bs 32 amp False: train step 221.8 ms = 144 img/s, "
+        "eval 436 img/s, peak 12.25 GiB')\n")
+    parsed = load_tool('benchmark').run_baseline(f'{sys.executable} {fake}')
+    assert parsed.keys() == {(32, True), (32, False)}
+    assert parsed[32, True] == pytest.approx((0.0987, 856.0, None))
+    assert parsed[32, False] == pytest.approx((0.2218, 436.0, 12.25))

@@ -166,15 +166,17 @@ def measure(model, batch, size, amp, device, warmup, reps, profile=False) -> Mea
 
 
 def run_baseline(cmd):
-    """{(batch, bf16): (step seconds, eval img/s)} parsed from a baseline script's output."""
+    """{(batch, bf16): (step seconds, eval img/s, peak GiB or None)} parsed from a baseline
+    script's output (the official Vim-S and Vanilla-VMamba-S timers' lines)."""
     res = subprocess.run(shlex.split(cmd), capture_output=True, text=True)
     if res.returncode:
         print(f'baseline failed (exit {res.returncode}):\n{res.stderr[-2000:]}')
         return {}
     out = {}
     for m in re.finditer(r'bs (\d+) amp (True|False): train step ([\d.]+) ms = \d+ img/s, '
-                         r'eval (\d+) img/s', res.stdout):
-        out[(int(m[1]), m[2] == 'True')] = (float(m[3]) / 1e3, float(m[4]))
+                         r'eval (\d+) img/s(?:, peak ([\d.]+) GiB)?', res.stdout):
+        out[(int(m[1]), m[2] == 'True')] = (float(m[3]) / 1e3, float(m[4]),
+                                            float(m[5]) if m[5] else None)
     return out
 
 
@@ -218,9 +220,10 @@ def main():
     baseline = {}
     if args.baseline and not cpu:
         baseline = run_baseline(args.baseline)
-        for (bs, amp), (t, ev) in sorted(baseline.items()):
+        for (bs, amp), (t, ev, peak) in sorted(baseline.items()):
             print(f'baseline bs {bs} {"bf16" if amp else "fp32"}: step {t * 1e3:.1f} ms, '
-                  f'{bs / t:.0f} img/s, eval {ev:.0f} img/s')
+                  f'{bs / t:.0f} img/s, eval {ev:.0f} img/s'
+                  + (f', peak {peak:.2f} GiB' if peak else ''))
     by_key, profiles = {}, []
     header = (f'{"model":<9} {"method":<16} {"mode":<5} {"batch":>5} {"prec":>5} '
               f'{"step ms":>9} {"train img/s":>11} {"peak GiB":>9} {"eval img/s":>10}')
@@ -238,7 +241,7 @@ def main():
                                      and prec == 'bf16')
                         t, peak, te, prof, _ = measure(model, batch, size, prec == 'bf16',
                                                        args.device, warmup, reps, want_prof)
-                        by_key[(backbone, method, mode, batch, prec)] = (t, peak)
+                        by_key[(backbone, method, mode, batch, prec)] = (t, peak, batch / te)
                         line = (f'{backbone:<9} {method:<16} {mode:<5} {batch:>5} {prec:>5} '
                                 f'{t * 1e3:>9.1f} {batch / t:>11.0f} {peak:>9.2f} '
                                 f'{batch / te:>10.0f}')
@@ -256,11 +259,14 @@ def main():
         for kname, (ms, calls) in top:
             print(f'  {ms:7.2f} ms {calls:5.0f}x  {kname[:100]}')
     base = baseline.get((32, True))
-    if base and not cpu:
+    if base and not cpu:  # the baseline times the first model's official code
         for (backbone, label, mode, batch, prec), mine in by_key.items():
-            if (backbone, mode, batch, prec) == ('vim_s', modes[0], 32, 'bf16'):
-                print(f'speed-up vs baseline, Vim-S {label} b32 bf16 ({modes[0]}): '
-                      f'{base[0] / mine[0]:.2f}x ({32 / mine[0]:.0f} vs {32 / base[0]:.0f} img/s)')
+            if (backbone, mode, batch, prec) == (args.models[0], modes[0], 32, 'bf16'):
+                t, peak, eval_ips = mine
+                print(f'speed-up vs baseline, {backbone} {label} b32 bf16 ({modes[0]}): train '
+                      f'{base[0] / t:.2f}x ({32 / t:.0f} vs {32 / base[0]:.0f} img/s), eval '
+                      f'{eval_ips / base[1]:.2f}x' + (f', peak memory {peak / base[2]:.2f}x'
+                                                      if base[2] else ''))
     ref = (modes[0], batches[0] if cpu else 32, precisions[0] if cpu else 'bf16')
     for backbone in args.models:
         lora = by_key.get((backbone, 'lora', *ref))

@@ -32,14 +32,6 @@ class ParallelAdapter(_FrozenWrapper):
         self.dropout = nn.Dropout(dropout)
         self.rank, self.scale = rank, float(scale)
 
-    @property
-    def weight(self) -> Tensor:
-        return self.original_layer.weight
-
-    @property
-    def bias(self):
-        return self.original_layer.bias
-
     def forward(self, x: Tensor) -> Tensor:
         branch = self.adapter_up(self.dropout(F.relu(self.adapter_down(x))))
         return self.original_layer(x) + self.scale * branch

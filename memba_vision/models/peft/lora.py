@@ -39,7 +39,17 @@ def _rows(rows: Optional[Tuple[int, int]], out_features: int) -> Tuple[int, int]
 
 
 class _FrozenWrapper(nn.Module):
-    """Loads a plain layer's ``weight``/``bias`` keys into ``original_layer``."""
+    """A PEFT wrapper of a frozen ``original_layer``: ``weight``/``bias`` are the original's, and
+    a plain layer's ``weight``/``bias`` keys load into it."""
+
+    @property
+    def weight(self) -> Tensor:
+        """The frozen base weight."""
+        return self.original_layer.weight
+
+    @property
+    def bias(self):
+        return self.original_layer.bias
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for name in ('weight', 'bias'):
@@ -81,15 +91,6 @@ class LoRALinear(_FrozenWrapper, _MMPretrainLoRALinear):
             nn.init.zeros_(self.lora_up.weight)
         if isinstance(original_layer, nn.Linear):  # a wrapped LoRALinear keeps its branch
             original_layer.requires_grad_(False)
-
-    @property
-    def weight(self) -> Tensor:
-        """The frozen base weight (out_features, in_features)."""
-        return self.original_layer.weight
-
-    @property
-    def bias(self):
-        return self.original_layer.bias
 
     def forward(self, x: Tensor) -> Tensor:
         update = self.lora_up(self.lora_dropout(self.lora_down(x))) * self.scaling
@@ -158,10 +159,6 @@ class MergedLoRALinear(_FrozenWrapper):
             delta = F.pad(delta, (0, 0, start, self.out_features - stop))
         return w + delta.to(w.dtype)
 
-    @property
-    def bias(self):
-        return self.original_layer.bias
-
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight, self.bias)
 
@@ -205,14 +202,6 @@ class LoRAConv2d(_FrozenWrapper):
         nn.init.zeros_(self.lora_up.weight)
         self.lora_dropout = nn.Dropout(dropout)
         self.rank, self.scaling = rank, float(scale)
-
-    @property
-    def weight(self) -> Tensor:
-        return self.original_layer.weight
-
-    @property
-    def bias(self):
-        return self.original_layer.bias
 
     def forward(self, x: Tensor) -> Tensor:
         return self.original_layer(x) + \

@@ -137,7 +137,8 @@ class MergedLoRALinear(_FrozenWrapper):
         if not isinstance(original_layer, (nn.Linear, MergedLoRALinear)):
             raise TypeError(f'MergedLoRALinear wraps an nn.Linear, got '
                             f'{type(original_layer).__name__}')
-        self.in_features, self.out_features = original_layer.in_features, original_layer.out_features
+        self.in_features = original_layer.in_features
+        self.out_features = original_layer.out_features
         start, stop = _rows(rows, self.out_features)
         _check_rank(rank, max(self.in_features, stop - start),
                     f'a {self.in_features}->{stop - start} layer')
@@ -194,7 +195,8 @@ class LoRAConv2d(_FrozenWrapper):
             raise TypeError(f'LoRAConv2d wraps an nn.Conv2d, got {type(original_layer).__name__}')
         conv = original_layer
         fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
-        _check_rank(rank, max(conv.out_channels, fan_in), f'a conv with {conv.out_channels} channels')
+        _check_rank(rank, max(conv.out_channels, fan_in),
+                    f'a conv with {conv.out_channels} channels')
         self.original_layer = conv.requires_grad_(False)
         self.lora_down = nn.Conv2d(conv.in_channels, rank, conv.kernel_size, conv.stride,
                                    conv.padding, bias=False)

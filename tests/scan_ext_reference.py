@@ -28,20 +28,38 @@ def _leaf(t):
     return None if t is None else t.detach().clone().requires_grad_(True)
 
 
+def _grid_scan(rows, u, delta, A, B, C, D, z, delta_bias, softplus, reverse, gate=None):
+    """selective_scan_tokens over a row-major (rows, L / rows) grid walked column by column
+    (``rows=0``: in token order): the tokens are gathered in visit order and scattered back."""
+    if not rows:
+        return selective_scan_tokens(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
+                                     gate=gate)
+    L = u.shape[1]
+    order = torch.arange(L, device=u.device).view(rows, L // rows).t().reshape(-1)
+    inverse = torch.argsort(order)
+
+    def visit(t):
+        return None if t is None else t[:, order]
+    gate = None if gate is None else (visit(gate[0]), gate[1])
+    y = selective_scan_tokens(visit(u), visit(delta), A, visit(B), visit(C), D, visit(z),
+                              delta_bias, softplus, reverse, gate=gate)
+    return y[:, inverse]
+
+
 class ReferenceScanKernels:
     """The extension's functions, computed by the reference ops."""
 
     @staticmethod
     def scan_fwd(u, delta, A, B, C, D, z, delta_bias, S, W, softplus, reverse, out=None,
-                 out_scale=1.0, accumulate=False):
+                 out_scale=1.0, accumulate=False, rows=0):
         with torch.no_grad():
-            y = selective_scan_tokens(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
-                                      gate=None if S is None else (S, W))
+            y = _grid_scan(rows, u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
+                           gate=None if S is None else (S, W))
         return _store(out, y, out_scale, accumulate)
 
     @staticmethod
     def scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, softplus, reverse,
-                 dout_scale=1.0, dz_out=None, dz_accumulate=False, dBC_out=None):
+                 dout_scale=1.0, dz_out=None, dz_accumulate=False, dBC_out=None, rows=0):
         u_, delta_, B_, C_ = (_leaf(t) for t in (u, delta, B, C))
         zprime = None
         if z is not None or S is not None:  # the kernel's dz is the gradient of z'
@@ -50,8 +68,8 @@ class ReferenceScanKernels:
                 zp = zp + torch.matmul(S, W.to(S.dtype).t()).to(zp.dtype)
             zprime = _leaf(zp)
         with torch.enable_grad():
-            y = selective_scan_tokens(u_, delta_, A, B_, C_, D, zprime, delta_bias, softplus,
-                                      reverse)
+            y = _grid_scan(rows, u_, delta_, A, B_, C_, D, zprime, delta_bias, softplus,
+                           reverse)
             leaves = [u_, delta_, B_, C_] + ([zprime] if zprime is not None else [])
             grads = torch.autograd.grad(y, leaves, dout * dout_scale)
         du, ddelta, dB, dC = (g.contiguous() for g in grads[:4])  # as the kernels return them

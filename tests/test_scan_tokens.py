@@ -15,8 +15,15 @@ from memba_vision.ops import causal_conv1d_tokens, selective_scan_tokens
 from memba_vision.ops.bidirectional_ssm import scan_extension
 
 
-def loop_scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate):
-    """Per-token loop of the selective scan on (b, l, d) tensors, in fp64."""
+def grid_columns(rows, length):
+    """Token indices of a row-major (rows, length // rows) grid, visited column by column."""
+    cols = length // rows
+    return [h * cols + w for w in range(cols) for h in range(rows)]
+
+
+def loop_scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate, order=None):
+    """Per-token loop of the selective scan on (b, l, d) tensors, in fp64; ``order``: the
+    tokens in visit order (default: 0 .. l-1), walked backwards when ``reverse``."""
     u, delta, B, C = (t.double() for t in (u, delta, B, C))
     A = A.double()
     dt = delta + bias.double() if bias is not None else delta
@@ -25,7 +32,8 @@ def loop_scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate):
     b, l, d = u.shape
     h = u.new_zeros(b, d, A.shape[1])
     ys = [None] * l
-    for t in (range(l - 1, -1, -1) if reverse else range(l)):
+    steps = list(range(l) if order is None else order)
+    for t in (reversed(steps) if reverse else steps):
         h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None]
         ys[t] = (h * C[:, t, None]).sum(-1)
     y = torch.stack(ys, dim=1)
@@ -130,23 +138,23 @@ class _KernelScan(torch.autograd.Function):
     gate's dS, dW from the kernel's dz' by the products ``ops.bidirectional_ssm`` uses."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, bias, S, W, softplus, reverse):
+    def forward(ctx, u, delta, A, B, C, D, z, bias, S, W, softplus, reverse, rows=0):
         ctx.save_for_backward(u, delta, A, B, C, D, z, bias, S, W)
-        ctx.flags = (softplus, reverse)
+        ctx.flags, ctx.rows = (softplus, reverse), rows
         return scan_extension()[0].scan_fwd(u, delta, A, B, C, D, z, bias, S, W, softplus,
-                                            reverse)
+                                            reverse, rows=rows)
 
     @staticmethod
     def backward(ctx, dy):
         u, delta, A, B, C, D, z, bias, S, W = ctx.saved_tensors
         du, ddelta, dz, dB, dC = scan_extension()[0].scan_bwd(
-            u, delta, A, B, C, D, z, bias, S, W, _like(dy, u), *ctx.flags)
+            u, delta, A, B, C, D, z, bias, S, W, _like(dy, u), *ctx.flags, rows=ctx.rows)
         dS = dW = None
         if S is not None:
             dS = torch.matmul(dz, W.to(dz.dtype))
             dW = torch.matmul(dz.flatten(0, 1).t(), S.flatten(0, 1)).float()
         return (du, ddelta, None, dB.to(B.dtype), dC.to(C.dtype), None,
-                dz if z is not None else None, None, dS, dW, None, None)
+                dz if z is not None else None, None, dS, dW, None, None, None)
 
 
 def kernel_api(u, delta, A, B, C, D, z, bias, softplus, reverse, gate):
@@ -251,3 +259,57 @@ def test_conv_kernel_matches_loop(reverse, dtype, l):
     ref.backward(g.double())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and rel(out, ref) < tol and rel(xg.grad, xr.grad) < tol
+
+
+@requires_cuda
+@requires_kernels
+@pytest.mark.parametrize('h,w', [(3, 5), (7, 4), (14, 14), (28, 28), (1, 9)])
+@pytest.mark.parametrize('reverse', [False, True])
+def test_scan_kernel_walks_a_grid_by_columns(h, w, reverse):
+    """``rows=h``: VMamba's column-major scan (and, reversed, its flip) of a row-major h x w grid,
+    read and written in place, against the loop visiting the tokens in that order."""
+    inp = make_inputs(2, h * w, 96, device='cuda', seed=h * 100 + w)
+    dy = torch.randn(2, h * w, 96, device='cuda')
+    order = grid_columns(h, h * w)
+
+    def kernel(u, delta, A, B, C, D, z, bias, softplus, rev, gate):
+        return _KernelScan.apply(_like(u, u), _like(delta, u), _f32(A), _like(B, u),
+                                 _like(C, u), _f32(D), None, _f32(bias), None, None, True, rev,
+                                 h)
+
+    def loop(*args):
+        return loop_scan(*args, order=order)
+
+    y, g = grads_of(kernel, inp, reverse, False, False, dy)
+    y_ref, g_ref = grads_of(loop, inp, reverse, False, False, dy)
+    errs = {'y': rel(y, y_ref), **{k: rel(g[k], g_ref[k]) for k in g}}
+    print(f'SCAN grid {h}x{w} reverse={reverse}: ' +
+          ' '.join(f'{k} {v:.1e}' for k, v in errs.items()))
+    assert all(v < 1e-4 for v in errs.values()), errs
+    if h > 1 and w > 1:  # the column walk differs from the row-major one
+        row_major = loop_scan(*[inp[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D')], None,
+                              inp['bias'], True, reverse, None)
+        assert rel(row_major, y_ref) > 1e-2
+
+
+@pytest.mark.parametrize('reverse', [False, True])
+def test_grid_columns_order_and_the_cpu_stand_in(reverse):
+    """The tests' stand-in of the extension walks the grid like the per-token loop."""
+    from scan_ext_reference import ReferenceScanKernels
+    assert grid_columns(2, 6) == [0, 3, 1, 4, 2, 5]
+    inp = make_inputs(2, 15, 12, n=16, r=16)
+    y = ReferenceScanKernels.scan_fwd(inp['u'], inp['delta'], inp['A'], inp['B'], inp['C'],
+                                      inp['D'], None, inp['bias'], None, None, True, reverse,
+                                      rows=3)
+    ref = loop_scan(*[inp[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D')], None, inp['bias'],
+                    True, reverse, None, order=grid_columns(3, 15))
+    assert rel(y, ref) < 1e-5
+    dy = torch.randn(2, 15, 12)
+    du, ddelta, _, dB, dC = ReferenceScanKernels.scan_bwd(
+        inp['u'], inp['delta'], inp['A'], inp['B'], inp['C'], inp['D'], None, inp['bias'], None,
+        None, dy, True, reverse, rows=3)
+    leaves = {k: inp[k].detach().double().requires_grad_() for k in ('u', 'delta', 'B', 'C')}
+    loop_scan(leaves['u'], leaves['delta'], inp['A'], leaves['B'], leaves['C'], inp['D'], None,
+              inp['bias'], True, reverse, None, order=grid_columns(3, 15)).backward(dy.double())
+    for name, got in (('u', du), ('delta', ddelta), ('B', dB), ('C', dC)):
+        assert rel(got, leaves[name].grad) < 1e-5, name

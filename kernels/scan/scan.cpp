@@ -1,10 +1,11 @@
 // Python bindings of the token-major scan and conv kernels (module memba_vision._scan_cuda).
 //
 //   scan_fwd(u, delta, A, B, C, D, z, delta_bias, S, W, softplus, reverse,
-//            out=None, out_scale=1, accumulate=False) -> y
+//            out=None, out_scale=1, accumulate=False, rows=0) -> y
 //   scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, softplus, reverse,
-//            dout_scale=1, dz_out=None, dz_accumulate=False, dBC_out=None)
+//            dout_scale=1, dz_out=None, dz_accumulate=False, dBC_out=None, rows=0)
 //       -> (du, ddelta, dz or None, dB, dC)
+//   rows > 0: the L tokens are a row-major (rows, L / rows) grid, scanned column by column
 //   conv_fwd(x, weight, bias, reverse, silu) -> y
 //   conv_bwd(x, weight, bias, grad_y, reverse, silu, out=None, accumulate=False) -> dx
 //   lim_pair_fwd(x, u_prev_f, u_prev_b, num_chunks, leak, threshold) -> (out, u_mean)
@@ -117,13 +118,20 @@ void check_scan_inputs(const char* op, const at::Tensor& u, const at::Tensor& de
   }
 }
 
+// rows > 0 (a grid scanned by columns) must divide the sequence length.
+void check_rows(const char* op, const at::Tensor& u, int64_t rows) {
+  TORCH_CHECK(rows >= 0 && (rows == 0 || u.size(1) % rows == 0), op, ": rows must be 0 or divide "
+              "the sequence length ", u.size(1), ", got ", rows);
+}
+
 // Call only after check_scan_inputs: reads pointers and strides, touches no memory.
 ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                        const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
                        const OptTensor& z, const OptTensor& bias, const OptTensor& S,
-                       const OptTensor& W, bool softplus, bool reverse) {
+                       const OptTensor& W, bool softplus, bool reverse, int64_t rows) {
   const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2);
   ScanParams p{};
+  p.rows = static_cast<int>(rows);
   p.batch = static_cast<int>(batch);
   p.seqlen = static_cast<int>(L);
   p.dim = static_cast<int>(dim);
@@ -158,12 +166,13 @@ at::Tensor scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tens
                     const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
                     const OptTensor& z, const OptTensor& bias, const OptTensor& S,
                     const OptTensor& W, bool softplus, bool reverse, const OptTensor& out_buf,
-                    double out_scale, bool accumulate) {
+                    double out_scale, bool accumulate, int64_t rows) {
   const char* op = "memba_vision scan_fwd";
   check_scan_inputs(op, u, delta, A, B, C, D, z, bias, S, W);
+  check_rows(op, u, rows);
   if (present(out_buf)) check_tokens(op, "out", *out_buf, u, u.size(2), /*output=*/true);
   TORCH_CHECK(!accumulate || present(out_buf), op, ": accumulate needs out");
-  ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
+  ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse, rows);
   const c10::cuda::CUDAGuard guard(u.device());
   at::Tensor out = output_like(out_buf, u);
   p.out = out.data_ptr(); p.out_sb = out.stride(0); p.out_sl = out.stride(1);
@@ -177,9 +186,11 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& bias,
     const OptTensor& S, const OptTensor& W, const at::Tensor& dout, bool softplus, bool reverse,
-    double dout_scale, const OptTensor& dz_out, bool dz_accumulate, const OptTensor& dBC_out) {
+    double dout_scale, const OptTensor& dz_out, bool dz_accumulate, const OptTensor& dBC_out,
+    int64_t rows) {
   const char* op = "memba_vision scan_bwd";
   check_scan_inputs(op, u, delta, A, B, C, D, z, bias, S, W);
+  check_rows(op, u, rows);
   check_tokens(op, "dout", dout, u, u.size(2));
   const bool has_z = present(z) || present(S);
   TORCH_CHECK(!dz_accumulate || present(dz_out), op, ": dz_accumulate needs dz_out");
@@ -190,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
     check_tensor(op, "dBC_out", *dBC_out, u.device(), dtypes, {u.size(0), u.size(1), 2 * kStates},
                  Strides::kLastAxis, /*output=*/true);
   }
-  ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
+  ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse, rows);
   const c10::cuda::CUDAGuard guard(u.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const auto f32 = u.options().dtype(at::kFloat);
@@ -389,12 +400,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("softplus"),
         py::arg("reverse"), py::arg("out") = py::none(), py::arg("out_scale") = 1.0,
-        py::arg("accumulate") = false);
+        py::arg("accumulate") = false, py::arg("rows") = 0);
   m.def("scan_bwd", &memba_scan::scan_bwd, "selective scan backward", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("dout"), py::arg("softplus"),
         py::arg("reverse"), py::arg("dout_scale") = 1.0, py::arg("dz_out") = py::none(),
-        py::arg("dz_accumulate") = false, py::arg("dBC_out") = py::none());
+        py::arg("dz_accumulate") = false, py::arg("dBC_out") = py::none(), py::arg("rows") = 0);
   m.def("conv_fwd", &memba_scan::conv_fwd, "depthwise causal conv + SiLU forward");
   m.def("conv_bwd", &memba_scan::conv_bwd, "depthwise causal conv + SiLU backward (input grad)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("grad_y"), py::arg("reverse"),

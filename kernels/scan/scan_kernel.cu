@@ -1,6 +1,7 @@
 // Kernels of scan_kernel.h.
 //
-// Selective scan, per channel d and state n (scan order s = t, or L-1-t when reversed):
+// Selective scan, per channel d and state n (scan order s = t, or L-1-t when reversed; over a
+// grid walked by columns, step t visits token (t % rows) * cols + t / rows):
 //   dt[s] = softplus(delta[s] + bias[d])
 //   h[s]  = exp(dt[s] A[d,n]) h[s-1] + dt[s] B[s,n] u[s]
 //   y[s]  = (sum_n C[s,n] h[s,n] + D[d] u[s]) * silu(z'[s]),  z' = z + sum_r S[s,r] W[d,r]
@@ -53,8 +54,10 @@ __device__ __forceinline__ float sum4lanes(float v) {
   return v;
 }
 
+// The token (index along L) that scan step s visits.
 __device__ __forceinline__ int time_of(const ScanParams& p, int s) {
-  return p.reverse ? p.seqlen - 1 - s : s;
+  const int t = p.reverse ? p.seqlen - 1 - s : s;
+  return p.rows > 0 ? (t % p.rows) * (p.seqlen / p.rows) + t / p.rows : t;
 }
 
 // Shared-memory staging of one chunk (steps k0 .. k0+nk-1 in scan order).

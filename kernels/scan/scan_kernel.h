@@ -3,7 +3,9 @@
 // "Token-major" means (B, L, D) tensors with the channel axis contiguous: a
 // thread owns a channel and walks the sequence, so every load across a warp is
 // coalesced and no transposing copy is needed around the kernels. A scan may
-// run in reverse token order (Vim's backward direction) without any flip.
+// run in reverse token order (Vim's backward direction) without any flip, and
+// over a row-major H x W grid column by column (VMamba's column-major
+// directions) without any transpose.
 //
 // Plain CUDA (no torch headers): scan.cpp checks tensors and calls these
 // launchers with raw pointers and the current stream.
@@ -24,6 +26,9 @@ enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // ptr[b * s_b + t * s_l + n] (state stride 1).
 struct ScanParams {
   int batch, seqlen, dim, nchunks;
+  // rows > 0: the L = rows x cols tokens are a row-major grid walked column by column
+  // (VMamba's column-major scan): scan step t visits token (t % rows) * cols + t / rows
+  int rows;
   bool reverse, softplus, has_z, has_D, has_bias, has_gate;  // has_z: gate y with silu(z')
   const void *u, *delta, *z /* null: z = 0 */, *Bm, *Cm, *S, *dout;
   int64_t u_sb, u_sl, dl_sb, dl_sl, z_sb, z_sl, B_sb, B_sl, C_sb, C_sl, S_sb, S_sl,

@@ -59,7 +59,8 @@ class ReferenceScanKernels:
 
     @staticmethod
     def scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, softplus, reverse,
-                 dout_scale=1.0, dz_out=None, dz_accumulate=False, dBC_out=None, rows=0):
+                 dout_scale=1.0, dz_out=None, dz_accumulate=False, dBC_out=None, rows=0,
+                 du_out=None, du_accumulate=False):
         u_, delta_, B_, C_ = (_leaf(t) for t in (u, delta, B, C))
         zprime = None
         if z is not None or S is not None:  # the kernel's dz is the gradient of z'
@@ -73,6 +74,7 @@ class ReferenceScanKernels:
             leaves = [u_, delta_, B_, C_] + ([zprime] if zprime is not None else [])
             grads = torch.autograd.grad(y, leaves, dout * dout_scale)
         du, ddelta, dB, dC = (g.contiguous() for g in grads[:4])  # as the kernels return them
+        du = _store(du_out, du, 1.0, du_accumulate)
         dz = None
         if zprime is not None:
             dz = _store(dz_out, grads[4], 1.0, dz_accumulate)

@@ -109,9 +109,13 @@ def _cases(dev='cuda'):
     for i, value in enumerate([rnd(B, L, D, dtype=bf16), rnd(B, L - 1, D), expanded(B, L, D),
                                out.cpu()]):
         cases.append((f'scan_fwd out #{i}', 'scan_fwd', kw(ext.scan_fwd, fwd, out=value), 'out'))
+    for op_name, fn, base in (('scan_fwd', ext.scan_fwd, fwd), ('scan_bwd', ext.scan_bwd, bwd)):
+        for rows in (-1, L + 1):  # rows must be 0 or divide L
+            cases.append((f'{op_name} rows={rows}', op_name, kw(fn, base, rows=rows), 'rows'))
     for arg, values in {'dout': [rnd(B, L, D, dtype=f64), rnd(B, L, 2 * D),
                                  strided_last(B, L, D)],
                         'dz_out': [rnd(B, L, D, dtype=bf16), expanded(B, L, D), rnd(B, L, 1)],
+                        'du_out': [rnd(B, L, D, dtype=bf16), expanded(B, L, D), rnd(B, L, 1)],
                         'dBC_out': [rnd(B, L, 2 * N, dtype=f64), rnd(B, L, N),
                                     strided_last(B, L, 2 * N), expanded(B, L, 2 * N),
                                     dbc_out.cpu()]}.items():

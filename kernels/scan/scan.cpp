@@ -1,9 +1,10 @@
 // Python bindings of the token-major scan and conv kernels (module memba_vision._scan_cuda).
 //
 //   scan_fwd(u, delta, A, B, C, D, z, delta_bias, S, W, softplus, reverse,
-//            out=None, out_scale=1, accumulate=False, rows=0) -> y
+//            out=None, out_scale=1, accumulate=False, rows=0) -> y   (out: u's dtype or fp32)
 //   scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, softplus, reverse,
-//            dout_scale=1, dz_out=None, dz_accumulate=False, dBC_out=None, rows=0)
+//            dout_scale=1, dz_out=None, dz_accumulate=False, dBC_out=None, rows=0,
+//            du_out=None, du_accumulate=False)                     (du_out: u's dtype or fp32)
 //       -> (du, ddelta, dz or None, dB, dC)
 //   rows > 0: the L tokens are a row-major (rows, L / rows) grid, scanned column by column
 //   conv_fwd(x, weight, bias, reverse, silu) -> y
@@ -170,12 +171,17 @@ at::Tensor scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tens
   const char* op = "memba_vision scan_fwd";
   check_scan_inputs(op, u, delta, A, B, C, D, z, bias, S, W);
   check_rows(op, u, rows);
-  if (present(out_buf)) check_tokens(op, "out", *out_buf, u, u.size(2), /*output=*/true);
+  if (present(out_buf)) {  // u's dtype, or fp32 (a sum of several scans)
+    const at::ScalarType dtypes[] = {u.scalar_type(), at::kFloat};
+    check_tensor(op, "out", *out_buf, u.device(), dtypes, {u.size(0), u.size(1), u.size(2)},
+                 Strides::kLastAxis, /*output=*/true);
+  }
   TORCH_CHECK(!accumulate || present(out_buf), op, ": accumulate needs out");
   ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse, rows);
   const c10::cuda::CUDAGuard guard(u.device());
   at::Tensor out = output_like(out_buf, u);
   p.out = out.data_ptr(); p.out_sb = out.stride(0); p.out_sl = out.stride(1);
+  p.out_f32 = out.scalar_type() == at::kFloat;
   p.out_scale = static_cast<float>(out_scale);
   p.out_accum = accumulate;
   check_cuda(scan_forward(p, dtype_of(u), false, at::cuda::getCurrentCUDAStream()), "scan_fwd");
@@ -187,7 +193,7 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
     const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& bias,
     const OptTensor& S, const OptTensor& W, const at::Tensor& dout, bool softplus, bool reverse,
     double dout_scale, const OptTensor& dz_out, bool dz_accumulate, const OptTensor& dBC_out,
-    int64_t rows) {
+    int64_t rows, const OptTensor& du_out, bool du_accumulate) {
   const char* op = "memba_vision scan_bwd";
   check_scan_inputs(op, u, delta, A, B, C, D, z, bias, S, W);
   check_rows(op, u, rows);
@@ -196,6 +202,12 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
   TORCH_CHECK(!dz_accumulate || present(dz_out), op, ": dz_accumulate needs dz_out");
   TORCH_CHECK(!present(dz_out) || has_z, op, ": dz_out without z or a gate");
   if (present(dz_out)) check_tokens(op, "dz_out", *dz_out, u, u.size(2), /*output=*/true);
+  TORCH_CHECK(!du_accumulate || present(du_out), op, ": du_accumulate needs du_out");
+  if (present(du_out)) {  // u's dtype, or fp32 (the sum over several scans of u)
+    const at::ScalarType dtypes[] = {u.scalar_type(), at::kFloat};
+    check_tensor(op, "du_out", *du_out, u.device(), dtypes, {u.size(0), u.size(1), u.size(2)},
+                 Strides::kLastAxis, /*output=*/true);
+  }
   if (present(dBC_out)) {  // fp32 or u's dtype
     const at::ScalarType dtypes[] = {at::kFloat, u.scalar_type()};
     check_tensor(op, "dBC_out", *dBC_out, u.device(), dtypes, {u.size(0), u.size(1), 2 * kStates},
@@ -214,14 +226,16 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
   p.dbc_out_sb = dbc_sum.stride(0);
   p.dbc_out_sl = dbc_sum.stride(1);
   p.dbc_out_f32 = dbc_sum.scalar_type() == at::kFloat;
-  at::Tensor du = at::empty(u.sizes(), u.options());
+  at::Tensor du = output_like(du_out, u);
   at::Tensor ddelta = at::empty(u.sizes(), u.options());
   OptTensor dz;
   if (p.has_z) dz = output_like(dz_out, u);
   p.ckpt = ckpt.data_ptr<float>();
   p.dout = dout.data_ptr(); p.do_sb = dout.stride(0); p.do_sl = dout.stride(1);
   p.dout_scale = static_cast<float>(dout_scale);
-  p.du = du.data_ptr();
+  p.du = du.data_ptr(); p.du_sb = du.stride(0); p.du_sl = du.stride(1);
+  p.du_f32 = du.scalar_type() == at::kFloat;
+  p.du_accum = du_accumulate;
   p.ddelta = ddelta.data_ptr();
   if (p.has_z) {
     p.dz = dz->data_ptr(); p.dz_sb = dz->stride(0); p.dz_sl = dz->stride(1);
@@ -405,7 +419,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("dout"), py::arg("softplus"),
         py::arg("reverse"), py::arg("dout_scale") = 1.0, py::arg("dz_out") = py::none(),
-        py::arg("dz_accumulate") = false, py::arg("dBC_out") = py::none(), py::arg("rows") = 0);
+        py::arg("dz_accumulate") = false, py::arg("dBC_out") = py::none(), py::arg("rows") = 0,
+        py::arg("du_out") = py::none(), py::arg("du_accumulate") = false);
   m.def("conv_fwd", &memba_scan::conv_fwd, "depthwise causal conv + SiLU forward");
   m.def("conv_bwd", &memba_scan::conv_bwd, "depthwise causal conv + SiLU backward (input grad)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("grad_y"), py::arg("reverse"),

@@ -173,7 +173,11 @@ scan_fwd_kernel(const ScanParams p) {
     }
     __syncthreads();
     if (kOut) {
-      store_tile<T>(p, s_y, p.out, p.out_sb, p.out_sl, p.out_scale, p.out_accum, b, d0, k0, nk);
+      if (p.out_f32)
+        store_tile<float>(p, s_y, p.out, p.out_sb, p.out_sl, p.out_scale, p.out_accum, b, d0, k0,
+                          nk);
+      else
+        store_tile<T>(p, s_y, p.out, p.out_sb, p.out_sl, p.out_scale, p.out_accum, b, d0, k0, nk);
       __syncthreads();
     }
   }
@@ -308,7 +312,10 @@ scan_bwd_kernel(const ScanParams p) {
 
     // 3. write the chunk's gradients and dB/dC partials
     const int64_t sb = static_cast<int64_t>(p.seqlen) * p.dim;
-    store_tile<T>(p, s_du, p.du, sb, p.dim, 1.f, false, b, d0, k0, nk);
+    if (p.du_f32)
+      store_tile<float>(p, s_du, p.du, p.du_sb, p.du_sl, 1.f, p.du_accum, b, d0, k0, nk);
+    else
+      store_tile<T>(p, s_du, p.du, p.du_sb, p.du_sl, 1.f, p.du_accum, b, d0, k0, nk);
     store_tile<T>(p, s_ddt, p.ddelta, sb, p.dim, 1.f, false, b, d0, k0, nk);
     if (p.has_z) store_tile<T>(p, s_dz, p.dz, p.dz_sb, p.dz_sl, 1.f, p.dz_accum, b, d0, k0, nk);
     for (int i = tid; i < kK * 2 * kStates; i += kThreads) {

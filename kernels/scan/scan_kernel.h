@@ -39,11 +39,14 @@ struct ScanParams {
   const float *W;     // (D, kGateRank) gate up-projection, or null
   void *out;          // (B, L, D) with strides out_sb, out_sl: out (+)= out_scale * y
   int64_t out_sb, out_sl;
+  bool out_f32;       // out is fp32 whatever u's dtype (sums of several scans stay fp32)
   float out_scale;    // 1 unless the caller folds a scale into the store
   bool out_accum;     // add to what ``out`` holds instead of overwriting it
   float dout_scale;   // the backward reads dout_scale * dout
   float *ckpt;        // (B, nchunks, D, N): state at the start of every chunk
-  void *du, *ddelta;  // (B, L, D) contiguous
+  void *du, *ddelta;  // du: (B, L, D) with strides du_sb, du_sl; ddelta: (B, L, D) contiguous
+  int64_t du_sb, du_sl;
+  bool du_f32, du_accum;  // du is fp32 / du += the gradient (several scans of one input)
   void *dz;           // (B, L, D) with strides dz_sb, dz_sl; dz_accum adds to it
   int64_t dz_sb, dz_sl;
   bool dz_accum;

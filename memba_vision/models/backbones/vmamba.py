@@ -82,9 +82,12 @@ class SS2D(nn.Module):
             memory_format=torch.channels_last)))
         y = self.out_norm(self.cross_scan(x.permute(0, 2, 3, 1)))  # (B, L, D)
         z = z.reshape(B, H * W, -1)
-        if self.gate is not None:
-            (z_fwd, z_bwd), membrane = self.gate(z, membrane)
-            z = (z_fwd + z_bwd) / 2
+        if self.gate is not None:  # z' = mean of the two directions' z + S_d W_d^T: one product
+            pairs, membrane = self.gate.lim_spikes(z, membrane)
+            spikes = torch.cat([s for s, _ in pairs], dim=-1)           # (B, L, 2R)
+            weight = torch.cat([w for _, w in pairs], dim=1)            # (D, 2R)
+            correction = torch.matmul(spikes, 0.5 * weight.to(spikes.dtype).t())
+            z = z + correction if self.gate.residual else correction
         y = y * F.silu(z)
         return self.out_proj(y).view(B, H, W, -1), membrane
 

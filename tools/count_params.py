@@ -17,6 +17,7 @@ def count(cfg_model) -> dict:
     import memba_vision  # noqa: F401
     from mmengine.registry import init_default_scope
     from mmpretrain.registry import MODELS
+    from memba_vision.models.peft import PEFT_MODULE_NAMES
     init_default_scope('mmpretrain')
     cfg_model = cfg_model.copy()
     if 'backbone' in cfg_model:
@@ -28,12 +29,15 @@ def count(cfg_model) -> dict:
             continue
         if name.startswith('head.'):
             groups['head'] += p.numel()
-        elif 'lora_' in name:
-            groups['lora (' + name.split('.lora_')[0].rsplit('.', 1)[-1] + ')'] += p.numel()
+        elif 'lora_' in name:  # by the wrapped layer (nested LoRA: in_proj and its x half)
+            layer = name.replace('.original_layer', '').split('.lora_')[0].rsplit('.', 1)[-1]
+            groups['lora (' + layer + ')'] += p.numel()
         elif '.gate.' in name:
             groups['membrane gate'] += p.numel()
-        else:
-            groups['other backbone'] += p.numel()
+        else:  # the other PEFT modules by name (affix, prompt, delta, extra_scan, adapter_*)
+            parts = [part for part in name.split('.') if part in PEFT_MODULE_NAMES]
+            groups[parts[0].split('_')[0] if parts and parts[0].startswith('adapter')
+                   else parts[0] if parts else 'other backbone'] += p.numel()
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for n, p in model.named_parameters() if n.startswith('head.'))
     trainable_no_head = sum(v for k, v in groups.items() if k != 'head')

@@ -19,7 +19,7 @@ from ...ops.bidirectional_ssm import (MembaGateParams, SSMDirection, bidirection
                                       bidirectional_ssm_reason)
 from ..peft import (AdditionalScan, LearnedTokens, PEFTConfig, TensorDeltas, build_gate,
                     check_supported, freeze_all_but_peft, parse_peft, wrap_embed, wrap_in_proj,
-                    wrap_merged, wrap_out_proj)
+                    shift, wrap_merged, wrap_out_proj)
 from .base import MambaBackbone
 from .ssm_layers import RMSNorm, init_A_log, init_dt_bias, resolve_dt_rank
 
@@ -106,23 +106,20 @@ class VimMixer(nn.Module):
                 shapes['dt_bias' + sfx] = (D,)
         return TensorDeltas(shapes) if shapes else None
 
-    def _shift(self, name: str, tensor: Tensor) -> Tensor:
-        return tensor if self.delta is None else self.delta.shift(name, tensor)
-
     def _direction(self, backward: bool) -> SSMDirection:
         """The frozen SSM parameters of one scan direction (``_b`` for the backward one)."""
         sfx = '_b' if backward else ''
         conv, x_proj, dt_proj = (getattr(self, n + sfx) for n in ('conv1d', 'x_proj', 'dt_proj'))
         A_name = 'A_b_log' if backward else 'A_log'
-        A = -torch.exp(self._shift(A_name, getattr(self, A_name)).float())
+        A = -torch.exp(shift(self.delta, A_name, getattr(self, A_name)).float())
         x_proj_weight = x_proj.weight
         if self.extra_scan is not None:
             A, x_proj_weight = self.extra_scan[int(backward)].extend(A, x_proj_weight,
                                                                       self.dt_rank)
-        return SSMDirection(self._shift('conv1d' + sfx, conv.weight).squeeze(1), conv.bias,
+        return SSMDirection(shift(self.delta, 'conv1d' + sfx, conv.weight).squeeze(1), conv.bias,
                             x_proj_weight, dt_proj.weight,
-                            self._shift('dt_bias' + sfx, dt_proj.bias), A,
-                            self._shift('D' + sfx, getattr(self, 'D' + sfx)))
+                            shift(self.delta, 'dt_bias' + sfx, dt_proj.bias), A,
+                            shift(self.delta, 'D' + sfx, getattr(self, 'D' + sfx)))
 
     def _ssm(self, x: Tensor, z: Optional[Tensor], gate, backward: bool) -> Tensor:
         """One scan direction on token-major x, z (B, L, D) -> y (B, L, D).
@@ -334,9 +331,6 @@ class Vim(MambaBackbone):
             self.affix = LearnedTokens(a.tokens, self.depth * 2 * width, a.projection,
                                        token_dim=width, hidden=a.hidden or width)
 
-    def _shift(self, name: str, tensor: Tensor) -> Tensor:
-        return tensor if self.delta is None else self.delta.shift(name, tensor)
-
     def _init_embeddings(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=.02)
         nn.init.trunc_normal_(self.cls_token, std=.02)
@@ -378,10 +372,10 @@ class Vim(MambaBackbone):
     def forward_features(self, x: Tensor) -> Tuple[Tensor]:
         x, grid = self.patch_embed(x)                                   # (B, M, C)
         B, M, _ = x.shape
-        pos = self._shift('pos_embed', self.pos_embed)
+        pos = shift(self.delta, 'pos_embed', self.pos_embed)
         pos = pos if grid == self.grid else self.resize_pos_embed(pos, grid)
         mid = M // 2
-        cls = self._shift('cls_token', self.cls_token).expand(B, -1, -1)
+        cls = shift(self.delta, 'cls_token', self.cls_token).expand(B, -1, -1)
         x = torch.cat([x[:, :mid], cls, x[:, mid:]], dim=1)
         hidden = self.pos_drop(x + pos)
         if self.prompt is not None:  # (T, C): ceil(T/2) before the sequence, the rest after

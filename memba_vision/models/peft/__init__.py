@@ -8,7 +8,7 @@ from .config import (AdapterConfig, AdditionalScanConfig, AffixConfig, GateConfi
 from .freeze import PEFT_MODULE_NAMES, freeze_all_but_peft, is_peft_param
 from .lora import LoRAConv2d, LoRALinear, MergedLoRALinear
 from .membrane_gate import MembraneGate
-from .partial import TensorDeltas
+from .partial import TensorDeltas, shift
 from .tokens import LearnedTokens
 
 __all__ = ['LoRALinear', 'MergedLoRALinear', 'LoRAConv2d', 'MembraneGate', 'ParallelAdapter',
@@ -16,4 +16,4 @@ __all__ = ['LoRALinear', 'MergedLoRALinear', 'LoRAConv2d', 'MembraneGate', 'Para
            'GateConfig', 'AdapterConfig', 'AdditionalScanConfig', 'AffixConfig', 'PromptConfig',
            'PartialConfig', 'parse_peft', 'freeze_all_but_peft', 'is_peft_param',
            'PEFT_MODULE_NAMES', 'wrap_in_proj', 'wrap_out_proj', 'wrap_merged', 'wrap_embed',
-           'build_gate', 'check_supported']
+           'build_gate', 'check_supported', 'shift']

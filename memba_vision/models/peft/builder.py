@@ -4,7 +4,7 @@ from typing import Optional
 import torch.nn as nn
 
 from .adapter import ParallelAdapter
-from .config import PEFTConfig
+from .config import LORA_TARGETS, PEFTConfig
 from .lora import LoRAConv2d, LoRALinear, MergedLoRALinear
 from .membrane_gate import MembraneGate
 
@@ -12,8 +12,13 @@ __all__ = ['wrap_in_proj', 'wrap_out_proj', 'wrap_merged', 'wrap_embed', 'build_
            'check_supported']
 
 
+def _rank(peft: Optional[PEFTConfig], target: str) -> Optional[int]:
+    """The LoRA rank ``peft`` gives ``target``, or None."""
+    return peft.lora_rank(target) if peft is not None else None
+
+
 def _lora(layer: nn.Module, peft: Optional[PEFTConfig], target: str, rows=None) -> nn.Module:
-    rank = peft.lora_rank(target) if peft is not None else None
+    rank = _rank(peft, target)
     if rank is None:
         return layer
     return LoRALinear(layer, rank, scale=peft.lora.scale, dropout=peft.lora.dropout, rows=rows)
@@ -39,7 +44,7 @@ def wrap_out_proj(linear: nn.Linear, peft: Optional[PEFTConfig]) -> nn.Module:
 def wrap_merged(linear: nn.Linear, peft: Optional[PEFTConfig], target: str,
                 rows=None) -> nn.Module:
     """x_proj / dt_proj with a merged-weight LoRA update when ``target`` has a rank."""
-    rank = peft.lora_rank(target) if peft is not None else None
+    rank = _rank(peft, target)
     if rank is None:
         return linear
     return MergedLoRALinear(linear, rank, scale=peft.lora.scale, rows=rows)
@@ -47,7 +52,7 @@ def wrap_merged(linear: nn.Linear, peft: Optional[PEFTConfig], target: str,
 
 def wrap_embed(conv: nn.Conv2d, peft: Optional[PEFTConfig]) -> nn.Module:
     """The patch embedding's conv with a low-rank conv beside it."""
-    rank = peft.lora_rank('embed') if peft is not None else None
+    rank = _rank(peft, 'embed')
     if rank is None:
         return conv
     return LoRAConv2d(conv, rank, scale=peft.lora.scale, dropout=peft.lora.dropout)
@@ -72,8 +77,7 @@ def check_supported(peft: Optional[PEFTConfig], backbone: str, methods=(), lora=
         if key not in methods:
             raise ValueError(f'{backbone}: peft.{key} is not supported on this backbone '
                              f'(supported: {", ".join(methods)})')
-    for target in ('in_proj', 'out_proj', 'in_proj_x', 'in_proj_z', 'x_proj', 'x_proj_B',
-                   'dt_proj', 'embed'):
+    for target in LORA_TARGETS:
         if peft.lora_rank(target) is not None and target not in lora:
             raise ValueError(f'{backbone}: peft.lora.{target} is not supported on this '
                              f'backbone (supported: {", ".join(lora)})')

@@ -116,6 +116,7 @@ class PEFTConfig:
         return tuple(f.name for f in fields(self) if getattr(self, f.name) is not None)
 
 
+LORA_TARGETS = tuple(f.name for f in fields(LoRAConfig) if f.name not in ('scale', 'dropout'))
 METHOD_CONFIGS = {f.name: cls for f, cls in zip(fields(PEFTConfig), (
     LoRAConfig, GateConfig, AdapterConfig, AdditionalScanConfig, AffixConfig, PromptConfig,
     PartialConfig))}

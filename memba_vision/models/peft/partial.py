@@ -1,11 +1,11 @@
 """Partial tuning: zero-initialised trainable deltas on pretrained tensors."""
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-__all__ = ['TensorDeltas']
+__all__ = ['TensorDeltas', 'shift']
 
 
 class TensorDeltas(nn.Module):
@@ -31,3 +31,8 @@ class TensorDeltas(nn.Module):
 
     def extra_repr(self) -> str:
         return ', '.join(self._parameters)
+
+
+def shift(deltas: Optional[TensorDeltas], name: str, tensor: Tensor) -> Tensor:
+    """``tensor`` plus its delta in ``deltas`` (which may be None: no partial tuning)."""
+    return tensor if deltas is None else deltas.shift(name, tensor)

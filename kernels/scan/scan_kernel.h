@@ -44,9 +44,9 @@ struct ScanParams {
   bool out_accum;     // add to what ``out`` holds instead of overwriting it
   float dout_scale;   // the backward reads dout_scale * dout
   float *ckpt;        // (B, nchunks, D, N): state at the start of every chunk
-  void *du, *ddelta;  // du: (B, L, D) with strides du_sb, du_sl; ddelta: (B, L, D) contiguous
-  int64_t du_sb, du_sl;
-  bool du_f32, du_accum;  // du is fp32 / du += the gradient (several scans of one input)
+  void *du, *ddelta;  // (B, L, D) with strides du_sb, du_sl and dd_sb, dd_sl
+  int64_t du_sb, du_sl, dd_sb, dd_sl;
+  bool du_f32;        // du is fp32 whatever u's dtype
   void *dz;           // (B, L, D) with strides dz_sb, dz_sl; dz_accum adds to it
   int64_t dz_sb, dz_sl;
   bool dz_accum;
@@ -56,15 +56,24 @@ struct ScanParams {
   bool dbc_out_f32;   // dbc_out is fp32 (else u's dtype)
 };
 
+// Up to kMaxDirs scans of one shape run in one launch (blockIdx.z picks the direction):
+// VMamba's four cross-scan directions fill the GPU together where one alone would leave
+// most multiprocessors idle (e.g. 56 x 56 tokens and 192 channels).
+constexpr int kMaxDirs = 4;
+struct ScanDirs {
+  ScanParams dir[kMaxDirs];  // the same batch, seqlen, dim and dtype in every direction
+  int ndir;
+};
+
 // Steps per chunk and channels per block, fixed by the kernels.
 int scan_chunk_len();
 int scan_channels_per_block();
 
 // y = scan (out); with ckpt set, also the chunk-start states. ckpt_only skips y.
-cudaError_t scan_forward(const ScanParams& p, DType dtype, bool ckpt_only, cudaStream_t stream);
+cudaError_t scan_forward(const ScanDirs& ps, DType dtype, bool ckpt_only, cudaStream_t stream);
 // du, ddelta, dz and dB | dC into dbc_out; needs ckpt from scan_forward and the dbc
 // buffer for the per-block partials, which a second kernel sums.
-cudaError_t scan_backward(const ScanParams& p, DType dtype, cudaStream_t stream);
+cudaError_t scan_backward(const ScanDirs& ps, DType dtype, cudaStream_t stream);
 
 struct ConvParams {
   int batch, seqlen, dim, width;

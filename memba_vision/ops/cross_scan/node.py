@@ -1,12 +1,13 @@
 """VMamba v0's cross scan on memba_vision's token-major scan kernels, as one autograd node.
 
-The four directions read x where it is, (B, H, W, D) channels-last: the row-major ones walk
-the tokens forwards and backwards, the column-major ones walk the grid by columns
-(``rows=H``), so there are no stacked, flipped or transposed copies, and the bf16 inputs are
-not copied to fp32 (the states and the sum of the four outputs are fp32, as in the official
-v0 scan). x_proj of all four directions is one matrix product; each direction's dt_proj one
-small product. The SSM parameters are frozen (PEFT): only x gets a gradient, the four
-directions' input gradients summed in fp32 inside the kernels.
+The four directions are one kernel launch (``scan_dirs_fwd``, a block per 64 channels, batch
+item and direction, so even stage 1's 192 channels fill the GPU) that reads x where it is,
+(B, H, W, D) channels-last: the row-major directions walk the tokens forwards and backwards,
+the column-major ones walk the grid by columns (``rows=H``), so there are no stacked, flipped
+or transposed copies, and the bf16 inputs are not copied to fp32 (the states, the four outputs
+and their sum are fp32, as in the official v0 scan). x_proj of all four directions is one
+matrix product, dt_proj one batched product. The SSM parameters are frozen (PEFT): only x gets
+a gradient, the four directions' parts of it kept in fp32 and summed.
 
 ``kernels`` is the extension (``memba_vision._scan_cuda``) or a stand-in with the same
 functions (the tests' CPU reference).
@@ -24,16 +25,18 @@ __all__ = ['cross_scan_fused', 'cross_scan_fused_reason']
 K_DIRECTIONS = 4
 
 
-def _directions(x_dbl: Tensor, dt_projs_weight: Tensor, R: int, N: int):
+# direction k: 0 row-major, 1 column-major (the grid walked by columns), 2 and 3 their reverses
+REVERSE = [False, False, True, True]
+
+
+def _rows(H: int):
+    return [0, H, 0, H]
+
+
+def _split(x_dbl: Tensor, dt_projs_weight: Tensor, R: int, N: int):
     """x_dbl (B, L, 4, R + 2N) -> delta (B, L, 4, D) and the B, C views (B, L, 4, N)."""
     delta = torch.einsum('blkr,kdr->blkd', x_dbl[..., :R], dt_projs_weight.to(x_dbl.dtype))
     return delta.contiguous(), x_dbl[..., R:R + N], x_dbl[..., R + N:]
-
-
-def _scan_args(k: int, H: int, A: Tensor, Ds: Tensor, bias: Tensor):
-    D = Ds.shape[0] // K_DIRECTIONS
-    return dict(A=A[k * D:(k + 1) * D].contiguous(), D=Ds[k * D:(k + 1) * D].contiguous(),
-                delta_bias=bias[k].contiguous(), reverse=k >= 2, rows=H if k % 2 else 0)
 
 
 class _CrossScan(torch.autograd.Function):
@@ -42,42 +45,34 @@ class _CrossScan(torch.autograd.Function):
     def forward(ctx, x: Tensor, H: int, x_proj_weight: Tensor, dt_projs_weight: Tensor,
                 dt_projs_bias: Tensor, A: Tensor, Ds: Tensor, kernels) -> Tensor:
         B, L, D = x.shape
-        R, N = dt_projs_weight.shape[2], A.shape[1]
+        R, N = dt_projs_weight.shape[2], A.shape[-1]
         w_all = x_proj_weight.to(x.dtype).reshape(-1, D)                # (4 (R + 2N), D)
         x_dbl = (x @ w_all.t()).view(B, L, K_DIRECTIONS, R + 2 * N)
-        delta, Bm, Cm = _directions(x_dbl, dt_projs_weight, R, N)
+        delta, Bm, Cm = _split(x_dbl, dt_projs_weight, R, N)
         acc = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 for fp64 tests)
-        y = torch.empty(B, L, D, device=x.device, dtype=acc)
-        for k in range(K_DIRECTIONS):
-            a = _scan_args(k, H, A, Ds, dt_projs_bias)
-            kernels.scan_fwd(x, delta[:, :, k], a['A'], Bm[:, :, k], Cm[:, :, k], a['D'], None,
-                             a['delta_bias'], None, None, True, a['reverse'], out=y,
-                             accumulate=k > 0, rows=a['rows'])
+        y4 = torch.empty(B, L, K_DIRECTIONS, D, device=x.device, dtype=acc)
+        kernels.scan_dirs_fwd(x, delta, A, Bm, Cm, Ds, dt_projs_bias, True, REVERSE, _rows(H),
+                              out=y4)
         ctx.save_for_backward(x, x_dbl, delta, x_proj_weight, dt_projs_weight, dt_projs_bias,
                               A, Ds)
         ctx.kernels, ctx.H = kernels, H
-        return y
+        return y4.sum(2)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, x_dbl, delta, x_proj_weight, dt_projs_weight, dt_projs_bias, A, Ds = ctx.saved_tensors
-        kernels, H = ctx.kernels, ctx.H
         B, L, D = x.shape
-        R, N = dt_projs_weight.shape[2], A.shape[1]
-        _, Bm, Cm = _directions(x_dbl, dt_projs_weight, R, N)
-        dy = dy.to(x.dtype).contiguous()
-        dx = torch.empty(B, L, D, device=x.device,
-                         dtype=torch.promote_types(x.dtype, torch.float32))
-        d_dbl = torch.empty(B, L, K_DIRECTIONS, R + 2 * N, device=x.device, dtype=x.dtype)
-        for k in range(K_DIRECTIONS):
-            a = _scan_args(k, H, A, Ds, dt_projs_bias)
-            _, ddelta, _, _, _ = kernels.scan_bwd(
-                x, delta[:, :, k], a['A'], Bm[:, :, k], Cm[:, :, k], a['D'], None,
-                a['delta_bias'], None, None, dy, True, a['reverse'],
-                dBC_out=d_dbl[:, :, k, R:], rows=a['rows'], du_out=dx, du_accumulate=k > 0)
-            d_dbl[:, :, k, :R] = ddelta @ dt_projs_weight[k].to(ddelta.dtype)
+        R, N = dt_projs_weight.shape[2], A.shape[-1]
+        _, Bm, Cm = _split(x_dbl, dt_projs_weight, R, N)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        du = torch.empty(B, L, K_DIRECTIONS, D, device=x.device, dtype=acc)
+        d_dbl = torch.empty_like(x_dbl)                                 # (B, L, 4, R + 2N)
+        _, ddelta, _, _ = ctx.kernels.scan_dirs_bwd(
+            x, delta, A, Bm, Cm, Ds, dt_projs_bias, dy.to(x.dtype).contiguous(), True, REVERSE,
+            _rows(ctx.H), du_out=du, dBC_out=d_dbl[..., R:])
+        d_dbl[..., :R] = torch.einsum('blkd,kdr->blkr', ddelta, dt_projs_weight.to(x.dtype))
         w_all = x_proj_weight.to(x.dtype).reshape(-1, D)
-        dx = dx + (d_dbl.view(B, L, -1) @ w_all).to(dx.dtype)
+        dx = du.sum(2) + (d_dbl.view(B, L, -1) @ w_all).to(acc)
         return dx.to(x.dtype), None, None, None, None, None, None, None
 
 
@@ -108,5 +103,7 @@ def cross_scan_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor,
     if tokens.stride(-1) != 1:
         tokens = tokens.contiguous()
     acc = torch.promote_types(x.dtype, torch.float32)  # the kernels' fp32 parameters
-    return _CrossScan.apply(tokens, H, x_proj_weight, dt_projs_weight, dt_projs_bias.to(acc),
-                            A.to(acc), Ds.to(acc), kernels)
+    K = K_DIRECTIONS
+    return _CrossScan.apply(tokens, H, x_proj_weight, dt_projs_weight,
+                            dt_projs_bias.to(acc).contiguous(), A.to(acc).reshape(K, D, -1),
+                            Ds.to(acc).reshape(K, D), kernels)

@@ -3,8 +3,9 @@
 Each function is the reference op (``ops.selective_scan_tokens``,
 ``ops.causal_conv1d_tokens``, ``ops.lim_reference`` on flipped tokens) and its
 autograd gradient, with the extension's output conventions (``out``/``dz_out``
-buffers, ``accumulate``, scales, stacked directions). It lets the tests run
-``ops.bidirectional_ssm`` on the CPU and compare it with the per-op mixer path.
+buffers, ``accumulate``, scales, stacked directions, grids walked by columns). It lets
+the tests run ``ops.bidirectional_ssm`` and ``ops.cross_scan`` on the CPU and compare them
+with the per-op paths.
 """
 import torch
 
@@ -26,6 +27,26 @@ def _wide(t):
 
 def _leaf(t):
     return None if t is None else t.detach().clone().requires_grad_(True)
+
+
+def _grid_scan(rows, u, delta, A, B, C, D, delta_bias, softplus, reverse):
+    """selective_scan_tokens over a row-major (rows, L / rows) grid walked column by column
+    (``rows=0``: in token order): the tokens are gathered in visit order and scattered back."""
+    if not rows:
+        return selective_scan_tokens(u, delta, A, B, C, D, None, delta_bias, softplus, reverse)
+    L = u.shape[1]
+    order = torch.arange(L, device=u.device).view(rows, L // rows).t().reshape(-1)
+    y = selective_scan_tokens(u[:, order], delta[:, order], A, B[:, order], C[:, order], D,
+                              None, delta_bias, softplus, reverse)
+    return y[:, torch.argsort(order)]
+
+
+def _directions(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows):
+    """The K scans of ``scan_dirs_fwd``, stacked (B, L, K, D)."""
+    return torch.stack([
+        _grid_scan(rows[k], u, delta[:, :, k], A[k], B[:, :, k], C[:, :, k],
+                   None if D is None else D[k], None if delta_bias is None else delta_bias[k],
+                   softplus, reverse[k]) for k in range(delta.shape[2])], dim=2)
 
 
 class ReferenceScanKernels:
@@ -110,3 +131,26 @@ class ReferenceScanKernels:
         rest = iter(grads[2:])
         gp = [None if p is None else next(rest) for p in prev]
         return gx, gp[0], gp[1]
+
+    @staticmethod
+    def scan_dirs_fwd(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows, out=None):
+        with torch.no_grad():
+            y = _directions(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows)
+        return _store(out, y)
+
+    @staticmethod
+    def scan_dirs_bwd(u, delta, A, B, C, D, delta_bias, dout, softplus, reverse, rows,
+                      du_out=None, dBC_out=None):
+        u_, delta_, B_, C_ = (_leaf(t) for t in (u, delta, B, C))
+        with torch.enable_grad():
+            y = _directions(u_, delta_, A, B_, C_, D, delta_bias, softplus, reverse, rows)
+            # every direction receives dout; u's gradient is kept per direction
+            grads = torch.autograd.grad(y, [delta_, B_, C_], dout.unsqueeze(2).expand_as(y),
+                                        retain_graph=True)
+            du = torch.stack([torch.autograd.grad(y[:, :, k], u_, dout, retain_graph=True)[0]
+                              for k in range(y.shape[2])], dim=2)
+        ddelta, dB, dC = (g.contiguous() for g in grads)
+        du = _store(du_out, du)
+        if dBC_out is not None:
+            dBC_out.copy_(torch.cat([dB, dC], dim=-1))
+        return du, ddelta, dB, dC

@@ -167,7 +167,10 @@ def test_deferred_runtime_info_does_not_keep_the_steps_autograd_graph():
     assert alive() is None
 
 
-def test_bf16_wrapper_steps_like_autocast_clip_and_adamw_without_a_scaler():
+@pytest.mark.parametrize('gpu_visible', [False, True])
+def test_bf16_wrapper_steps_like_autocast_clip_and_adamw_without_a_scaler(gpu_visible,
+                                                                          monkeypatch):
+    """A CPU model is autocast on the CPU, also where a GPU is visible."""
     from memba_vision.engine import BF16OptimWrapper
 
     def model_and_opt():
@@ -186,8 +189,11 @@ def test_bf16_wrapper_steps_like_autocast_clip_and_adamw_without_a_scaler():
 
     logged_before = logged_norms()
     for _ in range(3):
-        with wrapper.optim_context(m1):
-            loss1 = torch.nn.functional.cross_entropy(m1(x), y)
+        with monkeypatch.context() as patch:
+            if gpu_visible:  # (only here: the optimiser's step would then look for a GPU)
+                patch.setattr(torch.cuda, 'is_available', lambda: True)
+            with wrapper.optim_context(m1):
+                loss1 = torch.nn.functional.cross_entropy(m1(x), y)
         wrapper.update_params(loss1)
         with torch.autocast('cpu', dtype=torch.bfloat16):
             loss2 = torch.nn.functional.cross_entropy(m2(x), y)

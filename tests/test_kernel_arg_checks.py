@@ -52,7 +52,19 @@ def _cases(dev='cuda'):
     fwd = dict(scan, out=out, out_scale=0.5, accumulate=True)
     bwd = dict(scan, dout=rnd(B, L, D), dout_scale=0.5, dz_out=dz_out, dz_accumulate=True,
                dBC_out=dbc_out)
-    buffers = (out, dz_out, dbc_out)
+    # the layouts of ops.cross_scan: K directions of one u, B and C slices of one x_proj output
+    K = 4
+    xdbl4 = rnd(B, L, K, 3 + 2 * N)
+    dirs = dict(u=xz[..., :D], delta=rnd(B, L, K, D),
+                A=-torch.rand(K, D, N, device=dev, generator=g) - 0.1, B=xdbl4[..., 3:3 + N],
+                C=xdbl4[..., 3 + N:], D=rnd(K, D), delta_bias=rnd(K, D), softplus=True,
+                reverse=[False, False, True, True], rows=[0, L, 0, L])
+    dirs_out, du_dirs = rnd(B, L, K, D), rnd(B, L, K, D)
+    dbc_dirs = rnd(B, L, K, 3 + 2 * N)[..., 3:]
+    fwd_dirs = dict(dirs, out=dirs_out)
+    bwd_dirs = dict(dirs, dout=rnd(B, L, D), du_out=du_dirs, dBC_out=dbc_dirs)
+    dirs_bf16 = dict(dirs, **{k: dirs[k].to(bf16) for k in ('u', 'delta', 'B', 'C')})
+    buffers = (out, dz_out, dbc_out, dirs_out, du_dirs, dbc_dirs)
     conv = [xz[..., :D], rnd(D, 4), rnd(D), False, True]
     conv_bwd = dict(x=xz[..., :D], weight=rnd(D, 4), bias=rnd(D), grad_y=rnd(B, L, D),
                     reverse=True, silu=True, out=out, accumulate=True)
@@ -84,6 +96,13 @@ def _cases(dev='cuda'):
              ('lim_pair_fwd accepts', 'lim_pair_fwd', lambda: ext.lim_pair_fwd(*pair), None),
              ('lim_pair_bwd accepts', 'lim_pair_bwd', lambda: ext.lim_pair_bwd(*pair_bwd),
               None),
+             ('scan_dirs_fwd accepts', 'scan_dirs_fwd', kw(ext.scan_dirs_fwd, fwd_dirs), None),
+             ('scan_dirs_bwd accepts', 'scan_dirs_bwd', kw(ext.scan_dirs_bwd, bwd_dirs), None),
+             ('scan_dirs_fwd accepts bf16 + fp32 out', 'scan_dirs_fwd',
+              kw(ext.scan_dirs_fwd, dict(dirs_bf16, out=dirs_out)), None),
+             ('scan_dirs_bwd accepts bf16 + fp32 du_out', 'scan_dirs_bwd',
+              kw(ext.scan_dirs_bwd, dict(dirs_bf16, dout=rnd(B, L, D, dtype=bf16),
+                                         du_out=du_dirs)), None),
              ('lim accepts strided x', 'lim', lambda: lim_op(*lim), None),
              ('lim_backward accepts', 'lim_backward', lambda: lim_bwd_op(*lim_bwd), None)]
     bad_scan = {
@@ -118,6 +137,39 @@ def _cases(dev='cuda'):
         for i, value in enumerate(values):
             cases.append((f'scan_bwd {arg} #{i}', 'scan_bwd', kw(ext.scan_bwd, bwd, **{arg: value}),
                           arg))
+    bad_dirs = {
+        'u': [rnd(B, L, D, dtype=f64), transposed(L, D).expand(B, L, D), rnd(L, D)],
+        'delta': [rnd(B, L, D), rnd(B, L, 5, D), rnd(B, L, K, D, dtype=bf16),
+                  strided_last(B, L, K, D), rnd(B, L, K, D).cpu()],
+        'A': [rnd(K, D, 8), rnd(K - 1, D, N), rnd(D, N), rnd(K, D, N, dtype=f64)],
+        'B': [rnd(B, L, K, 8), strided_last(B, L, K, N), rnd(B, L, K - 1, N)],
+        'C': [rnd(B, L, K, N, dtype=bf16), rnd(B, L + 1, K, N)],
+        'D': [rnd(K * D), rnd(K, D, dtype=bf16)],
+        'delta_bias': [rnd(K, D, dtype=f64), transposed(K, D)],
+        'reverse': [[False] * 3],
+        'rows': [[0, 5, 0, 5], [0, -1, 0, L]],
+    }
+    for op_name, fn, base in (('scan_dirs_fwd', ext.scan_dirs_fwd, fwd_dirs),
+                              ('scan_dirs_bwd', ext.scan_dirs_bwd, bwd_dirs)):
+        for arg, values in bad_dirs.items():
+            for i, value in enumerate(values):
+                cases.append((f'{op_name} {arg} #{i}', op_name, kw(fn, base, **{arg: value}),
+                              arg))
+        # a rows list of the wrong length: the message names reverse and rows together
+        cases.append((f'{op_name} rows of 3', op_name, kw(fn, base, rows=[0, L, 0]), 'reverse'))
+    for arg, op_name, fn, base, values in [
+            ('out', 'scan_dirs_fwd', ext.scan_dirs_fwd, fwd_dirs,
+             [rnd(B, L, K, D, dtype=f64), rnd(B, L, D), expanded(B, L, K, D),
+              dirs_out.cpu()]),
+            ('dout', 'scan_dirs_bwd', ext.scan_dirs_bwd, bwd_dirs,
+             [rnd(B, L, K, D), rnd(B, L, D, dtype=bf16), strided_last(B, L, D)]),
+            ('du_out', 'scan_dirs_bwd', ext.scan_dirs_bwd, bwd_dirs,
+             [rnd(B, L, K, D, dtype=f64), expanded(B, L, K, D), rnd(B, L, K - 1, D)]),
+            ('dBC_out', 'scan_dirs_bwd', ext.scan_dirs_bwd, bwd_dirs,
+             [rnd(B, L, K, 2 * N, dtype=f64), rnd(B, L, K, N), strided_last(B, L, K, 2 * N),
+              expanded(B, L, K, 2 * N)])]:
+        for i, value in enumerate(values):
+            cases.append((f'{op_name} {arg} #{i}', op_name, kw(fn, base, **{arg: value}), arg))
     for i, (index, arg, value) in enumerate([
             (0, 'x', rnd(B, L, D, dtype=f64)), (0, 'x', conv[0].cpu()),
             (0, 'x', strided_last(B, L, D)), (1, 'weight', rnd(D, 1, 4)),

@@ -213,3 +213,25 @@ def test_vim_mixer_equals_the_literal_flip_formulation(gate):
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(mem, mem_ref))
     else:
         assert mem is None
+
+
+@pytest.mark.parametrize('residual', [True, False])
+def test_vmamba_gate_is_the_mean_of_the_two_directions_gated_z(residual):
+    """SS2D applies z' = (z'_fwd + z'_bwd) / 2 of the two LIM directions as one product."""
+    from memba_vision.models.backbones.vmamba import SS2D
+    from memba_vision.models.peft import parse_peft
+    mixer = SS2D(16, d_state=4, peft=parse_peft(dict(gate=dict(rank=3, num_chunks=2,
+                                                                residual=residual)))).eval()
+    for p in mixer.gate.proj_out:
+        nn.init.normal_(p.weight)
+    x = torch.randn(2, 4, 6, 16)
+    seen = {}
+    mixer.out_proj.register_forward_pre_hook(lambda m, a: seen.update(y=a[0]))
+    with torch.no_grad():
+        mixer(x)
+        xs, z = mixer.in_proj(x).chunk(2, dim=-1)
+        xs = F.silu(mixer.conv2d(xs.permute(0, 3, 1, 2)))
+        y = mixer.out_norm(mixer.cross_scan(xs.permute(0, 2, 3, 1)))
+        (z_f, z_b), _ = mixer.gate(z.reshape(2, 24, -1), None)
+        expected = y * F.silu((z_f + z_b) / 2)
+    assert torch.allclose(seen['y'], expected, atol=1e-5)

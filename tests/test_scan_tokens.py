@@ -15,8 +15,15 @@ from memba_vision.ops import causal_conv1d_tokens, selective_scan_tokens
 from memba_vision.ops.bidirectional_ssm import scan_extension
 
 
-def loop_scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate):
-    """Per-token loop of the selective scan on (b, l, d) tensors, in fp64."""
+def grid_columns(rows, length):
+    """Token indices of a row-major (rows, length // rows) grid, visited column by column."""
+    cols = length // rows
+    return [h * cols + w for w in range(cols) for h in range(rows)]
+
+
+def loop_scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate, order=None):
+    """Per-token loop of the selective scan on (b, l, d) tensors, in fp64; ``order``: the
+    tokens in visit order (default: 0 .. l-1), walked backwards when ``reverse``."""
     u, delta, B, C = (t.double() for t in (u, delta, B, C))
     A = A.double()
     dt = delta + bias.double() if bias is not None else delta
@@ -25,7 +32,8 @@ def loop_scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate):
     b, l, d = u.shape
     h = u.new_zeros(b, d, A.shape[1])
     ys = [None] * l
-    for t in (range(l - 1, -1, -1) if reverse else range(l)):
+    steps = list(range(l) if order is None else order)
+    for t in (reversed(steps) if reverse else steps):
         h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None]
         ys[t] = (h * C[:, t, None]).sum(-1)
     y = torch.stack(ys, dim=1)
@@ -251,3 +259,83 @@ def test_conv_kernel_matches_loop(reverse, dtype, l):
     ref.backward(g.double())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert out.dtype == dtype and rel(out, ref) < tol and rel(xg.grad, xr.grad) < tol
+
+
+# VMamba's cross scan: row-major, column-major (rows=h) and both reversed
+CROSS = dict(reverse=[False, False, True, True], rows=lambda h: [0, h, 0, h])
+
+
+def make_directions(b, h, w, d, k=4, device='cpu', dtype=torch.float32, seed=0):
+    """u (b, l, d) and, per direction, delta / B / C (b, l, k, *) as the cross-scan node lays
+    them out (B and C slices of one x_proj output), A (k, d, 16), D and bias (k, d)."""
+    g = torch.Generator().manual_seed(seed)
+    l, n = h * w, 16
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device)
+    x_dbl = rnd(b, l, k, 6 + 2 * n)
+    return dict(u=rnd(b, l, d).to(dtype), delta=(rnd(b, l, k, d, scale=0.5) - 1).to(dtype),
+                A=-torch.exp(rnd(k, d, n, scale=0.5)), B=x_dbl[..., 6:6 + n].to(dtype),
+                C=x_dbl[..., 6 + n:].to(dtype), D=rnd(k, d), bias=rnd(k, d, scale=0.3))
+
+
+def loop_directions(inp, reverse, rows, dy):
+    """Each direction's output and the gradients of u (per direction), delta, B, C, by the
+    per-token fp64 loop visiting the tokens in that direction's order."""
+    l, k = inp['u'].shape[1], inp['delta'].shape[2]
+    leaves = {n: inp[n].detach().double().requires_grad_() for n in ('delta', 'B', 'C')}
+    us = [inp['u'].detach().double().requires_grad_() for _ in range(k)]
+    ys = [loop_scan(us[i], leaves['delta'][:, :, i], inp['A'][i], leaves['B'][:, :, i],
+                    leaves['C'][:, :, i], inp['D'][i], None, inp['bias'][i], True, reverse[i],
+                    None, order=grid_columns(rows[i], l) if rows[i] else None)
+          for i in range(k)]
+    sum(ys).backward(dy.double())
+    return (torch.stack(ys, dim=2), torch.stack([u.grad for u in us], dim=2),
+            leaves['delta'].grad, leaves['B'].grad, leaves['C'].grad)
+
+
+@requires_cuda
+@requires_kernels
+@pytest.mark.parametrize('h,w,dtype,tol', [
+    (3, 5, torch.float32, 1e-5), (7, 4, torch.float32, 1e-5), (14, 14, torch.float32, 1e-5),
+    (1, 9, torch.float32, 1e-5), (56, 56, torch.float32, 1e-5), (7, 4, torch.bfloat16, 3e-3),
+    (28, 28, torch.bfloat16, 3e-3)])
+def test_scan_dirs_kernel_matches_the_loop_in_four_orders(h, w, dtype, tol):
+    """scan_dirs_fwd / scan_dirs_bwd: VMamba's four directions in one launch, each with its own
+    delta, B, C, A, D and bias, the column-major ones walking the row-major grid by columns, in
+    place; every output and input gradient against the per-token loop in that order."""
+    ext = scan_extension()[0]
+    inp = make_directions(2, h, w, 96, device='cuda', dtype=dtype, seed=h * 100 + w)
+    dy = torch.randn(2, h * w, 96, device='cuda').to(dtype)
+    rev, rows = CROSS['reverse'], CROSS['rows'](h)
+    args = [inp[n] for n in ('u', 'delta', 'A', 'B', 'C', 'D', 'bias')]
+    y = ext.scan_dirs_fwd(*args, True, rev, rows, out=torch.empty(
+        2, h * w, 4, 96, device='cuda'))                       # fp32 outputs of bf16 inputs
+    du = torch.empty(2, h * w, 4, 96, device='cuda')
+    dbc = torch.empty(2, h * w, 4, 6 + 32, device='cuda', dtype=dtype)[..., 6:]
+    _, ddelta, dB, dC = ext.scan_dirs_bwd(*args, dy, True, rev, rows, du_out=du, dBC_out=dbc)
+    ref = loop_directions(inp, rev, rows, dy)
+    errs = {name: rel(got, want) for name, got, want in
+            zip(('y', 'u', 'delta', 'B', 'C'), (y, du, ddelta, dB, dC), ref)}
+    print(f'SCAN dirs {h}x{w} {dtype}: ' + ' '.join(f'{k} {v:.1e}' for k, v in errs.items()))
+    assert y.dtype == du.dtype == torch.float32 and ddelta.dtype == dtype
+    assert all(v < tol for v in errs.values()), errs
+    if h > 1 and w > 1:  # the column walk differs from the row-major one
+        row_major = loop_directions(inp, rev, [0] * 4, dy)[0]
+        assert rel(row_major, ref[0]) > 1e-2
+
+
+@pytest.mark.parametrize('h,w', [(3, 5), (1, 4)])
+def test_grid_columns_order_and_the_cpu_stand_in(h, w):
+    """The tests' stand-in of the extension walks the grid like the per-token loop."""
+    from scan_ext_reference import ReferenceScanKernels as ext
+    assert grid_columns(2, 6) == [0, 3, 1, 4, 2, 5]
+    inp = make_directions(2, h, w, 12)
+    dy = torch.randn(2, h * w, 12)
+    rev, rows = CROSS['reverse'], CROSS['rows'](h)
+    args = [inp[n] for n in ('u', 'delta', 'A', 'B', 'C', 'D', 'bias')]
+    y = ext.scan_dirs_fwd(*args, True, rev, rows)
+    du, ddelta, dB, dC = ext.scan_dirs_bwd(*args, dy, True, rev, rows)
+    for name, got, want in zip(('y', 'u', 'delta', 'B', 'C'), (y, du, ddelta, dB, dC),
+                               loop_directions(inp, rev, rows, dy)):
+        assert rel(got, want) < 1e-5, name

@@ -13,7 +13,7 @@ every one; default lora and memba), batch size, precision and mode (``graph``:
 the configs' setting, CUDA-graph replay of the backbone; ``eager``): the time of one training step
 (forward, backward and AdamW on the trainable tensors; CUDA events, median after
 warm-up), images/s, peak GPU memory, and evaluation images/s. No dataset or
-weights are needed. ``--profile`` adds, for every Vim-S batch-32 bf16 row, the
+weights are needed. ``--profile`` adds, for every batch-32 bf16 row, the
 GPU busy time per step, the kernel launches per step and the top kernels.
 ``--baseline CMD`` runs a baseline script in the same run (one that prints
 ``bs 32 amp True: train step X ms = Y img/s ...`` lines, like the official-code
@@ -191,7 +191,7 @@ def main():
     p.add_argument('--modes', nargs='+', choices=['graph', 'eager'],
                    help='graph: CUDA-graph replay (the configs\' setting); eager (default: graph)')
     p.add_argument('--profile', action='store_true',
-                   help='GPU busy time and kernel launches per step of the Vim-S b32 bf16 rows')
+                   help='GPU busy time and kernel launches per step of the b32 bf16 rows')
     p.add_argument('--baseline', metavar='CMD',
                    help='baseline timer to run in the same process tree, e.g. '
                         '"python third_party/baselines/official_vim_step.py third_party/vim"')
@@ -237,8 +237,7 @@ def main():
                 model = build(backbone, method, args.device, cpu, cuda_graph=mode == 'graph')
                 for batch in batches:
                     for prec in precisions:
-                        want_prof = (args.profile and backbone == 'vim_s' and batch == 32
-                                     and prec == 'bf16')
+                        want_prof = args.profile and batch == 32 and prec == 'bf16'
                         t, peak, te, prof, _ = measure(model, batch, size, prec == 'bf16',
                                                        args.device, warmup, reps, want_prof)
                         by_key[(backbone, method, mode, batch, prec)] = (t, peak, batch / te)

@@ -5,6 +5,15 @@
 //   scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, softplus, reverse,
 //            dout_scale=1, dz_out=None, dz_accumulate=False, dBC_out=None)
 //       -> (du, ddelta, dz or None, dB, dC)
+//   scan_dirs_fwd(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows, out=None)
+//       -> y (B, L, K, D)
+//   scan_dirs_bwd(u, delta, A, B, C, D, delta_bias, dout, softplus, reverse, rows,
+//                 du_out=None, dBC_out=None) -> (du, ddelta (B, L, K, D), dB, dC (B, L, K, 16))
+//       K <= 4 scans of one u in one launch, each with its own delta, B, C (B, L, K, *),
+//       A (K, D, 16), D and delta_bias (K, D), reverse[k] and rows[k] (rows > 0: the L
+//       tokens are a row-major (rows, L / rows) grid, scanned column by column); no gate.
+//       dout (B, L, D) is shared (the scans' outputs are summed downstream); out and du_out
+//       may be fp32 whatever u's dtype.
 //   conv_fwd(x, weight, bias, reverse, silu) -> y
 //   conv_bwd(x, weight, bias, grad_y, reverse, silu, out=None, accumulate=False) -> dx
 //   lim_pair_fwd(x, u_prev_f, u_prev_b, num_chunks, leak, threshold) -> (out, u_mean)
@@ -117,13 +126,20 @@ void check_scan_inputs(const char* op, const at::Tensor& u, const at::Tensor& de
   }
 }
 
-// Call only after check_scan_inputs: reads pointers and strides, touches no memory.
+// rows > 0 (a grid scanned by columns) must divide the sequence length.
+void check_rows(const char* op, const at::Tensor& u, int64_t rows) {
+  TORCH_CHECK(rows >= 0 && (rows == 0 || u.size(1) % rows == 0), op, ": rows must be 0 or divide "
+              "the sequence length ", u.size(1), ", got ", rows);
+}
+
+// Call only after the inputs are checked: reads pointers and strides, touches no memory.
 ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                        const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
                        const OptTensor& z, const OptTensor& bias, const OptTensor& S,
-                       const OptTensor& W, bool softplus, bool reverse) {
+                       const OptTensor& W, bool softplus, bool reverse, int64_t rows = 0) {
   const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2);
   ScanParams p{};
+  p.rows = static_cast<int>(rows);
   p.batch = static_cast<int>(batch);
   p.seqlen = static_cast<int>(L);
   p.dim = static_cast<int>(dim);
@@ -149,9 +165,62 @@ ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::T
   return p;
 }
 
-// A given (checked) output buffer, or a new contiguous one like ``ref``.
+// A given (checked) output buffer, or a new contiguous one of ``sizes`` like ``ref``.
+at::Tensor output_like(const OptTensor& given, const at::Tensor& ref, at::IntArrayRef sizes) {
+  return present(given) ? *given : at::empty(sizes, ref.options());
+}
 at::Tensor output_like(const OptTensor& given, const at::Tensor& ref) {
-  return present(given) ? *given : at::empty(ref.sizes(), ref.options());
+  return output_like(given, ref, ref.sizes());
+}
+
+// The forward's output, a (B, L, D) view: out (+)= scale * y.
+void set_out(ScanParams& p, const at::Tensor& out, double scale, bool accumulate) {
+  p.out = out.data_ptr(); p.out_sb = out.stride(0); p.out_sl = out.stride(1);
+  p.out_f32 = out.scalar_type() == at::kFloat;
+  p.out_scale = static_cast<float>(scale);
+  p.out_accum = accumulate;
+}
+
+// The backward's inputs, outputs and scratch of one direction: dout, du and ddelta (B, L, D)
+// views, the chunk-start states ckpt (B, nchunks, D, N), the per-block dB | dC partials dbc
+// (B, nblocks, L, 2N) and their sum dbc_sum (B, L, 2N).
+void set_bwd(ScanParams& p, const at::Tensor& dout, double dout_scale, const at::Tensor& du,
+             const at::Tensor& ddelta, const at::Tensor& ckpt, const at::Tensor& dbc,
+             const at::Tensor& dbc_sum) {
+  p.dout = dout.data_ptr(); p.do_sb = dout.stride(0); p.do_sl = dout.stride(1);
+  p.dout_scale = static_cast<float>(dout_scale);
+  p.du = du.data_ptr(); p.du_sb = du.stride(0); p.du_sl = du.stride(1);
+  p.du_f32 = du.scalar_type() == at::kFloat;
+  p.ddelta = ddelta.data_ptr(); p.dd_sb = ddelta.stride(0); p.dd_sl = ddelta.stride(1);
+  p.ckpt = ckpt.data_ptr<float>();
+  p.dbc = dbc.data_ptr<float>();
+  p.dbc_out = dbc_sum.data_ptr(); p.dbc_out_sb = dbc_sum.stride(0);
+  p.dbc_out_sl = dbc_sum.stride(1);
+  p.dbc_out_f32 = dbc_sum.scalar_type() == at::kFloat;
+}
+
+// Scratch of the backward for ``ndir`` directions of u's shape: chunk-start states
+// (ndir, B, nchunks, D, N) and dB | dC partials (ndir, B, nblocks, L, 2N), fp32.
+std::pair<at::Tensor, at::Tensor> bwd_scratch(const at::Tensor& u, int64_t ndir) {
+  const auto f32 = u.options().dtype(at::kFloat);
+  const int64_t nchunks = (u.size(1) + scan_chunk_len() - 1) / scan_chunk_len();
+  const int64_t nblocks = (u.size(2) + scan_channels_per_block() - 1) / scan_channels_per_block();
+  return {at::empty({ndir, u.size(0), nchunks, u.size(2), kStates}, f32),
+          at::empty({ndir, u.size(0), nblocks, u.size(1), 2 * kStates}, f32)};
+}
+
+// The state checkpoints, then the backward proper (and the dB | dC sums).
+void run_backward(const ScanDirs& ps, const at::Tensor& u, const char* what) {
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  check_cuda(scan_forward(ps, dtype_of(u), true, stream), what);
+  check_cuda(scan_backward(ps, dtype_of(u), stream), what);
+}
+
+ScanDirs one_direction(const ScanParams& p) {
+  ScanDirs ps{};
+  ps.dir[0] = p;
+  ps.ndir = 1;
+  return ps;
 }
 
 at::Tensor scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -166,10 +235,9 @@ at::Tensor scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tens
   ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
   const c10::cuda::CUDAGuard guard(u.device());
   at::Tensor out = output_like(out_buf, u);
-  p.out = out.data_ptr(); p.out_sb = out.stride(0); p.out_sl = out.stride(1);
-  p.out_scale = static_cast<float>(out_scale);
-  p.out_accum = accumulate;
-  check_cuda(scan_forward(p, dtype_of(u), false, at::cuda::getCurrentCUDAStream()), "scan_fwd");
+  set_out(p, out, out_scale, accumulate);
+  check_cuda(scan_forward(one_direction(p), dtype_of(u), false,
+                          at::cuda::getCurrentCUDAStream()), "scan_fwd");
   return out;
 }
 
@@ -192,34 +260,121 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
   }
   ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
   const c10::cuda::CUDAGuard guard(u.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const auto f32 = u.options().dtype(at::kFloat);
-  const int64_t nblocks = (u.size(2) + scan_channels_per_block() - 1) / scan_channels_per_block();
-  at::Tensor ckpt = at::empty({u.size(0), p.nchunks, u.size(2), kStates}, f32);
-  at::Tensor dbc = at::empty({u.size(0), nblocks, u.size(1), 2 * kStates}, f32);
-  at::Tensor dbc_sum =
-      present(dBC_out) ? *dBC_out : at::empty({u.size(0), u.size(1), 2 * kStates}, f32);
-  p.dbc_out = dbc_sum.data_ptr();
-  p.dbc_out_sb = dbc_sum.stride(0);
-  p.dbc_out_sl = dbc_sum.stride(1);
-  p.dbc_out_f32 = dbc_sum.scalar_type() == at::kFloat;
+  const auto [ckpt, dbc] = bwd_scratch(u, 1);
+  at::Tensor dbc_sum = present(dBC_out)
+      ? *dBC_out : at::empty({u.size(0), u.size(1), 2 * kStates}, u.options().dtype(at::kFloat));
   at::Tensor du = at::empty(u.sizes(), u.options());
   at::Tensor ddelta = at::empty(u.sizes(), u.options());
+  set_bwd(p, dout, dout_scale, du, ddelta, ckpt[0], dbc[0], dbc_sum);
   OptTensor dz;
-  if (p.has_z) dz = output_like(dz_out, u);
-  p.ckpt = ckpt.data_ptr<float>();
-  p.dout = dout.data_ptr(); p.do_sb = dout.stride(0); p.do_sl = dout.stride(1);
-  p.dout_scale = static_cast<float>(dout_scale);
-  p.du = du.data_ptr();
-  p.ddelta = ddelta.data_ptr();
   if (p.has_z) {
+    dz = output_like(dz_out, u);
     p.dz = dz->data_ptr(); p.dz_sb = dz->stride(0); p.dz_sl = dz->stride(1);
     p.dz_accum = dz_accumulate;
   }
-  p.dbc = dbc.data_ptr<float>();
-  check_cuda(scan_forward(p, dtype_of(u), true, stream), "scan_bwd (state checkpoints)");
-  check_cuda(scan_backward(p, dtype_of(u), stream), "scan_bwd");
+  run_backward(one_direction(p), u, "scan_bwd");
   return {du, ddelta, dz, dbc_sum.narrow(2, 0, kStates), dbc_sum.narrow(2, kStates, kStates)};
+}
+
+// scan_dirs_* inputs: u (B, L, D); delta, B, C (B, L, K, *), contiguous last axis, u's dtype;
+// A (K, D, 16), D and delta_bias (K, D), fp32 contiguous; reverse and rows: K entries.
+// Returns K.
+int64_t check_dirs_inputs(const char* op, const at::Tensor& u, const at::Tensor& delta,
+                          const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                          const OptTensor& D, const OptTensor& bias,
+                          const std::vector<bool>& reverse, const std::vector<int64_t>& rows) {
+  check_leading(op, "u", u);
+  const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2);
+  check_tensor(op, "delta", delta, u.device(), u.scalar_type(), {batch, L, kAny, dim},
+               Strides::kLastAxis);
+  const int64_t K = delta.size(2);
+  TORCH_CHECK(K >= 1 && K <= kMaxDirs, op, ": delta must have 1 to ", kMaxDirs,
+              " directions (axis 2), got ", K);
+  check_tensor(op, "A", A, u.device(), at::kFloat, {K, dim, kStates}, Strides::kContiguous);
+  check_tensor(op, "B", B, u.device(), u.scalar_type(), {batch, L, K, kStates},
+               Strides::kLastAxis);
+  check_tensor(op, "C", C, u.device(), u.scalar_type(), {batch, L, K, kStates},
+               Strides::kLastAxis);
+  if (present(D)) check_tensor(op, "D", *D, u.device(), at::kFloat, {K, dim}, Strides::kContiguous);
+  if (present(bias)) {
+    check_tensor(op, "delta_bias", *bias, u.device(), at::kFloat, {K, dim}, Strides::kContiguous);
+  }
+  TORCH_CHECK(static_cast<int64_t>(reverse.size()) == K && static_cast<int64_t>(rows.size()) == K,
+              op, ": reverse and rows must have one entry per direction (", K, "), got ",
+              reverse.size(), " and ", rows.size());
+  for (const int64_t r : rows) check_rows(op, u, r);
+  return K;
+}
+
+// Direction k's parameters (its slices of the direction-axis tensors).
+ScanParams dir_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                      const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
+                      const OptTensor& bias, bool softplus, const std::vector<bool>& reverse,
+                      const std::vector<int64_t>& rows, int64_t k) {
+  const OptTensor Dk = present(D) ? OptTensor(D->select(0, k)) : std::nullopt;
+  const OptTensor bk = present(bias) ? OptTensor(bias->select(0, k)) : std::nullopt;
+  return make_params(u, delta.select(2, k), A.select(0, k), B.select(2, k), C.select(2, k), Dk,
+                     std::nullopt, bk, std::nullopt, std::nullopt, softplus, reverse[k], rows[k]);
+}
+
+at::Tensor scan_dirs_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                         const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
+                         const OptTensor& bias, bool softplus, const std::vector<bool>& reverse,
+                         const std::vector<int64_t>& rows, const OptTensor& out_buf) {
+  const char* op = "memba_vision scan_dirs_fwd";
+  const int64_t K = check_dirs_inputs(op, u, delta, A, B, C, D, bias, reverse, rows);
+  if (present(out_buf)) {  // u's dtype, or fp32
+    const at::ScalarType dtypes[] = {u.scalar_type(), at::kFloat};
+    check_tensor(op, "out", *out_buf, u.device(), dtypes, {u.size(0), u.size(1), K, u.size(2)},
+                 Strides::kLastAxis, /*output=*/true);
+  }
+  const c10::cuda::CUDAGuard guard(u.device());
+  at::Tensor out = output_like(out_buf, u, {u.size(0), u.size(1), K, u.size(2)});
+  ScanDirs ps{};
+  ps.ndir = static_cast<int>(K);
+  for (int64_t k = 0; k < K; ++k) {
+    ps.dir[k] = dir_params(u, delta, A, B, C, D, bias, softplus, reverse, rows, k);
+    set_out(ps.dir[k], out.select(2, k), 1.0, false);
+  }
+  check_cuda(scan_forward(ps, dtype_of(u), false, at::cuda::getCurrentCUDAStream()),
+             "scan_dirs_fwd");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_dirs_bwd(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const OptTensor& D, const OptTensor& bias, const at::Tensor& dout,
+    bool softplus, const std::vector<bool>& reverse, const std::vector<int64_t>& rows,
+    const OptTensor& du_out, const OptTensor& dBC_out) {
+  const char* op = "memba_vision scan_dirs_bwd";
+  const int64_t K = check_dirs_inputs(op, u, delta, A, B, C, D, bias, reverse, rows);
+  const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2);
+  check_tokens(op, "dout", dout, u, dim);
+  if (present(du_out)) {  // u's dtype, or fp32
+    const at::ScalarType dtypes[] = {u.scalar_type(), at::kFloat};
+    check_tensor(op, "du_out", *du_out, u.device(), dtypes, {batch, L, K, dim},
+                 Strides::kLastAxis, /*output=*/true);
+  }
+  if (present(dBC_out)) {  // fp32 or u's dtype
+    const at::ScalarType dtypes[] = {at::kFloat, u.scalar_type()};
+    check_tensor(op, "dBC_out", *dBC_out, u.device(), dtypes, {batch, L, K, 2 * kStates},
+                 Strides::kLastAxis, /*output=*/true);
+  }
+  const c10::cuda::CUDAGuard guard(u.device());
+  const auto [ckpt, dbc] = bwd_scratch(u, K);
+  at::Tensor dbc_sum = present(dBC_out)
+      ? *dBC_out : at::empty({batch, L, K, 2 * kStates}, u.options().dtype(at::kFloat));
+  at::Tensor du = output_like(du_out, u, {batch, L, K, dim});
+  at::Tensor ddelta = at::empty({batch, L, K, dim}, u.options());
+  ScanDirs ps{};
+  ps.ndir = static_cast<int>(K);
+  for (int64_t k = 0; k < K; ++k) {
+    ps.dir[k] = dir_params(u, delta, A, B, C, D, bias, softplus, reverse, rows, k);
+    set_bwd(ps.dir[k], dout, 1.0, du.select(2, k), ddelta.select(2, k), ckpt[k], dbc[k],
+            dbc_sum.select(2, k));
+  }
+  run_backward(ps, u, "scan_dirs_bwd");
+  return {du, ddelta, dbc_sum.narrow(3, 0, kStates), dbc_sum.narrow(3, kStates, kStates)};
 }
 
 // conv_fwd / conv_bwd inputs: x (B, L, D), weight (D, 4), bias (D,).
@@ -395,6 +550,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("dout"), py::arg("softplus"),
         py::arg("reverse"), py::arg("dout_scale") = 1.0, py::arg("dz_out") = py::none(),
         py::arg("dz_accumulate") = false, py::arg("dBC_out") = py::none());
+  m.def("scan_dirs_fwd", &memba_scan::scan_dirs_fwd, "selective scans of one input in up to "
+        "four directions, one launch", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"),
+        py::arg("C"), py::arg("D"), py::arg("delta_bias"), py::arg("softplus"),
+        py::arg("reverse"), py::arg("rows"), py::arg("out") = py::none());
+  m.def("scan_dirs_bwd", &memba_scan::scan_dirs_bwd, "backward of scan_dirs_fwd (input "
+        "gradients)", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
+        py::arg("D"), py::arg("delta_bias"), py::arg("dout"), py::arg("softplus"),
+        py::arg("reverse"), py::arg("rows"), py::arg("du_out") = py::none(),
+        py::arg("dBC_out") = py::none());
   m.def("conv_fwd", &memba_scan::conv_fwd, "depthwise causal conv + SiLU forward");
   m.def("conv_bwd", &memba_scan::conv_bwd, "depthwise causal conv + SiLU backward (input grad)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("grad_y"), py::arg("reverse"),

@@ -1,12 +1,14 @@
 // Kernels of scan_kernel.h.
 //
-// Selective scan, per channel d and state n (scan order s = t, or L-1-t when reversed):
+// Selective scan, per channel d and state n (scan order s = t, or L-1-t when reversed; over a
+// grid walked by columns, step t visits token (t % rows) * cols + t / rows):
 //   dt[s] = softplus(delta[s] + bias[d])
 //   h[s]  = exp(dt[s] A[d,n]) h[s-1] + dt[s] B[s,n] u[s]
 //   y[s]  = (sum_n C[s,n] h[s,n] + D[d] u[s]) * silu(z'[s]),  z' = z + sum_r S[s,r] W[d,r]
 //
-// Layout: a block owns 64 channels of one batch item; 4 threads share a channel,
-// each holding 4 of its 16 states. The sequence is walked in chunks of 16 steps
+// Layout: a block owns 64 channels of one batch item in one direction (blockIdx.z: up to
+// four scans of the same shape share a launch); 4 threads share a channel,
+// each holding 4 of its 16 states. The sequence is walked in chunks of 8 steps
 // whose inputs are first staged in shared memory (coalesced loads, softplus done
 // once per element). Sums over states take 2 shuffles. Chunks are short so that
 // the backward's per-step states fit in registers with 3 blocks per multiprocessor.
@@ -53,8 +55,10 @@ __device__ __forceinline__ float sum4lanes(float v) {
   return v;
 }
 
+// The token (index along L) that scan step s visits.
 __device__ __forceinline__ int time_of(const ScanParams& p, int s) {
-  return p.reverse ? p.seqlen - 1 - s : s;
+  const int t = p.reverse ? p.seqlen - 1 - s : s;
+  return p.rows > 0 ? (t % p.rows) * (p.seqlen / p.rows) + t / p.rows : t;
 }
 
 // Shared-memory staging of one chunk (steps k0 .. k0+nk-1 in scan order).
@@ -118,7 +122,8 @@ __device__ void store_tile(const ScanParams& p, const float (*tile)[kCh], void* 
 
 template <typename T, bool kOut>
 __global__ void __launch_bounds__(kThreads)
-scan_fwd_kernel(const ScanParams p) {
+scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
+  const ScanParams& p = ps.dir[blockIdx.z];
   __shared__ Stage st;
   __shared__ float s_y[kK][kCh];
   const int tid = threadIdx.x, cl = tid / kLanesPerCh, sg = tid % kLanesPerCh;
@@ -170,7 +175,11 @@ scan_fwd_kernel(const ScanParams p) {
     }
     __syncthreads();
     if (kOut) {
-      store_tile<T>(p, s_y, p.out, p.out_sb, p.out_sl, p.out_scale, p.out_accum, b, d0, k0, nk);
+      if (p.out_f32)
+        store_tile<float>(p, s_y, p.out, p.out_sb, p.out_sl, p.out_scale, p.out_accum, b, d0, k0,
+                          nk);
+      else
+        store_tile<T>(p, s_y, p.out, p.out_sb, p.out_sl, p.out_scale, p.out_accum, b, d0, k0, nk);
       __syncthreads();
     }
   }
@@ -178,7 +187,8 @@ scan_fwd_kernel(const ScanParams p) {
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 3)
-scan_bwd_kernel(const ScanParams p) {
+scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
+  const ScanParams& p = ps.dir[blockIdx.z];
   __shared__ Stage st;
   __shared__ float s_do[kK][kCh], s_dsp[kK][kCh];
   __shared__ float s_du[kK][kCh], s_ddt[kK][kCh], s_dz[kK][kCh];
@@ -304,9 +314,11 @@ scan_bwd_kernel(const ScanParams p) {
     __syncthreads();
 
     // 3. write the chunk's gradients and dB/dC partials
-    const int64_t sb = static_cast<int64_t>(p.seqlen) * p.dim;
-    store_tile<T>(p, s_du, p.du, sb, p.dim, 1.f, false, b, d0, k0, nk);
-    store_tile<T>(p, s_ddt, p.ddelta, sb, p.dim, 1.f, false, b, d0, k0, nk);
+    if (p.du_f32)
+      store_tile<float>(p, s_du, p.du, p.du_sb, p.du_sl, 1.f, false, b, d0, k0, nk);
+    else
+      store_tile<T>(p, s_du, p.du, p.du_sb, p.du_sl, 1.f, false, b, d0, k0, nk);
+    store_tile<T>(p, s_ddt, p.ddelta, p.dd_sb, p.dd_sl, 1.f, false, b, d0, k0, nk);
     if (p.has_z) store_tile<T>(p, s_dz, p.dz, p.dz_sb, p.dz_sl, 1.f, p.dz_accum, b, d0, k0, nk);
     for (int i = tid; i < kK * 2 * kStates; i += kThreads) {
       const int k = i / (2 * kStates), q = i % (2 * kStates);
@@ -327,7 +339,8 @@ constexpr int kReduceThreads = 256;
 
 template <typename TO>
 __global__ void __launch_bounds__(kReduceThreads)
-reduce_partials_kernel(const ScanParams p, int nblocks) {
+reduce_partials_kernel(const __grid_constant__ ScanDirs ps, int nblocks) {
+  const ScanParams& p = ps.dir[blockIdx.y];
   constexpr int w = 2 * kStates;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x;
   if (i >= static_cast<int64_t>(p.batch) * p.seqlen * w) return;
@@ -452,23 +465,28 @@ cudaError_t dispatch_dtype(DType dtype, Args&&... args) {
   return cudaErrorInvalidValue;
 }
 
-dim3 scan_grid(const ScanParams& p) { return dim3((p.dim + kCh - 1) / kCh, p.batch); }
+dim3 scan_grid(const ScanDirs& ps) {
+  const ScanParams& p = ps.dir[0];
+  return dim3((p.dim + kCh - 1) / kCh, p.batch, ps.ndir);
+}
 
 template <typename T> struct ScanFwd {
-  static cudaError_t run(const ScanParams& p, bool ckpt_only, cudaStream_t s) {
-    if (ckpt_only) scan_fwd_kernel<T, false><<<scan_grid(p), kThreads, 0, s>>>(p);
-    else scan_fwd_kernel<T, true><<<scan_grid(p), kThreads, 0, s>>>(p);
+  static cudaError_t run(const ScanDirs& ps, bool ckpt_only, cudaStream_t s) {
+    if (ckpt_only) scan_fwd_kernel<T, false><<<scan_grid(ps), kThreads, 0, s>>>(ps);
+    else scan_fwd_kernel<T, true><<<scan_grid(ps), kThreads, 0, s>>>(ps);
     return cudaGetLastError();
   }
 };
 template <typename T> struct ScanBwd {
-  static cudaError_t run(const ScanParams& p, cudaStream_t s) {
-    const dim3 grid = scan_grid(p);
-    scan_bwd_kernel<T><<<grid, kThreads, 0, s>>>(p);
+  static cudaError_t run(const ScanDirs& ps, cudaStream_t s) {
+    const dim3 grid = scan_grid(ps);
+    scan_bwd_kernel<T><<<grid, kThreads, 0, s>>>(ps);
+    const ScanParams& p = ps.dir[0];
     const int64_t n = static_cast<int64_t>(p.batch) * p.seqlen * 2 * kStates;
-    const unsigned blocks = static_cast<unsigned>((n + kReduceThreads - 1) / kReduceThreads);
-    if (p.dbc_out_f32) reduce_partials_kernel<float><<<blocks, kReduceThreads, 0, s>>>(p, grid.x);
-    else reduce_partials_kernel<T><<<blocks, kReduceThreads, 0, s>>>(p, grid.x);
+    const dim3 blocks(static_cast<unsigned>((n + kReduceThreads - 1) / kReduceThreads), ps.ndir);
+    // every direction's dB | dC output has the same dtype (the binding checks it)
+    if (p.dbc_out_f32) reduce_partials_kernel<float><<<blocks, kReduceThreads, 0, s>>>(ps, grid.x);
+    else reduce_partials_kernel<T><<<blocks, kReduceThreads, 0, s>>>(ps, grid.x);
     return cudaGetLastError();
   }
 };
@@ -498,11 +516,11 @@ template <typename T> struct ConvBwd {
 int scan_chunk_len() { return kK; }
 int scan_channels_per_block() { return kCh; }
 
-cudaError_t scan_forward(const ScanParams& p, DType dtype, bool ckpt_only, cudaStream_t stream) {
-  return dispatch_dtype<ScanFwd>(dtype, p, ckpt_only, stream);
+cudaError_t scan_forward(const ScanDirs& ps, DType dtype, bool ckpt_only, cudaStream_t stream) {
+  return dispatch_dtype<ScanFwd>(dtype, ps, ckpt_only, stream);
 }
-cudaError_t scan_backward(const ScanParams& p, DType dtype, cudaStream_t stream) {
-  return dispatch_dtype<ScanBwd>(dtype, p, stream);
+cudaError_t scan_backward(const ScanDirs& ps, DType dtype, cudaStream_t stream) {
+  return dispatch_dtype<ScanBwd>(dtype, ps, stream);
 }
 cudaError_t conv_forward(const ConvParams& p, DType dtype, cudaStream_t stream) {
   return dispatch_dtype<ConvFwd>(dtype, p, stream);

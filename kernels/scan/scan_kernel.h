@@ -3,7 +3,9 @@
 // "Token-major" means (B, L, D) tensors with the channel axis contiguous: a
 // thread owns a channel and walks the sequence, so every load across a warp is
 // coalesced and no transposing copy is needed around the kernels. A scan may
-// run in reverse token order (Vim's backward direction) without any flip.
+// run in reverse token order (Vim's backward direction) without any flip, and
+// over a row-major H x W grid column by column (VMamba's column-major
+// directions) without any transpose.
 //
 // Plain CUDA (no torch headers): scan.cpp checks tensors and calls these
 // launchers with raw pointers and the current stream.
@@ -24,6 +26,9 @@ enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // ptr[b * s_b + t * s_l + n] (state stride 1).
 struct ScanParams {
   int batch, seqlen, dim, nchunks;
+  // rows > 0: the L = rows x cols tokens are a row-major grid walked column by column
+  // (VMamba's column-major scan): scan step t visits token (t % rows) * cols + t / rows
+  int rows;
   bool reverse, softplus, has_z, has_D, has_bias, has_gate;  // has_z: gate y with silu(z')
   const void *u, *delta, *z /* null: z = 0 */, *Bm, *Cm, *S, *dout;
   int64_t u_sb, u_sl, dl_sb, dl_sl, z_sb, z_sl, B_sb, B_sl, C_sb, C_sl, S_sb, S_sl,
@@ -34,11 +39,14 @@ struct ScanParams {
   const float *W;     // (D, kGateRank) gate up-projection, or null
   void *out;          // (B, L, D) with strides out_sb, out_sl: out (+)= out_scale * y
   int64_t out_sb, out_sl;
+  bool out_f32;       // out is fp32 whatever u's dtype (sums of several scans stay fp32)
   float out_scale;    // 1 unless the caller folds a scale into the store
   bool out_accum;     // add to what ``out`` holds instead of overwriting it
   float dout_scale;   // the backward reads dout_scale * dout
   float *ckpt;        // (B, nchunks, D, N): state at the start of every chunk
-  void *du, *ddelta;  // (B, L, D) contiguous
+  void *du, *ddelta;  // (B, L, D) with strides du_sb, du_sl and dd_sb, dd_sl
+  int64_t du_sb, du_sl, dd_sb, dd_sl;
+  bool du_f32;        // du is fp32 whatever u's dtype
   void *dz;           // (B, L, D) with strides dz_sb, dz_sl; dz_accum adds to it
   int64_t dz_sb, dz_sl;
   bool dz_accum;
@@ -48,15 +56,24 @@ struct ScanParams {
   bool dbc_out_f32;   // dbc_out is fp32 (else u's dtype)
 };
 
+// Up to kMaxDirs scans of one shape run in one launch (blockIdx.z picks the direction):
+// VMamba's four cross-scan directions fill the GPU together where one alone would leave
+// most multiprocessors idle (e.g. 56 x 56 tokens and 192 channels).
+constexpr int kMaxDirs = 4;
+struct ScanDirs {
+  ScanParams dir[kMaxDirs];  // the same batch, seqlen, dim and dtype in every direction
+  int ndir;
+};
+
 // Steps per chunk and channels per block, fixed by the kernels.
 int scan_chunk_len();
 int scan_channels_per_block();
 
 // y = scan (out); with ckpt set, also the chunk-start states. ckpt_only skips y.
-cudaError_t scan_forward(const ScanParams& p, DType dtype, bool ckpt_only, cudaStream_t stream);
+cudaError_t scan_forward(const ScanDirs& ps, DType dtype, bool ckpt_only, cudaStream_t stream);
 // du, ddelta, dz and dB | dC into dbc_out; needs ckpt from scan_forward and the dbc
 // buffer for the per-block partials, which a second kernel sums.
-cudaError_t scan_backward(const ScanParams& p, DType dtype, cudaStream_t stream);
+cudaError_t scan_backward(const ScanDirs& ps, DType dtype, cudaStream_t stream);
 
 struct ConvParams {
   int batch, seqlen, dim, width;

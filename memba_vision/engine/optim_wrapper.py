@@ -35,7 +35,11 @@ class BF16OptimWrapper(OptimWrapper):
 
     @contextmanager
     def optim_context(self, model):
-        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+        # the model's device, not the machine's: a model on the CPU of a GPU machine is
+        # autocast on the CPU
+        param = next(model.parameters(), None)
+        device = param.device.type if param is not None else \
+            ('cuda' if torch.cuda.is_available() else 'cpu')
         with super().optim_context(model), torch.autocast(device, dtype=self.cast_dtype):
             yield
 

@@ -3,13 +3,14 @@
 references; which backend ran is logged once per run)."""
 from .bidirectional_ssm import MembaGateParams, SSMDirection, bidirectional_ssm
 from .conv import causal_conv1d_reference, causal_conv1d_tokens
+from .cross_scan import cross_scan
 from .dispatch import reset_backend_log
 from .lim import lim, lim_backend, lim_reference
 from .scan import scan_backend, selective_scan, selective_scan_reference, selective_scan_tokens
 
 __all__ = [
     'selective_scan', 'selective_scan_reference', 'selective_scan_tokens', 'scan_backend',
-    'causal_conv1d_reference', 'causal_conv1d_tokens',
+    'causal_conv1d_reference', 'causal_conv1d_tokens', 'cross_scan',
     'lim', 'lim_reference', 'lim_backend',
     'bidirectional_ssm', 'SSMDirection', 'MembaGateParams',
     'reset_backend_log',

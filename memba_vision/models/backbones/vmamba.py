@@ -15,7 +15,7 @@ from mmcv.cnn.bricks import DropPath
 from mmpretrain.registry import MODELS
 from torch import Tensor
 
-from ...ops import selective_scan
+from ...ops.cross_scan import cross_scan
 from ..peft import (PEFTConfig, build_gate, check_supported, freeze_all_but_peft, parse_peft,
                     wrap_embed, wrap_in_proj, wrap_out_proj)
 from .base import MambaBackbone
@@ -70,34 +70,24 @@ class SS2D(nn.Module):
         self.gate = build_gate(peft, D, shared_proj=False)  # a W_in/W_out pair per direction
 
     def cross_scan(self, x: Tensor) -> Tensor:
-        """x (B, D, H, W) -> merged scan output (B, H*W, D) in row-major order, fp32."""
-        B, D, H, W = x.shape
-        L, N, R = H * W, self.d_state, self.dt_rank
-        x_hw = x.flatten(2)                                   # row-major (B, D, L)
-        x_wh = x.transpose(2, 3).flatten(2)                   # column-major
-        xs = torch.stack([x_hw, x_wh, x_hw.flip(-1), x_wh.flip(-1)], dim=1)  # (B, 4, D, L)
-        x_dbl = torch.einsum('bkdl,kcd->bkcl', xs, self.x_proj_weight)
-        dts, Bs, Cs = x_dbl.split([R, N, N], dim=2)
-        dts = torch.einsum('bkrl,kdr->bkdl', dts, self.dt_projs_weight)
-        # The official v0 scan runs in fp32 whatever the autocast dtype.
-        y = selective_scan(xs.reshape(B, -1, L).float(), dts.reshape(B, -1, L).float(),
-                           -torch.exp(self.A_logs.float()), Bs.float(), Cs.float(),
-                           self.Ds.float(), z=None, delta_bias=self.dt_projs_bias.reshape(-1),
-                           delta_softplus=True).view(B, K_DIRECTIONS, D, L)
-        inv = y[:, 2:4].flip(-1)
-        col_to_row = lambda t: t.view(B, D, W, H).transpose(2, 3).reshape(B, D, L)  # noqa: E731
-        y = y[:, 0] + inv[:, 0] + col_to_row(y[:, 1]) + col_to_row(inv[:, 1])
-        return y.transpose(1, 2)                              # (B, L, D)
+        """x (B, H, W, D) -> merged scan output (B, H*W, D) in row-major order, fp32."""
+        return cross_scan(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias,
+                          -torch.exp(self.A_logs.float()), self.Ds)
 
     def forward(self, x: Tensor, membrane=None):
         B, H, W, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)               # (B, H, W, D)
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous()))
-        y = self.out_norm(self.cross_scan(x))                 # (B, L, D)
+        # channels-last all the way: the conv reads and writes (B, H, W, D) memory
+        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous(
+            memory_format=torch.channels_last)))
+        y = self.out_norm(self.cross_scan(x.permute(0, 2, 3, 1)))  # (B, L, D)
         z = z.reshape(B, H * W, -1)
-        if self.gate is not None:
-            (z_fwd, z_bwd), membrane = self.gate(z, membrane)
-            z = (z_fwd + z_bwd) / 2
+        if self.gate is not None:  # z' = mean of the two directions' z + S_d W_d^T: one product
+            pairs, membrane = self.gate.lim_spikes(z, membrane)
+            spikes = torch.cat([s for s, _ in pairs], dim=-1)           # (B, L, 2R)
+            weight = torch.cat([w for _, w in pairs], dim=1)            # (D, 2R)
+            correction = torch.matmul(spikes, 0.5 * weight.to(spikes.dtype).t())
+            z = z + correction if self.gate.residual else correction
         y = y * F.silu(z)
         return self.out_proj(y).view(B, H, W, -1), membrane
 

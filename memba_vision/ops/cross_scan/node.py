@@ -1,0 +1,109 @@
+"""VMamba v0's cross scan on memba_vision's token-major scan kernels, as one autograd node.
+
+The four directions are one kernel launch (``scan_dirs_fwd``, a block per 64 channels, batch
+item and direction, so even stage 1's 192 channels fill the GPU) that reads x where it is,
+(B, H, W, D) channels-last: the row-major directions walk the tokens forwards and backwards,
+the column-major ones walk the grid by columns (``rows=H``), so there are no stacked, flipped
+or transposed copies, and the bf16 inputs are not copied to fp32 (the states, the four outputs
+and their sum are fp32, as in the official v0 scan). x_proj of all four directions is one
+matrix product, dt_proj one batched product. The SSM parameters are frozen (PEFT): only x gets
+a gradient, the four directions' parts of it kept in fp32 and summed.
+
+``kernels`` is the extension (``memba_vision._scan_cuda``) or a stand-in with the same
+functions (the tests' CPU reference).
+"""
+from typing import Tuple
+
+import torch
+from torch import Tensor
+
+from ..bidirectional_ssm.node import D_STATE, scan_extension
+from ..dispatch import ENV, cuda_unavailable, reference_forced
+
+__all__ = ['cross_scan_fused', 'cross_scan_fused_reason']
+
+K_DIRECTIONS = 4
+
+
+# direction k: 0 row-major, 1 column-major (the grid walked by columns), 2 and 3 their reverses
+REVERSE = [False, False, True, True]
+
+
+def _rows(H: int):
+    return [0, H, 0, H]
+
+
+def _split(x_dbl: Tensor, dt_projs_weight: Tensor, R: int, N: int):
+    """x_dbl (B, L, 4, R + 2N) -> delta (B, L, 4, D) and the B, C views (B, L, 4, N)."""
+    delta = torch.einsum('blkr,kdr->blkd', x_dbl[..., :R], dt_projs_weight.to(x_dbl.dtype))
+    return delta.contiguous(), x_dbl[..., R:R + N], x_dbl[..., R + N:]
+
+
+class _CrossScan(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, x: Tensor, H: int, x_proj_weight: Tensor, dt_projs_weight: Tensor,
+                dt_projs_bias: Tensor, A: Tensor, Ds: Tensor, kernels) -> Tensor:
+        B, L, D = x.shape
+        R, N = dt_projs_weight.shape[2], A.shape[-1]
+        w_all = x_proj_weight.to(x.dtype).reshape(-1, D)                # (4 (R + 2N), D)
+        x_dbl = (x @ w_all.t()).view(B, L, K_DIRECTIONS, R + 2 * N)
+        delta, Bm, Cm = _split(x_dbl, dt_projs_weight, R, N)
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 for fp64 tests)
+        y4 = torch.empty(B, L, K_DIRECTIONS, D, device=x.device, dtype=acc)
+        kernels.scan_dirs_fwd(x, delta, A, Bm, Cm, Ds, dt_projs_bias, True, REVERSE, _rows(H),
+                              out=y4)
+        ctx.save_for_backward(x, x_dbl, delta, x_proj_weight, dt_projs_weight, dt_projs_bias,
+                              A, Ds)
+        ctx.kernels, ctx.H = kernels, H
+        return y4.sum(2)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, x_dbl, delta, x_proj_weight, dt_projs_weight, dt_projs_bias, A, Ds = ctx.saved_tensors
+        B, L, D = x.shape
+        R, N = dt_projs_weight.shape[2], A.shape[-1]
+        _, Bm, Cm = _split(x_dbl, dt_projs_weight, R, N)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        du = torch.empty(B, L, K_DIRECTIONS, D, device=x.device, dtype=acc)
+        d_dbl = torch.empty_like(x_dbl)                                 # (B, L, 4, R + 2N)
+        _, ddelta, _, _ = ctx.kernels.scan_dirs_bwd(
+            x, delta, A, Bm, Cm, Ds, dt_projs_bias, dy.to(x.dtype).contiguous(), True, REVERSE,
+            _rows(ctx.H), du_out=du, dBC_out=d_dbl[..., R:])
+        d_dbl[..., :R] = torch.einsum('blkd,kdr->blkr', ddelta, dt_projs_weight.to(x.dtype))
+        w_all = x_proj_weight.to(x.dtype).reshape(-1, D)
+        dx = du.sum(2) + (d_dbl.view(B, L, -1) @ w_all).to(acc)
+        return dx.to(x.dtype), None, None, None, None, None, None, None
+
+
+def cross_scan_fused_reason(x: Tensor, params: Tuple[Tensor, ...], kernels=None) -> str:
+    """'' when ``cross_scan_fused`` can run on these inputs, else why not."""
+    if reference_forced():
+        return f'{ENV}=reference'
+    if kernels is None:
+        reason = cuda_unavailable(x, scan_extension)
+        if reason:
+            return reason
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f'dtype {x.dtype}'
+    A = params[3]
+    if A.shape[1] != D_STATE:
+        return f'd_state {A.shape[1]} != {D_STATE}'
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return 'an SSM parameter requires a gradient'
+    return ''
+
+
+def cross_scan_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor,
+                     dt_projs_bias: Tensor, A: Tensor, Ds: Tensor, kernels=None) -> Tensor:
+    """x (B, H, W, D) -> the four scans summed, (B, H*W, D) fp32, row-major (see the module)."""
+    B, H, W, D = x.shape
+    kernels = kernels if kernels is not None else scan_extension()[0]
+    tokens = x.reshape(B, H * W, D)
+    if tokens.stride(-1) != 1:
+        tokens = tokens.contiguous()
+    acc = torch.promote_types(x.dtype, torch.float32)  # the kernels' fp32 parameters
+    K = K_DIRECTIONS
+    return _CrossScan.apply(tokens, H, x_proj_weight, dt_projs_weight,
+                            dt_projs_bias.to(acc).contiguous(), A.to(acc).reshape(K, D, -1),
+                            Ds.to(acc).reshape(K, D), kernels)

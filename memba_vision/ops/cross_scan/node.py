@@ -63,7 +63,7 @@ class _CrossScan(torch.autograd.Function):
         x, x_dbl, delta, x_proj_weight, dt_projs_weight, dt_projs_bias, A, Ds = ctx.saved_tensors
         B, L, D = x.shape
         R, N = dt_projs_weight.shape[2], A.shape[-1]
-        _, Bm, Cm = _split(x_dbl, dt_projs_weight, R, N)
+        Bm, Cm = x_dbl[..., R:R + N], x_dbl[..., R + N:]  # (delta was saved)
         acc = torch.promote_types(x.dtype, torch.float32)
         du = torch.empty(B, L, K_DIRECTIONS, D, device=x.device, dtype=acc)
         d_dbl = torch.empty_like(x_dbl)                                 # (B, L, 4, R + 2N)

@@ -29,6 +29,13 @@ def _leaf(t):
     return None if t is None else t.detach().clone().requires_grad_(True)
 
 
+def _store_params(dA_out, dD_out, dA, dD):
+    """The kernels' optional A and D gradient outputs."""
+    for out, g in ((dA_out, dA), (dD_out, dD)):
+        if out is not None:
+            out.copy_(g)
+
+
 def _grid_scan(rows, u, delta, A, B, C, D, delta_bias, softplus, reverse):
     """selective_scan_tokens over a row-major (rows, L / rows) grid walked column by column
     (``rows=0``: in token order): the tokens are gathered in visit order and scattered back."""
@@ -62,8 +69,10 @@ class ReferenceScanKernels:
 
     @staticmethod
     def scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, softplus, reverse,
-                 dout_scale=1.0, dz_out=None, dz_accumulate=False, dBC_out=None):
+                 dout_scale=1.0, dz_out=None, dz_accumulate=False, dBC_out=None, dA_out=None,
+                 dD_out=None):
         u_, delta_, B_, C_ = (_leaf(t) for t in (u, delta, B, C))
+        A, D = _leaf(A), _leaf(D if D is not None else torch.zeros_like(A[:, 0]))
         zprime = None
         if z is not None or S is not None:  # the kernel's dz is the gradient of z'
             zp = torch.zeros_like(u) if z is None else z.detach().clone()
@@ -73,12 +82,13 @@ class ReferenceScanKernels:
         with torch.enable_grad():
             y = selective_scan_tokens(u_, delta_, A, B_, C_, D, zprime, delta_bias, softplus,
                                       reverse)
-            leaves = [u_, delta_, B_, C_] + ([zprime] if zprime is not None else [])
+            leaves = [u_, delta_, B_, C_, A, D] + ([zprime] if zprime is not None else [])
             grads = torch.autograd.grad(y, leaves, dout * dout_scale)
         du, ddelta, dB, dC = (g.contiguous() for g in grads[:4])  # as the kernels return them
+        _store_params(dA_out, dD_out, grads[4], grads[5])
         dz = None
         if zprime is not None:
-            dz = _store(dz_out, grads[4], 1.0, dz_accumulate)
+            dz = _store(dz_out, grads[6], 1.0, dz_accumulate)
         if dBC_out is not None:
             dBC_out.copy_(torch.cat([dB, dC], dim=-1))
         return du, ddelta, dz, dB, dC
@@ -140,16 +150,18 @@ class ReferenceScanKernels:
 
     @staticmethod
     def scan_dirs_bwd(u, delta, A, B, C, D, delta_bias, dout, softplus, reverse, rows,
-                      du_out=None, dBC_out=None):
+                      du_out=None, dBC_out=None, dA_out=None, dD_out=None):
         u_, delta_, B_, C_ = (_leaf(t) for t in (u, delta, B, C))
+        A, D = _leaf(A), _leaf(D if D is not None else torch.zeros_like(A[..., 0]))
         with torch.enable_grad():
             y = _directions(u_, delta_, A, B_, C_, D, delta_bias, softplus, reverse, rows)
             # every direction receives dout; u's gradient is kept per direction
-            grads = torch.autograd.grad(y, [delta_, B_, C_], dout.unsqueeze(2).expand_as(y),
-                                        retain_graph=True)
+            grads = torch.autograd.grad(y, [delta_, B_, C_, A, D],
+                                        dout.unsqueeze(2).expand_as(y), retain_graph=True)
             du = torch.stack([torch.autograd.grad(y[:, :, k], u_, dout, retain_graph=True)[0]
                               for k in range(y.shape[2])], dim=2)
-        ddelta, dB, dC = (g.contiguous() for g in grads)
+        _store_params(dA_out, dD_out, grads[3], grads[4])
+        ddelta, dB, dC = (g.contiguous() for g in grads[:3])
         du = _store(du_out, du)
         if dBC_out is not None:
             dBC_out.copy_(torch.cat([dB, dC], dim=-1))

@@ -136,11 +136,31 @@ def test_fused_core_gate_gradients_are_not_trivial():
         assert gr.abs().max() > 0, name
 
 
-def test_fused_core_is_not_used_when_an_ssm_parameter_trains():
-    mixer = make_mixer(dict(num_chunks=4))
-    mixer.x_proj.weight.requires_grad_(True)
-    xz = mixer.in_proj(torch.randn(1, 8, 20, dtype=torch.float64))
-    assert mixer._fused(xz, None, ReferenceScanKernels) is None
+def train_everything(mixer):
+    """Full fine-tuning: every SSM parameter (A, D, conv, x_proj, dt_proj) trains too."""
+    for p in mixer.parameters():
+        p.requires_grad_(True)
+    return mixer
+
+
+@pytest.mark.parametrize('gate', [dict(num_chunks=4), None])
+def test_fused_core_trains_every_ssm_parameter_like_the_per_op_mixer(gate, loop_kernels):
+    """Every parameter trainable: the fused node (A's and D's gradients from the kernels,
+    x_proj's, dt_proj's, the bias's and the conv's in its backward) equals the per-op mixer."""
+    mixer = train_everything(make_mixer(gate))
+    hidden = torch.randn(2, 13, 20, generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64)
+    membrane = random_membrane(gate, 2, 13)
+    out_ref, _, grads_ref = run(mixer, hidden, membrane)
+    out, _, grads = run(mixer, hidden, membrane, loop_kernels, fused=True)
+    names = ['hidden'] + (['membrane_f', 'membrane_b'] if membrane else []) + \
+        [n for n, p in mixer.named_parameters()]
+    assert rel(out, out_ref) < 1e-10 and len(grads) == len(grads_ref) == len(names)
+    assert {'A_log', 'A_b_log', 'D', 'conv1d.weight', 'conv1d_b.bias', 'x_proj_b.weight',
+            'dt_proj.weight', 'dt_proj_b.bias'} <= set(names)
+    for name, a, b in zip(names, grads, grads_ref):
+        assert a is not None and b is not None, name
+        assert rel(a, b) < 1e-9, f'{name}: relative error {rel(a, b):.2e}'
 
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
@@ -222,11 +242,15 @@ def test_extension_outputs_match_the_reference_kernels(dtype, tol):
 @cuda
 @pytest.mark.parametrize('gate', GATES)
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
-def test_fused_mixer_matches_the_per_op_mixer_on_gpu(gate, dtype, monkeypatch):
+@pytest.mark.parametrize('trainable', [False, True])
+def test_fused_mixer_matches_the_per_op_mixer_on_gpu(gate, dtype, trainable, monkeypatch):
     """Both paths against an fp64 CPU run of the per-op mixer: fp32 within 1e-4; in bf16
-    (every weight in bf16 too) the fused path is at least as accurate as the per-op one."""
+    (every weight in bf16 too) the fused path is at least as accurate as the per-op one.
+    ``trainable``: every SSM parameter trains too (full fine-tuning)."""
     _ext()
     mixer = make_mixer(gate, dtype=dtype, device='cuda')
+    if trainable:
+        train_everything(mixer)
     hidden = torch.randn(2, 45, 20, generator=torch.Generator().manual_seed(3),
                          dtype=torch.float64).to('cuda', dtype)
     membrane = random_membrane(gate, 2, 45, 'cuda', dtype)

@@ -1,12 +1,14 @@
 """VMamba v0's cross scan (``ops.cross_scan``): the fused node (token-major kernels, grid walked
-in place) against the official stacked formulation, output and input gradient. On the CPU the
+in place) against the official stacked formulation: output, input gradient and (full fine-tuning) every
+SSM parameter's gradient. On the CPU the
 node runs on the tests' stand-in of the kernels (fp64); on a GPU on the extension."""
 import pytest
 import torch
 
 from conftest import requires_cuda
 from memba_vision.ops.bidirectional_ssm import scan_extension
-from memba_vision.ops.cross_scan import cross_scan, cross_scan_fused, cross_scan_stacked
+from memba_vision.ops.cross_scan import (cross_scan_backend, cross_scan_fused,
+                                        cross_scan_stacked)
 from scan_ext_reference import ReferenceScanKernels
 
 
@@ -56,14 +58,34 @@ class _RowsIgnored(ReferenceScanKernels):
                                                   reverse, [0] * len(rows), out=out)
 
 
-def test_dispatch_uses_the_stacked_scan_when_parameters_train():
+def run_trainable(fn, x, p, dy, **kw):
+    """Output and the gradients of x and of every SSM parameter (all trainable)."""
+    x = x.detach().clone().requires_grad_()
+    leaves = [t.detach().clone().requires_grad_() for t in p]
+    y = fn(x, *leaves, **kw)
+    y.backward(dy)
+    return [y.detach(), x.grad] + [t.grad for t in leaves]
+
+
+TRAINABLE = ('y', 'x', 'x_proj_weight', 'dt_projs_weight', 'dt_projs_bias', 'A', 'Ds')
+
+
+@pytest.mark.parametrize('h,w', [(3, 5), (4, 4)])
+def test_fused_node_trains_every_ssm_parameter_like_the_stacked_scan(h, w):
+    """Full fine-tuning: with every SSM parameter trainable, dispatch keeps the fused node, and
+    its gradients (A's and D's from the kernels, the others from ddelta, dB and dC) equal
+    autograd's through the official formulation."""
     D = 8
     p = params(D)
-    x = torch.randn(1, 3, 4, D, dtype=torch.float64)
-    trainable = [t.clone().requires_grad_() for t in p]
-    y = cross_scan(x, *trainable, kernels=ReferenceScanKernels)
-    y.sum().backward()  # the stacked path gives every parameter a gradient
-    assert all(t.grad is not None for t in trainable)
+    x = torch.randn(2, h, w, D, dtype=torch.float64)
+    dy = torch.randn(2, h * w, D, dtype=torch.float64)
+    got = run_trainable(cross_scan_fused, x, p, dy, kernels=ReferenceScanKernels)
+    want = run_trainable(cross_scan_stacked, x, p, dy)
+    for name, g, r in zip(TRAINABLE, got, want):
+        assert g is not None and g.shape == r.shape, name
+        assert rel(g, r) < 1e-10, (name, rel(g, r))
+    trainable = [t.float().requires_grad_() for t in p]  # (the kernels take no fp64)
+    assert cross_scan_backend(x.float(), trainable, ReferenceScanKernels) == 'fused'
 
 
 requires_kernels = pytest.mark.skipif(
@@ -87,3 +109,24 @@ def test_fused_kernels_match_the_stacked_scan_on_gpu(h, w, dtype, tol):
     errs = (rel(y.cpu(), y_ref), rel(dx.cpu(), dx_ref))
     print(f'CROSS SCAN {h}x{w} {dtype}: output {errs[0]:.1e}, input-grad {errs[1]:.1e}')
     assert max(errs) < tol, errs
+
+
+@requires_cuda
+@requires_kernels
+@pytest.mark.parametrize('h,w,dtype,tol', [(14, 14, torch.float32, 1e-5),
+                                           (5, 9, torch.float32, 1e-5),
+                                           (7, 7, torch.bfloat16, 2e-2)])
+def test_fused_kernels_train_every_ssm_parameter_on_gpu(h, w, dtype, tol):
+    """Full fine-tuning on the kernels: output and every gradient against the fp64 CPU
+    reference (the stacked formulation on PyTorch's scan)."""
+    D = 192
+    p = params(D, R=12, dtype=torch.float32, device='cuda')
+    x = torch.randn(2, h, w, D, device='cuda')
+    dy = torch.randn(2, h * w, D, device='cuda')
+    want = run_trainable(cross_scan_stacked, x.double().cpu(), [t.double().cpu() for t in p],
+                         dy.double().cpu())
+    got = run_trainable(cross_scan_fused, x.to(dtype), p, dy)
+    errs = {name: rel(g.cpu(), r) for name, g, r in zip(TRAINABLE, got, want)}
+    print(f'CROSS SCAN trainable {h}x{w} {dtype}: ' +
+          ' '.join(f'{k} {v:.1e}' for k, v in errs.items()))
+    assert max(errs.values()) < tol, errs

@@ -71,8 +71,8 @@ def test_train_kill_resume_test_table(synthetic):
     rows = list(csv.DictReader(open(root / 'work' / 'vtab_table.csv')))
     ours = [r for r in rows if r['source'] == 'ours']
     assert len(ours) == 1 and ours[0]['method'] == 'memba'
-    assert float(ours[0][TASK]) == pytest.approx(result['top1'], abs=0.005)
-    assert float(ours[0]['average']) == pytest.approx(result['top1'], abs=0.005)
+    # the table's cells are the results with two decimals (46.875 is written 46.88)
+    assert ours[0][TASK] == ours[0]['average'] == f'{result["top1"]:.2f}'
 
 
 def test_seeded_cpu_runs_are_identical(synthetic):

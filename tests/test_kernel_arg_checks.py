@@ -64,7 +64,8 @@ def _cases(dev='cuda'):
     fwd_dirs = dict(dirs, out=dirs_out)
     bwd_dirs = dict(dirs, dout=rnd(B, L, D), du_out=du_dirs, dBC_out=dbc_dirs)
     dirs_bf16 = dict(dirs, **{k: dirs[k].to(bf16) for k in ('u', 'delta', 'B', 'C')})
-    buffers = (out, dz_out, dbc_out, dirs_out, du_dirs, dbc_dirs)
+    dA, dD, dA_dirs, dD_dirs = rnd(D, N), rnd(D), rnd(K, D, N), rnd(K, D)  # trainable A, D
+    buffers = (out, dz_out, dbc_out, dirs_out, du_dirs, dbc_dirs, dA, dD, dA_dirs, dD_dirs)
     conv = [xz[..., :D], rnd(D, 4), rnd(D), False, True]
     conv_bwd = dict(x=xz[..., :D], weight=rnd(D, 4), bias=rnd(D), grad_y=rnd(B, L, D),
                     reverse=True, silu=True, out=out, accumulate=True)
@@ -96,7 +97,11 @@ def _cases(dev='cuda'):
              ('lim_pair_fwd accepts', 'lim_pair_fwd', lambda: ext.lim_pair_fwd(*pair), None),
              ('lim_pair_bwd accepts', 'lim_pair_bwd', lambda: ext.lim_pair_bwd(*pair_bwd),
               None),
+             ('scan_bwd accepts dA_out + dD_out', 'scan_bwd',
+              kw(ext.scan_bwd, bwd, dA_out=dA, dD_out=dD), None),
              ('scan_dirs_fwd accepts', 'scan_dirs_fwd', kw(ext.scan_dirs_fwd, fwd_dirs), None),
+             ('scan_dirs_bwd accepts dA_out + dD_out', 'scan_dirs_bwd',
+              kw(ext.scan_dirs_bwd, bwd_dirs, dA_out=dA_dirs, dD_out=dD_dirs), None),
              ('scan_dirs_bwd accepts', 'scan_dirs_bwd', kw(ext.scan_dirs_bwd, bwd_dirs), None),
              ('scan_dirs_fwd accepts bf16 + fp32 out', 'scan_dirs_fwd',
               kw(ext.scan_dirs_fwd, dict(dirs_bf16, out=dirs_out)), None),
@@ -133,7 +138,10 @@ def _cases(dev='cuda'):
                         'dz_out': [rnd(B, L, D, dtype=bf16), expanded(B, L, D), rnd(B, L, 1)],
                         'dBC_out': [rnd(B, L, 2 * N, dtype=f64), rnd(B, L, N),
                                     strided_last(B, L, 2 * N), expanded(B, L, 2 * N),
-                                    dbc_out.cpu()]}.items():
+                                    dbc_out.cpu()],
+                        'dA_out': [rnd(D, N, dtype=f64), rnd(D, 8), transposed(D, N),
+                                   dA.cpu()],
+                        'dD_out': [rnd(D, 2)[:, 0], rnd(D + 1), rnd(D, dtype=bf16)]}.items():
         for i, value in enumerate(values):
             cases.append((f'scan_bwd {arg} #{i}', 'scan_bwd', kw(ext.scan_bwd, bwd, **{arg: value}),
                           arg))
@@ -167,7 +175,11 @@ def _cases(dev='cuda'):
              [rnd(B, L, K, D, dtype=f64), expanded(B, L, K, D), rnd(B, L, K - 1, D)]),
             ('dBC_out', 'scan_dirs_bwd', ext.scan_dirs_bwd, bwd_dirs,
              [rnd(B, L, K, 2 * N, dtype=f64), rnd(B, L, K, N), strided_last(B, L, K, 2 * N),
-              expanded(B, L, K, 2 * N)])]:
+              expanded(B, L, K, 2 * N)]),
+            ('dA_out', 'scan_dirs_bwd', ext.scan_dirs_bwd, bwd_dirs,
+             [rnd(D, N), rnd(K, D, N, dtype=bf16), expanded(K, D, N)]),
+            ('dD_out', 'scan_dirs_bwd', ext.scan_dirs_bwd, bwd_dirs,
+             [rnd(D), rnd(K, D, dtype=f64)])]:
         for i, value in enumerate(values):
             cases.append((f'{op_name} {arg} #{i}', op_name, kw(fn, base, **{arg: value}), arg))
     for i, (index, arg, value) in enumerate([

@@ -231,6 +231,37 @@ def test_scan_kernel_half_precision(dtype, reverse):
 
 @requires_cuda
 @requires_kernels
+@pytest.mark.parametrize('b,l,d,dtype,tol', [(2, 197, 192, torch.float32, 1e-5),
+                                             (3, 17, 100, torch.float32, 1e-5),
+                                             (2, 197, 192, torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize('reverse', [False, True])
+def test_scan_kernel_gradients_of_a_and_d(b, l, d, dtype, tol, reverse):
+    """scan_bwd's dA_out / dD_out (trainable A and D, the gate on) against the fp64 loop; the
+    input gradients are those of the frozen-parameter backward."""
+    ext = scan_extension()[0]
+    inp = make_inputs(b, l, d, device='cuda', dtype=dtype, seed=l + d)
+    dy = torch.randn(b, l, d, device='cuda').to(dtype)
+    leaves = {k: inp[k].detach().double().requires_grad_() for k in ('A', 'D')}
+    y_ref = loop_scan(inp['u'], inp['delta'], leaves['A'], inp['B'], inp['C'], leaves['D'],
+                      inp['z'], inp['bias'], True, reverse, (inp['S'], inp['W']))
+    y_ref.backward(dy.double())
+    args = [_like(inp[k], inp['u']) for k in ('u', 'delta')] + [_f32(inp['A'])] + \
+        [_like(inp[k], inp['u']) for k in ('B', 'C')] + [_f32(inp['D']), inp['z'],
+                                                        _f32(inp['bias']), inp['S'],
+                                                        _f32(inp['W'])]
+    dA, dD = torch.full((d, 16), float('nan'), device='cuda'), torch.zeros(d, device='cuda')
+    frozen = ext.scan_bwd(*args, dy, True, reverse)
+    trained = ext.scan_bwd(*args, dy, True, reverse, dA_out=dA, dD_out=dD)
+    errs = {'A': rel(dA, leaves['A'].grad), 'D': rel(dD, leaves['D'].grad)}
+    print(f'SCAN params {dtype} b={b} l={l} d={d} reverse={reverse}: ' +
+          ' '.join(f'{k} {v:.1e}' for k, v in errs.items()))
+    assert all(v < tol for v in errs.values()), errs
+    for got, want in zip(trained, frozen):  # du, ddelta, dz, dB, dC
+        assert rel(got, want) < 1e-6
+
+
+@requires_cuda
+@requires_kernels
 def test_scan_kernel_is_deterministic_and_writes_everything():
     inp = make_inputs(2, 197, 768, device='cuda')
     dy = torch.randn(2, 197, 768, device='cuda')
@@ -280,18 +311,22 @@ def make_directions(b, h, w, d, k=4, device='cpu', dtype=torch.float32, seed=0):
 
 
 def loop_directions(inp, reverse, rows, dy):
-    """Each direction's output and the gradients of u (per direction), delta, B, C, by the
-    per-token fp64 loop visiting the tokens in that direction's order."""
+    """Each direction's output and the gradients of u (per direction), delta, B, C, A and D,
+    by the per-token fp64 loop visiting the tokens in that direction's order."""
     l, k = inp['u'].shape[1], inp['delta'].shape[2]
-    leaves = {n: inp[n].detach().double().requires_grad_() for n in ('delta', 'B', 'C')}
+    leaves = {n: inp[n].detach().double().requires_grad_()
+              for n in ('delta', 'B', 'C', 'A', 'D')}
     us = [inp['u'].detach().double().requires_grad_() for _ in range(k)]
-    ys = [loop_scan(us[i], leaves['delta'][:, :, i], inp['A'][i], leaves['B'][:, :, i],
-                    leaves['C'][:, :, i], inp['D'][i], None, inp['bias'][i], True, reverse[i],
-                    None, order=grid_columns(rows[i], l) if rows[i] else None)
+    ys = [loop_scan(us[i], leaves['delta'][:, :, i], leaves['A'][i], leaves['B'][:, :, i],
+                    leaves['C'][:, :, i], leaves['D'][i], None, inp['bias'][i], True,
+                    reverse[i], None, order=grid_columns(rows[i], l) if rows[i] else None)
           for i in range(k)]
     sum(ys).backward(dy.double())
     return (torch.stack(ys, dim=2), torch.stack([u.grad for u in us], dim=2),
-            leaves['delta'].grad, leaves['B'].grad, leaves['C'].grad)
+            *(leaves[n].grad for n in ('delta', 'B', 'C', 'A', 'D')))
+
+
+DIRS_OUTPUTS = ('y', 'u', 'delta', 'B', 'C', 'A', 'D')
 
 
 @requires_cuda
@@ -303,7 +338,9 @@ def loop_directions(inp, reverse, rows, dy):
 def test_scan_dirs_kernel_matches_the_loop_in_four_orders(h, w, dtype, tol):
     """scan_dirs_fwd / scan_dirs_bwd: VMamba's four directions in one launch, each with its own
     delta, B, C, A, D and bias, the column-major ones walking the row-major grid by columns, in
-    place; every output and input gradient against the per-token loop in that order."""
+    place; every output and gradient against the per-token loop in that order: the input
+    gradients of the frozen-parameter backward, then those and A's and D's of the trainable
+    one."""
     ext = scan_extension()[0]
     inp = make_directions(2, h, w, 96, device='cuda', dtype=dtype, seed=h * 100 + w)
     dy = torch.randn(2, h * w, 96, device='cuda').to(dtype)
@@ -311,15 +348,20 @@ def test_scan_dirs_kernel_matches_the_loop_in_four_orders(h, w, dtype, tol):
     args = [inp[n] for n in ('u', 'delta', 'A', 'B', 'C', 'D', 'bias')]
     y = ext.scan_dirs_fwd(*args, True, rev, rows, out=torch.empty(
         2, h * w, 4, 96, device='cuda'))                       # fp32 outputs of bf16 inputs
-    du = torch.empty(2, h * w, 4, 96, device='cuda')
-    dbc = torch.empty(2, h * w, 4, 6 + 32, device='cuda', dtype=dtype)[..., 6:]
-    _, ddelta, dB, dC = ext.scan_dirs_bwd(*args, dy, True, rev, rows, du_out=du, dBC_out=dbc)
     ref = loop_directions(inp, rev, rows, dy)
-    errs = {name: rel(got, want) for name, got, want in
-            zip(('y', 'u', 'delta', 'B', 'C'), (y, du, ddelta, dB, dC), ref)}
-    print(f'SCAN dirs {h}x{w} {dtype}: ' + ' '.join(f'{k} {v:.1e}' for k, v in errs.items()))
-    assert y.dtype == du.dtype == torch.float32 and ddelta.dtype == dtype
-    assert all(v < tol for v in errs.values()), errs
+    for trainable in (False, True):
+        du = torch.empty(2, h * w, 4, 96, device='cuda')
+        dbc = torch.empty(2, h * w, 4, 6 + 32, device='cuda', dtype=dtype)[..., 6:]
+        dA = torch.full_like(inp['A'], float('nan')) if trainable else None
+        dD = torch.full_like(inp['D'], float('nan')) if trainable else None
+        _, ddelta, dB, dC = ext.scan_dirs_bwd(*args, dy, True, rev, rows, du_out=du,
+                                              dBC_out=dbc, dA_out=dA, dD_out=dD)
+        got = (y, du, ddelta, dB, dC) + ((dA, dD) if trainable else ())
+        errs = {name: rel(g, want) for name, g, want in zip(DIRS_OUTPUTS, got, ref)}
+        print(f'SCAN dirs {h}x{w} {dtype} trainable={trainable}: ' +
+              ' '.join(f'{k} {v:.1e}' for k, v in errs.items()))
+        assert y.dtype == du.dtype == torch.float32 and ddelta.dtype == dtype
+        assert all(v < tol for v in errs.values()), errs
     if h > 1 and w > 1:  # the column walk differs from the row-major one
         row_major = loop_directions(inp, rev, [0] * 4, dy)[0]
         assert rel(row_major, ref[0]) > 1e-2
@@ -335,7 +377,8 @@ def test_grid_columns_order_and_the_cpu_stand_in(h, w):
     rev, rows = CROSS['reverse'], CROSS['rows'](h)
     args = [inp[n] for n in ('u', 'delta', 'A', 'B', 'C', 'D', 'bias')]
     y = ext.scan_dirs_fwd(*args, True, rev, rows)
-    du, ddelta, dB, dC = ext.scan_dirs_bwd(*args, dy, True, rev, rows)
-    for name, got, want in zip(('y', 'u', 'delta', 'B', 'C'), (y, du, ddelta, dB, dC),
+    dA, dD = torch.empty_like(inp['A']), torch.empty_like(inp['D'])
+    du, ddelta, dB, dC = ext.scan_dirs_bwd(*args, dy, True, rev, rows, dA_out=dA, dD_out=dD)
+    for name, got, want in zip(DIRS_OUTPUTS, (y, du, ddelta, dB, dC, dA, dD),
                                loop_directions(inp, rev, rows, dy)):
         assert rel(got, want) < 1e-5, name

@@ -6,9 +6,11 @@
 #   scan    one scan/conv call, memba_vision vs mamba-ssm (tools/benchmark_scan.py)
 #   bench   the Vim-S training step, LoRA vs Memba, with a profile (tools/benchmark.py); extra
 #           arguments go to it, e.g. --baseline "python third_party/baselines/official_vim_step.py third_party/vim"
-#   acc     demo accuracy, bf16 + CUDA graphs vs fp32 eager, 2 tasks x 2 seeds (slow: ~5 min)
+#   acc     demo accuracy, bf16 + CUDA graphs vs fp32 eager, 2 tasks x 2 seeds (slow: ~5 min);
+#           ACC_CONFIG picks the demo (default configs/demo/vim_tiny_memba_synthetic.py)
 #   sweep   projected 19-task sweep time with the real training loop on generated 224x224 data
-#           (tools/benchmark_sweep.py --data-root), one task per GPU
+#           (tools/benchmark_sweep.py --data-root), one task per GPU; SWEEP_METHODS lists the
+#           config families (default vim_s_memba)
 #   multi   2+ GPUs, Vim-S Memba on synthetic 224x224 tasks (~5 min): DDP train + test
 #           (dist_train.sh / dist_test.sh) against tools/test.py on one GPU, training img/s on
 #           2 GPUs vs 1, and a 2-GPU sweep of three tasks killed mid-task and resumed;
@@ -52,7 +54,7 @@ if has acc; then
             randomness.seed=$seed)
       train_args=()
       if [[ $mode == ref ]]; then opts+=(model.backbone.cuda_graph=False); train_args=(-- --fp32); fi
-      $PY tools/sweep.py --config configs/demo/vim_tiny_memba_synthetic.py \
+      $PY tools/sweep.py --config ${ACC_CONFIG:-configs/demo/vim_tiny_memba_synthetic.py} \
         --tasks dsprites_loc clevr_count --gpus 1 --work-root "$LOGS/acc_${mode}_$seed" \
         --cfg-options "${opts[@]}" "${train_args[@]}" > "$LOGS/acc_${mode}_$seed.log" 2>&1
       echo "[gpu_check] accuracy $mode seed $seed: $(grep -A2 '| Backbone' "$LOGS/acc_${mode}_$seed.log" \
@@ -64,9 +66,11 @@ if has sweep; then
   DATA=data/vtab-1k-synthetic-224
   $PY tools/prepare_vtab1k.py --synthetic --out $DATA --tasks dsprites_loc --num-test 100 \
     --size 224 > "$LOGS/sweep_prepare.log" 2>&1
-  $PY tools/benchmark_sweep.py --data-root $DATA --task dsprites_loc \
-    > "$LOGS/benchmark_sweep.log" 2>&1
-  grep -E "^(measured|where|vim_s)" "$LOGS/benchmark_sweep.log"
+  for bm in ${SWEEP_METHODS:-vim_s_memba}; do
+    $PY tools/benchmark_sweep.py --backbone-method $bm --data-root $DATA --task dsprites_loc \
+      > "$LOGS/benchmark_sweep_$bm.log" 2>&1
+    grep -E "^(measured|where|vim_s|vmamba_s)" "$LOGS/benchmark_sweep_$bm.log"
+  done
 fi
 if has multi; then
   M=$LOGS/multi

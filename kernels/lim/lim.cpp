@@ -51,14 +51,15 @@ OptTensor contiguous_or_none(const OptTensor& t) {
 
 // x (B, L, R), floating point, on CUDA; any strides (the op makes a contiguous copy).
 void check_x(const char* op, const at::Tensor& x, int64_t num_chunks) {
-  TORCH_CHECK(x.defined() && x.is_cuda(), op, ": x must be a CUDA tensor, got ",
+  MEMBA_CHECK(x.defined() && x.is_cuda(), op, ": x must be a CUDA tensor, got ",
               x.defined() ? x.device().str() : std::string("an undefined tensor"));
-  TORCH_CHECK(x.dim() == 3, op, ": x must have shape (B, L, R), got ", x.sizes());
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ",
+  MEMBA_CHECK(x.dim() == 3, op, ": x must have shape (B, L, R), got ",
+              memba_checks::shape_text(x.sizes()));
+  MEMBA_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ",
               x.scalar_type());
-  TORCH_CHECK(num_chunks >= 1 && num_chunks <= x.size(1), op,
+  MEMBA_CHECK(num_chunks >= 1 && num_chunks <= x.size(1), op,
               ": num_chunks must be in [1, L=", x.size(1), "], got ", num_chunks);
-  TORCH_CHECK(num_chunks <= std::numeric_limits<int>::max(), op, ": num_chunks too large");
+  MEMBA_CHECK(num_chunks <= std::numeric_limits<int>::max(), op, ": num_chunks too large");
 }
 
 // A (B, l, R) or (B, L, R) companion of x (u_prev, grad_out, grad_u_mean): x's device
@@ -97,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> lim_backward_cuda_impl(
   check_like(op, "u_prev", u_prev, x_in, {B, l, R});
   check_like(op, "grad_out", grad_out, x_in, {B, L, R});
   check_like(op, "grad_u_mean", grad_u_mean, x_in, {B, l, R});
-  TORCH_CHECK(!need_grad_u_prev || present(u_prev), op, ": need_grad_u_prev without u_prev");
+  MEMBA_CHECK(!need_grad_u_prev || present(u_prev), op, ": need_grad_u_prev without u_prev");
   const at::Tensor x = x_in.contiguous();
   const OptTensor u = contiguous_or_none(u_prev);
   const OptTensor go = contiguous_or_none(grad_out);
@@ -114,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> lim_backward_cuda_impl(
 // ------------------------------------------------- Meta kernels (shapes only)
 std::tuple<at::Tensor, at::Tensor> lim_meta(const at::Tensor& x, const OptTensor& u_prev,
                                             int64_t num_chunks, double leak, double threshold) {
-  TORCH_CHECK(x.dim() == 3 && num_chunks >= 1, "memba_vision::lim: bad arguments");
+  MEMBA_CHECK(x.dim() == 3 && num_chunks >= 1, "memba_vision::lim: bad arguments");
   const c10::SymInt l = x.sym_size(1) / num_chunks;
   return {at::empty_symint(x.sym_sizes(), x.options()),
           at::empty_symint({x.sym_size(0), l, x.sym_size(2)}, x.options())};
@@ -124,7 +125,7 @@ std::tuple<at::Tensor, at::Tensor> lim_backward_meta(
     const at::Tensor& x, const OptTensor& u_prev, const OptTensor& grad_out,
     const OptTensor& grad_u_mean, int64_t num_chunks, double leak, double threshold,
     bool need_grad_x, bool need_grad_u_prev) {
-  TORCH_CHECK(x.dim() == 3 && num_chunks >= 1, "memba_vision::lim_backward: bad arguments");
+  MEMBA_CHECK(x.dim() == 3 && num_chunks >= 1, "memba_vision::lim_backward: bad arguments");
   at::Tensor grad_x, grad_u_prev;
   if (need_grad_x) grad_x = at::empty_symint(x.sym_sizes(), x.options());
   if (need_grad_u_prev) {

@@ -3,12 +3,13 @@
 //   scan_fwd(u, delta, A, B, C, D, z, delta_bias, S, W, softplus, reverse,
 //            out=None, out_scale=1, accumulate=False) -> y
 //   scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, softplus, reverse,
-//            dout_scale=1, dz_out=None, dz_accumulate=False, dBC_out=None)
-//       -> (du, ddelta, dz or None, dB, dC)
+//            dout_scale=1, dz_out=None, dz_accumulate=False, dBC_out=None, dA_out=None,
+//            dD_out=None) -> (du, ddelta, dz or None, dB, dC)
 //   scan_dirs_fwd(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows, out=None)
 //       -> y (B, L, K, D)
 //   scan_dirs_bwd(u, delta, A, B, C, D, delta_bias, dout, softplus, reverse, rows,
-//                 du_out=None, dBC_out=None) -> (du, ddelta (B, L, K, D), dB, dC (B, L, K, 16))
+//                 du_out=None, dBC_out=None, dA_out=None, dD_out=None)
+//       -> (du, ddelta (B, L, K, D), dB, dC (B, L, K, 16))
 //       K <= 4 scans of one u in one launch, each with its own delta, B, C (B, L, K, *),
 //       A (K, D, 16), D and delta_bias (K, D), reverse[k] and rows[k] (rows > 0: the L
 //       tokens are a row-major (rows, L / rows) grid, scanned column by column); no gate.
@@ -24,7 +25,10 @@
 // ``dz_out`` / conv ``out`` may be strided (B, L, D) views (e.g. a half of a
 // (B, L, 2D) gradient) and are added to with ``accumulate``; y is stored times
 // ``out_scale`` and the backward reads ``dout_scale * dout``; ``dBC_out`` (B, L, 2N),
-// fp32 or u's dtype with a contiguous last axis, receives dB | dC. The LIM pair works
+// fp32 or u's dtype with a contiguous last axis, receives dB | dC. For trainable A and D,
+// ``dA_out`` (D, 16) and ``dD_out`` (D,) (scan_dirs_bwd: (K, D, 16) and (K, D)), fp32
+// contiguous, receive their gradients (the other parameters' gradients follow from ddelta,
+// dB and dC: the callers compute them with matrix products). The LIM pair works
 // on x (B, L, R) and returns both directions stacked: out and grad_x (2, B, L, R),
 // u_mean (2, B, l, R).
 //
@@ -33,9 +37,8 @@
 // of a wider tensor are fine); A (D, 16), D and delta_bias (D,), the gate weight
 // W (D, 16), conv weight (D, 4) and bias (D,): fp32. Optional arguments may be
 // None. Results are contiguous, in u's (x's) dtype; dB and dC are fp32.
-// The frozen parameters (A, D, delta_bias, W's rows, conv weight/bias) get no
-// gradient here: the autograd wrappers in memba_vision.ops compute W's and S's
-// gradients from dz with two small matrix products.
+// W's and S's gradients are computed by the autograd wrappers in memba_vision.ops from dz
+// with two small matrix products; the conv weight and bias get no gradient here.
 //
 // Every op checks the device, dtype, shape and strides of all its tensor arguments
 // before it reads a pointer or allocates (kernels/common/tensor_checks.h); a wrong one
@@ -59,6 +62,7 @@ namespace {
 using OptTensor = std::optional<at::Tensor>;
 using memba_checks::check_tensor;
 using memba_checks::kAny;
+using memba_checks::shape_text;
 using memba_checks::Strides;
 
 bool present(const OptTensor& t) { return t.has_value() && t->defined(); }
@@ -68,7 +72,7 @@ DType dtype_of(const at::Tensor& t) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
-    default: TORCH_CHECK(false, "memba_vision scan: unsupported dtype ", t.scalar_type());
+    default: MEMBA_CHECK(false, "memba_vision scan: unsupported dtype ", t.scalar_type());
   }
   return DType::kFloat32;
 }
@@ -78,13 +82,13 @@ constexpr at::ScalarType kKernelDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16
 // The first token-major tensor of an op (u, x): a CUDA (B, L, C) tensor of a kernel
 // dtype with a contiguous last axis, non-empty and within the kernels' index ranges.
 void check_leading(const char* op, const char* arg, const at::Tensor& t) {
-  TORCH_CHECK(t.defined() && t.is_cuda(), op, ": ", arg, " must be a CUDA tensor, got ",
+  MEMBA_CHECK(t.defined() && t.is_cuda(), op, ": ", arg, " must be a CUDA tensor, got ",
               t.defined() ? t.device().str() : std::string("an undefined tensor"));
   check_tensor(op, arg, t, t.device(), kKernelDtypes, {kAny, kAny, kAny}, Strides::kLastAxis);
-  TORCH_CHECK(t.size(0) >= 1 && t.size(1) >= 1 && t.size(2) >= 1, op, ": ", arg,
-              " must not be empty, got ", t.sizes());
-  TORCH_CHECK(t.size(0) <= 65535 && t.size(1) < (1 << 30) && t.size(2) < (1 << 24), op, ": ",
-              arg, " is too large: ", t.sizes());
+  MEMBA_CHECK(t.size(0) >= 1 && t.size(1) >= 1 && t.size(2) >= 1, op, ": ", arg,
+              " must not be empty, got ", shape_text(t.sizes()));
+  MEMBA_CHECK(t.size(0) <= 65535 && t.size(1) < (1 << 30) && t.size(2) < (1 << 24), op, ": ",
+              arg, " is too large: ", shape_text(t.sizes()));
 }
 
 // A (B, L, last) tensor like u: same device and dtype, contiguous last axis.
@@ -101,7 +105,7 @@ void check_param(const char* op, const char* arg, const at::Tensor& t, const at:
 }
 
 void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "memba_vision scan: ", what, " failed: ",
+  MEMBA_CHECK(err == cudaSuccess, "memba_vision scan: ", what, " failed: ",
               cudaGetErrorString(err));
 }
 
@@ -119,7 +123,7 @@ void check_scan_inputs(const char* op, const at::Tensor& u, const at::Tensor& de
   if (present(D)) check_param(op, "D", *D, u, {dim});
   if (present(z)) check_tokens(op, "z", *z, u, dim);
   if (present(bias)) check_param(op, "delta_bias", *bias, u, {dim});
-  TORCH_CHECK(present(S) == present(W), op, ": the gate spikes S and weight W go together");
+  MEMBA_CHECK(present(S) == present(W), op, ": the gate spikes S and weight W go together");
   if (present(S)) {
     check_tokens(op, "S", *S, u, kGateRank);
     check_param(op, "W", *W, u, {dim, kGateRank});
@@ -128,7 +132,7 @@ void check_scan_inputs(const char* op, const at::Tensor& u, const at::Tensor& de
 
 // rows > 0 (a grid scanned by columns) must divide the sequence length.
 void check_rows(const char* op, const at::Tensor& u, int64_t rows) {
-  TORCH_CHECK(rows >= 0 && (rows == 0 || u.size(1) % rows == 0), op, ": rows must be 0 or divide "
+  MEMBA_CHECK(rows >= 0 && (rows == 0 || u.size(1) % rows == 0), op, ": rows must be 0 or divide "
               "the sequence length ", u.size(1), ", got ", rows);
 }
 
@@ -209,6 +213,56 @@ std::pair<at::Tensor, at::Tensor> bwd_scratch(const at::Tensor& u, int64_t ndir)
           at::empty({ndir, u.size(0), nblocks, u.size(1), 2 * kStates}, f32)};
 }
 
+// Per-batch-item parts of the A and D gradients of ``ndir`` directions, (ndir, B, D, N) and
+// (ndir, B, D) fp32, when dA_out or dD_out is given (else undefined), set in ps.
+std::pair<at::Tensor, at::Tensor> param_grad_items(ScanDirs& ps, const at::Tensor& u,
+                                                   const OptTensor& dA_out,
+                                                   const OptTensor& dD_out) {
+  if (!present(dA_out) && !present(dD_out)) return {};
+  const auto f32 = u.options().dtype(at::kFloat);
+  at::Tensor dA = at::empty({ps.ndir, u.size(0), u.size(2), kStates}, f32);
+  at::Tensor dD = at::empty({ps.ndir, u.size(0), u.size(2)}, f32);
+  for (int k = 0; k < ps.ndir; ++k) {
+    ps.dir[k].dA = dA[k].data_ptr<float>();
+    ps.dir[k].dD = dD[k].data_ptr<float>();
+  }
+  return {dA, dD};
+}
+
+// dA_out / dD_out = the items' sums over the batch (axis 1).
+void sum_param_grads(const std::pair<at::Tensor, at::Tensor>& items, const OptTensor& dA_out,
+                     const OptTensor& dD_out) {
+  const at::Tensor &dA = items.first, &dD = items.second;
+  const std::vector<int64_t> batch_axis{1};
+  if (present(dA_out)) {
+    at::Tensor out = dA_out->view({dA.size(0), dA.size(2), dA.size(3)});
+    at::sum_out(out, dA, batch_axis);
+  }
+  if (present(dD_out)) {
+    at::Tensor out = dD_out->view({dD.size(0), dD.size(2)});
+    at::sum_out(out, dD, batch_axis);
+  }
+}
+
+// dA_out / dD_out of ``ndir`` directions: fp32 contiguous (ndir, D, 16) / (ndir, D), or (D, 16)
+// / (D,) without the direction axis (``single``).
+void check_param_grads(const char* op, const at::Tensor& u, int64_t ndir, bool single,
+                       const OptTensor& dA_out, const OptTensor& dD_out) {
+  std::vector<int64_t> a_shape{ndir, u.size(2), kStates}, d_shape{ndir, u.size(2)};
+  if (single) {
+    a_shape.erase(a_shape.begin());
+    d_shape.erase(d_shape.begin());
+  }
+  if (present(dA_out)) {
+    check_tensor(op, "dA_out", *dA_out, u.device(), at::kFloat, a_shape, Strides::kContiguous,
+                 /*output=*/true);
+  }
+  if (present(dD_out)) {
+    check_tensor(op, "dD_out", *dD_out, u.device(), at::kFloat, d_shape, Strides::kContiguous,
+                 /*output=*/true);
+  }
+}
+
 // The state checkpoints, then the backward proper (and the dB | dC sums).
 void run_backward(const ScanDirs& ps, const at::Tensor& u, const char* what) {
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
@@ -231,7 +285,7 @@ at::Tensor scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tens
   const char* op = "memba_vision scan_fwd";
   check_scan_inputs(op, u, delta, A, B, C, D, z, bias, S, W);
   if (present(out_buf)) check_tokens(op, "out", *out_buf, u, u.size(2), /*output=*/true);
-  TORCH_CHECK(!accumulate || present(out_buf), op, ": accumulate needs out");
+  MEMBA_CHECK(!accumulate || present(out_buf), op, ": accumulate needs out");
   ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
   const c10::cuda::CUDAGuard guard(u.device());
   at::Tensor out = output_like(out_buf, u);
@@ -245,19 +299,21 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& bias,
     const OptTensor& S, const OptTensor& W, const at::Tensor& dout, bool softplus, bool reverse,
-    double dout_scale, const OptTensor& dz_out, bool dz_accumulate, const OptTensor& dBC_out) {
+    double dout_scale, const OptTensor& dz_out, bool dz_accumulate, const OptTensor& dBC_out,
+    const OptTensor& dA_out, const OptTensor& dD_out) {
   const char* op = "memba_vision scan_bwd";
   check_scan_inputs(op, u, delta, A, B, C, D, z, bias, S, W);
   check_tokens(op, "dout", dout, u, u.size(2));
   const bool has_z = present(z) || present(S);
-  TORCH_CHECK(!dz_accumulate || present(dz_out), op, ": dz_accumulate needs dz_out");
-  TORCH_CHECK(!present(dz_out) || has_z, op, ": dz_out without z or a gate");
+  MEMBA_CHECK(!dz_accumulate || present(dz_out), op, ": dz_accumulate needs dz_out");
+  MEMBA_CHECK(!present(dz_out) || has_z, op, ": dz_out without z or a gate");
   if (present(dz_out)) check_tokens(op, "dz_out", *dz_out, u, u.size(2), /*output=*/true);
   if (present(dBC_out)) {  // fp32 or u's dtype
     const at::ScalarType dtypes[] = {at::kFloat, u.scalar_type()};
     check_tensor(op, "dBC_out", *dBC_out, u.device(), dtypes, {u.size(0), u.size(1), 2 * kStates},
                  Strides::kLastAxis, /*output=*/true);
   }
+  check_param_grads(op, u, 1, true, dA_out, dD_out);
   ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
   const c10::cuda::CUDAGuard guard(u.device());
   const auto [ckpt, dbc] = bwd_scratch(u, 1);
@@ -272,7 +328,10 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
     p.dz = dz->data_ptr(); p.dz_sb = dz->stride(0); p.dz_sl = dz->stride(1);
     p.dz_accum = dz_accumulate;
   }
-  run_backward(one_direction(p), u, "scan_bwd");
+  ScanDirs ps = one_direction(p);
+  const auto items = param_grad_items(ps, u, dA_out, dD_out);
+  run_backward(ps, u, "scan_bwd");
+  sum_param_grads(items, dA_out, dD_out);
   return {du, ddelta, dz, dbc_sum.narrow(2, 0, kStates), dbc_sum.narrow(2, kStates, kStates)};
 }
 
@@ -288,7 +347,7 @@ int64_t check_dirs_inputs(const char* op, const at::Tensor& u, const at::Tensor&
   check_tensor(op, "delta", delta, u.device(), u.scalar_type(), {batch, L, kAny, dim},
                Strides::kLastAxis);
   const int64_t K = delta.size(2);
-  TORCH_CHECK(K >= 1 && K <= kMaxDirs, op, ": delta must have 1 to ", kMaxDirs,
+  MEMBA_CHECK(K >= 1 && K <= kMaxDirs, op, ": delta must have 1 to ", kMaxDirs,
               " directions (axis 2), got ", K);
   check_tensor(op, "A", A, u.device(), at::kFloat, {K, dim, kStates}, Strides::kContiguous);
   check_tensor(op, "B", B, u.device(), u.scalar_type(), {batch, L, K, kStates},
@@ -299,7 +358,7 @@ int64_t check_dirs_inputs(const char* op, const at::Tensor& u, const at::Tensor&
   if (present(bias)) {
     check_tensor(op, "delta_bias", *bias, u.device(), at::kFloat, {K, dim}, Strides::kContiguous);
   }
-  TORCH_CHECK(static_cast<int64_t>(reverse.size()) == K && static_cast<int64_t>(rows.size()) == K,
+  MEMBA_CHECK(static_cast<int64_t>(reverse.size()) == K && static_cast<int64_t>(rows.size()) == K,
               op, ": reverse and rows must have one entry per direction (", K, "), got ",
               reverse.size(), " and ", rows.size());
   for (const int64_t r : rows) check_rows(op, u, r);
@@ -345,7 +404,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_dirs_bwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const OptTensor& D, const OptTensor& bias, const at::Tensor& dout,
     bool softplus, const std::vector<bool>& reverse, const std::vector<int64_t>& rows,
-    const OptTensor& du_out, const OptTensor& dBC_out) {
+    const OptTensor& du_out, const OptTensor& dBC_out, const OptTensor& dA_out,
+    const OptTensor& dD_out) {
   const char* op = "memba_vision scan_dirs_bwd";
   const int64_t K = check_dirs_inputs(op, u, delta, A, B, C, D, bias, reverse, rows);
   const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2);
@@ -360,6 +420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_dirs_bwd(
     check_tensor(op, "dBC_out", *dBC_out, u.device(), dtypes, {batch, L, K, 2 * kStates},
                  Strides::kLastAxis, /*output=*/true);
   }
+  check_param_grads(op, u, K, false, dA_out, dD_out);
   const c10::cuda::CUDAGuard guard(u.device());
   const auto [ckpt, dbc] = bwd_scratch(u, K);
   at::Tensor dbc_sum = present(dBC_out)
@@ -373,7 +434,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_dirs_bwd(
     set_bwd(ps.dir[k], dout, 1.0, du.select(2, k), ddelta.select(2, k), ckpt[k], dbc[k],
             dbc_sum.select(2, k));
   }
+  const auto items = param_grad_items(ps, u, dA_out, dD_out);
   run_backward(ps, u, "scan_dirs_bwd");
+  sum_param_grads(items, dA_out, dD_out);
   return {du, ddelta, dbc_sum.narrow(3, 0, kStates), dbc_sum.narrow(3, kStates, kStates)};
 }
 
@@ -423,7 +486,7 @@ at::Tensor conv_bwd(const at::Tensor& x, const at::Tensor& weight, const OptTens
   check_conv_inputs(op, x, weight, bias);
   check_tokens(op, "grad_y", grad_y, x, x.size(2));
   if (present(out)) check_tokens(op, "out", *out, x, x.size(2), /*output=*/true);
-  TORCH_CHECK(!accumulate || present(out), op, ": accumulate needs out");
+  MEMBA_CHECK(!accumulate || present(out), op, ": accumulate needs out");
   ConvParams p = make_conv(x, weight, bias, reverse, silu);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = output_like(out, x);
@@ -441,7 +504,7 @@ void check_lim_pair_inputs(const char* op, const at::Tensor& x, const OptTensor&
   check_leading(op, "x", x);
   check_tensor(op, "x", x, x.device(), x.scalar_type(), {kAny, kAny, kAny},
                Strides::kContiguous);
-  TORCH_CHECK(num_chunks >= 1 && num_chunks <= kLimPairMaxChunks && num_chunks <= x.size(1),
+  MEMBA_CHECK(num_chunks >= 1 && num_chunks <= kLimPairMaxChunks && num_chunks <= x.size(1),
               op, ": num_chunks must be in [1, min(", kLimPairMaxChunks, ", L=", x.size(1),
               ")], got ", num_chunks);
   if (present(u_prev_f)) {
@@ -549,16 +612,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("dout"), py::arg("softplus"),
         py::arg("reverse"), py::arg("dout_scale") = 1.0, py::arg("dz_out") = py::none(),
-        py::arg("dz_accumulate") = false, py::arg("dBC_out") = py::none());
+        py::arg("dz_accumulate") = false, py::arg("dBC_out") = py::none(),
+        py::arg("dA_out") = py::none(), py::arg("dD_out") = py::none());
   m.def("scan_dirs_fwd", &memba_scan::scan_dirs_fwd, "selective scans of one input in up to "
         "four directions, one launch", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"),
         py::arg("C"), py::arg("D"), py::arg("delta_bias"), py::arg("softplus"),
         py::arg("reverse"), py::arg("rows"), py::arg("out") = py::none());
-  m.def("scan_dirs_bwd", &memba_scan::scan_dirs_bwd, "backward of scan_dirs_fwd (input "
-        "gradients)", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
+  m.def("scan_dirs_bwd", &memba_scan::scan_dirs_bwd, "backward of scan_dirs_fwd", py::arg("u"),
+        py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
         py::arg("D"), py::arg("delta_bias"), py::arg("dout"), py::arg("softplus"),
         py::arg("reverse"), py::arg("rows"), py::arg("du_out") = py::none(),
-        py::arg("dBC_out") = py::none());
+        py::arg("dBC_out") = py::none(), py::arg("dA_out") = py::none(),
+        py::arg("dD_out") = py::none());
   m.def("conv_fwd", &memba_scan::conv_fwd, "depthwise causal conv + SiLU forward");
   m.def("conv_bwd", &memba_scan::conv_bwd, "depthwise causal conv + SiLU backward (input grad)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("grad_y"), py::arg("reverse"),

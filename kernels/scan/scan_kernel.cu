@@ -20,7 +20,9 @@
 // warp's 8 channels (each lane ends with one of the 32 sums), shared memory the
 // block's 8 warps, and each block writes its partial sums (no atomics, so the
 // result is deterministic); a second kernel adds the blocks' partials in a fixed
-// order and stores them in the caller's layout and dtype.
+// order and stores them in the caller's layout and dtype. With trainable A and D (dA set),
+// a thread also sums its states' dA[d, n] = sum_s dh[s, n] dt[s] exp(dt[s] A) h[s-1] and
+// dD[d] = sum_s dy[s] u[s] over the sequence and writes them once per batch item.
 #include "scan_kernel.h"
 
 #include <cuda_bf16.h>
@@ -185,7 +187,7 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
   }
 }
 
-template <typename T>
+template <typename T, bool kParamGrads>
 __global__ void __launch_bounds__(kThreads, 3)
 scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
   const ScanParams& p = ps.dir[blockIdx.z];
@@ -197,12 +199,13 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
   const int lane = tid % 32, warp = tid / 32;
   const int b = blockIdx.y, d0 = blockIdx.x * kCh, d = d0 + cl;
   const bool dvalid = d < p.dim;
-  float A2[kSPT], W4[kSPT], g[kSPT];
+  float A2[kSPT], W4[kSPT], g[kSPT], dA[kSPT], dD = 0.f;
 #pragma unroll
   for (int j = 0; j < kSPT; ++j) {
     A2[j] = dvalid ? p.A[d * kStates + sg * kSPT + j] * kLog2e : 0.f;
     W4[j] = (p.has_gate && dvalid) ? p.W[d * kGateRank + sg * kSPT + j] : 0.f;
     g[j] = 0.f;  // exp(dt[s+1] A) dh[s+1], carried backwards
+    dA[j] = 0.f;
   }
   const float Dd = (p.has_D && dvalid) ? p.Dv[d] : 0.f;
   const T* dout = static_cast<const T*>(p.dout);
@@ -276,13 +279,16 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
 #pragma unroll
         for (int j = 0; j < kSPT; ++j) {
           const float dh = fmaf(Cj[j], dy, g[j]);
-          // d h[s] / d dt[s] = A exp(dt A) h[s-1] + B u = A (h[s] - dt B u) + B u
-          ddt = fmaf(dh, fmaf(A2[j] * (1.f / kLog2e), hist[k][j] - dtu * Bj[j], Bj[j] * u), ddt);
+          const float decayed = hist[k][j] - dtu * Bj[j];  // exp(dt A) h[s-1] = h[s] - dt B u
+          // d h[s] / d dt[s] = A exp(dt A) h[s-1] + B u
+          ddt = fmaf(dh, fmaf(A2[j] * (1.f / kLog2e), decayed, Bj[j] * u), ddt);
+          if (kParamGrads) dA[j] = fmaf(dh * dt, decayed, dA[j]);  // d h[s] / d A
           du = fmaf(dh, Bj[j], du);
           v[j] = dh * dtu;              // dB partial
           v[kSPT + j] = dy * hist[k][j];  // dC partial
           g[j] = exp2f(dt * A2[j]) * dh;
         }
+        if (kParamGrads) dD = fmaf(dy, u, dD);
         ddt = sum4lanes(ddt);
         du = sum4lanes(du);
         if (sg == 0) {
@@ -331,6 +337,12 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
       }
     }
     __syncthreads();
+  }
+  if (kParamGrads && dvalid) {
+    const int64_t bd = static_cast<int64_t>(b) * p.dim + d;
+    *reinterpret_cast<float4*>(p.dA + bd * kStates + sg * kSPT) =
+        make_float4(dA[0], dA[1], dA[2], dA[3]);
+    if (sg == 0) p.dD[bd] = dD;
   }
 }
 
@@ -480,8 +492,10 @@ template <typename T> struct ScanFwd {
 template <typename T> struct ScanBwd {
   static cudaError_t run(const ScanDirs& ps, cudaStream_t s) {
     const dim3 grid = scan_grid(ps);
-    scan_bwd_kernel<T><<<grid, kThreads, 0, s>>>(ps);
     const ScanParams& p = ps.dir[0];
+    // every direction has dA set or none has (the binding sets them together)
+    if (p.dA != nullptr) scan_bwd_kernel<T, true><<<grid, kThreads, 0, s>>>(ps);
+    else scan_bwd_kernel<T, false><<<grid, kThreads, 0, s>>>(ps);
     const int64_t n = static_cast<int64_t>(p.batch) * p.seqlen * 2 * kStates;
     const dim3 blocks(static_cast<unsigned>((n + kReduceThreads - 1) / kReduceThreads), ps.ndir);
     // every direction's dB | dC output has the same dtype (the binding checks it)

@@ -54,6 +54,9 @@ struct ScanParams {
   void *dbc_out;      // (B, L, 2N) with strides dbc_out_sb, dbc_out_sl: dB | dC summed
   int64_t dbc_out_sb, dbc_out_sl;
   bool dbc_out_f32;   // dbc_out is fp32 (else u's dtype)
+  // Trainable A and D (full fine-tuning), or null: each batch item's part of their gradients,
+  // dA (B, D, N) and dD (B, D), fp32 (the caller sums them over the batch)
+  float *dA, *dD;
 };
 
 // Up to kMaxDirs scans of one shape run in one launch (blockIdx.z picks the direction):
@@ -71,8 +74,8 @@ int scan_channels_per_block();
 
 // y = scan (out); with ckpt set, also the chunk-start states. ckpt_only skips y.
 cudaError_t scan_forward(const ScanDirs& ps, DType dtype, bool ckpt_only, cudaStream_t stream);
-// du, ddelta, dz and dB | dC into dbc_out; needs ckpt from scan_forward and the dbc
-// buffer for the per-block partials, which a second kernel sums.
+// du, ddelta, dz and dB | dC into dbc_out (and dA, dD when set); needs ckpt from scan_forward
+// and the dbc buffer for the per-block partials, which a second kernel sums.
 cudaError_t scan_backward(const ScanDirs& ps, DType dtype, cudaStream_t stream);
 
 struct ConvParams {

@@ -16,6 +16,7 @@ from mmpretrain.registry import MODELS
 from torch import Tensor
 
 from ...ops.cross_scan import cross_scan
+from ...ops.silu_gate import silu_gate
 from ..peft import (PEFTConfig, build_gate, check_supported, freeze_all_but_peft, parse_peft,
                     wrap_embed, wrap_in_proj, wrap_out_proj)
 from .base import MambaBackbone
@@ -82,13 +83,13 @@ class SS2D(nn.Module):
             memory_format=torch.channels_last)))
         y = self.out_norm(self.cross_scan(x.permute(0, 2, 3, 1)))  # (B, L, D)
         z = z.reshape(B, H * W, -1)
-        if self.gate is not None:  # z' = mean of the two directions' z + S_d W_d^T: one product
+        if self.gate is None:
+            y = silu_gate(y, z)
+        else:  # z' = z + the mean of the two directions' S_d W_d^T: one product
             pairs, membrane = self.gate.lim_spikes(z, membrane)
             spikes = torch.cat([s for s, _ in pairs], dim=-1)           # (B, L, 2R)
             weight = torch.cat([w for _, w in pairs], dim=1)            # (D, 2R)
-            correction = torch.matmul(spikes, 0.5 * weight.to(spikes.dtype).t())
-            z = z + correction if self.gate.residual else correction
-        y = y * F.silu(z)
+            y = silu_gate(y, z, spikes, 0.5 * weight, self.gate.residual)
         return self.out_proj(y).view(B, H, W, -1), membrane
 
 

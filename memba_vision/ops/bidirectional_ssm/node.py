@@ -14,8 +14,11 @@ direction's LIM runs over that direction's token order and its spikes S_d
 (B, L, R) come back in input order (see ``LimPairParams`` in kernels/scan). The
 gate is optional (LoRA), and with ``residual=False`` z'_d = S_d W_out^T.
 
-The SSM parameters are frozen (PEFT); the trainable inputs are xz, W_in, W_out
-and the previous layer's membranes. One node per layer lets the backward write
+The trainable inputs are xz, W_in, W_out and the previous layer's membranes, and
+(full fine-tuning, partial tuning, LoRA on x_proj or dt_proj) any SSM parameter: A's
+and D's gradients come from the scan kernel, x_proj's, dt_proj's and the delta
+bias's from ddelta, dB and dC with matrix products, the conv's from a recomputed
+conv (PyTorch's). One node per layer lets the backward write
 the halves of dxz in place, accumulate the two directions inside the kernels,
 batch the gate's small products over both directions and run both directions'
 LIM in one kernel without flips. Against the per-op path (conv -> linear -> scan
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor
 
 from ...utils import persistent_stream
+from ..conv import causal_conv1d_tokens
 from ..dispatch import ENV, cuda_unavailable, extension, reference_forced
 
 __all__ = ['SSMDirection', 'MembaGateParams', 'bidirectional_ssm', 'bidirectional_ssm_reason',
@@ -47,7 +51,7 @@ def scan_extension():
 
 
 class SSMDirection(NamedTuple):
-    """Frozen parameters of one scan direction (D channels, N states, R_dt dt rank)."""
+    """The SSM parameters of one scan direction (D channels, N states, R_dt dt rank)."""
     conv_weight: Tensor    # (D, 4) fp32
     conv_bias: Tensor      # (D,) fp32
     x_proj_weight: Tensor  # (R_dt + 2N, D)
@@ -110,7 +114,9 @@ def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
 class _BidirectionalSSM(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, xz, w_in, w_out, u_prev_f, u_prev_b, dirs, gate, kernels):
+    def forward(ctx, xz, w_in, w_out, u_prev_f, u_prev_b, gate, kernels, *dir_params):
+        # dir_params: both directions' SSMDirection fields, flat, so that each gets a gradient
+        dirs = (SSMDirection(*dir_params[:_FIELDS]), SSMDirection(*dir_params[_FIELDS:]))
         ctx.set_materialize_grads(False)
         with torch.autocast(xz.device.type, enabled=False):  # dtypes are chosen here
             return _BidirectionalSSM._forward(ctx, xz, w_in, w_out, u_prev_f, u_prev_b, dirs,
@@ -147,6 +153,7 @@ class _BidirectionalSSM(torch.autograd.Function):
             saved += [u, xdbl, delta, wx, wdt]
         ctx.save_for_backward(xz, w_in_lp, w_out, v, S, u_prev_f, u_prev_b, *saved)
         ctx.dirs, ctx.gate, ctx.kernels = dirs, gate, kernels
+        ctx.param_needs = ctx.needs_input_grad[_PARAMS_AT:]
         if gate is None:
             return y, None, None
         return y, u_mean[0], u_mean[1]
@@ -170,22 +177,31 @@ class _BidirectionalSSM(torch.autograd.Function):
         # LoRA: both directions' dz accumulate straight into dxz. Memba: each
         # direction keeps its dz', which the gate's products need.
         dz_dirs = None if gate is None else xz.new_empty(2, Bsz, L, D)
+        dparams = [None] * (2 * _FIELDS)
         for d, p in enumerate(dirs):
             u, xdbl, delta, wx, wdt = saved[5 * d:5 * d + 5]
+            needs = SSMDirection(*ctx.param_needs[_FIELDS * d:_FIELDS * (d + 1)])
             rank = p.dt_proj_weight.shape[1]
             Bm, Cm = xdbl[..., rank:].chunk(2, dim=-1)
             dxdbl = torch.empty_like(xdbl)                                 # (B, L, R_dt + 2N)
+            dA = torch.empty_like(p.A) if needs.A else None
+            dD = torch.empty_like(p.D) if needs.D else None
             du, ddelta, _, _, _ = kernels.scan_bwd(
                 u, delta, p.A, Bm, Cm, p.D, z_scan, p.dt_bias,
                 None if S is None else S[d], w_out, dy, True, bool(d), dout_scale=0.5,
                 dz_out=dz if dz_dirs is None else dz_dirs[d],
-                dz_accumulate=dz_dirs is None and d == 1, dBC_out=dxdbl[..., rank:])
+                dz_accumulate=dz_dirs is None and d == 1, dBC_out=dxdbl[..., rank:],
+                dA_out=dA, dD_out=dD)
             torch.mm(ddelta.view(-1, D), wdt, out=dxdbl.view(-1, dxdbl.shape[-1])[:, :rank])
+            grads = _param_grads(p, needs, u, xdbl, ddelta, dxdbl, dA, dD)
             du.view(-1, D).addmm_(dxdbl.view(-1, dxdbl.shape[-1]), wx)     # du += dxdbl @ Wx
+            if needs.conv_weight or needs.conv_bias:
+                grads = grads._replace(**_conv_grads(p, needs, x, du, bool(d)))
             kernels.conv_bwd(x, p.conv_weight, p.conv_bias, du, bool(d), True,
                              out=dx, accumulate=d == 1)
+            dparams[_FIELDS * d:_FIELDS * (d + 1)] = grads
         if gate is None:
-            return dxz, None, None, None, None, None, None, None
+            return (dxz, None, None, None, None, None, None, *dparams)
         R = S.shape[-1]
         dz_flat = dz_dirs.view(-1, D)                                      # (2BL, D)
         dS = torch.mm(dz_flat, w_out.to(dz_flat.dtype)).view(2, Bsz, L, R)
@@ -201,7 +217,43 @@ class _BidirectionalSSM(torch.autograd.Function):
         else:
             torch.mm(dv, w_in_lp, out=dz2)
         dw_in = _mm_f32(dv.t(), z.reshape(-1, D)) if ctx.needs_input_grad[1] else None
-        return dxz, dw_in, dw_out, du_prev_f, du_prev_b, None, None, None
+        return (dxz, dw_in, dw_out, du_prev_f, du_prev_b, None, None, *dparams)
+
+
+_FIELDS = len(SSMDirection._fields)
+_PARAMS_AT = 7  # the position of the first SSM parameter among forward's inputs
+
+
+def _param_grads(p: SSMDirection, needs: SSMDirection, u, xdbl, ddelta, dxdbl, dA,
+                 dD) -> SSMDirection:
+    """One direction's gradients of x_proj, dt_proj, the delta bias, A and D (None where
+    not needed), each in its parameter's dtype."""
+    D, rank = u.shape[-1], p.dt_proj_weight.shape[1]
+    g = dict.fromkeys(SSMDirection._fields)
+    if needs.x_proj_weight:  # (R_dt + 2N, D)
+        g['x_proj_weight'] = _mm_f32(dxdbl.view(-1, dxdbl.shape[-1]).t(), u.view(-1, D))
+    if needs.dt_proj_weight:  # (D, R_dt)
+        g['dt_proj_weight'] = _mm_f32(ddelta.view(-1, D).t(),
+                                      xdbl[..., :rank].reshape(-1, rank))
+    if needs.dt_bias:  # added to delta inside the scan
+        g['dt_bias'] = ddelta.view(-1, D).sum(0, dtype=torch.promote_types(ddelta.dtype,
+                                                                           torch.float32))
+    g['A'], g['D'] = dA, dD
+    return SSMDirection(**{k: None if v is None else v.to(getattr(p, k).dtype)
+                           for k, v in g.items()})
+
+
+def _conv_grads(p: SSMDirection, needs: SSMDirection, x, du, reverse: bool) -> dict:
+    """The conv weight's and bias's gradients for du (the gradient of silu(conv(x))), by
+    autograd through PyTorch's conv."""
+    w = p.conv_weight.detach().requires_grad_(needs.conv_weight)
+    b = p.conv_bias.detach().requires_grad_(needs.conv_bias)
+    leaves = [t for t in (w, b) if t.requires_grad]
+    with torch.enable_grad():
+        y = causal_conv1d_tokens(x, w.to(x.dtype), b.to(x.dtype), 'silu', reverse)
+        grads = iter(torch.autograd.grad(y, leaves, du.to(y.dtype)))
+    return {name: next(grads) for name, t in (('conv_weight', w), ('conv_bias', b))
+            if t.requires_grad}
 
 
 def bidirectional_ssm_reason(xz: Tensor, dirs: Tuple[SSMDirection, ...],
@@ -226,8 +278,6 @@ def bidirectional_ssm_reason(xz: Tensor, dirs: Tuple[SSMDirection, ...],
             return f'd_state {p.A.shape[1]} != {D_STATE}'
         if p.conv_weight.shape[1] != CONV_WIDTH:
             return f'conv width {p.conv_weight.shape[1]} != {CONV_WIDTH}'
-        if torch.is_grad_enabled() and any(t.requires_grad for t in p):
-            return 'an SSM parameter requires a gradient'
     if gate is not None:
         w_in, w_out = gate_weights
         if w_out.shape[1] != GATE_RANK:
@@ -263,6 +313,6 @@ def bidirectional_ssm(xz: Tensor, dirs: Tuple[SSMDirection, SSMDirection],
     u_prev_f, u_prev_b = membrane if membrane is not None else (None, None)
     if w_out is not None:
         w_out = wide(w_out)
-    y, m_f, m_b = _BidirectionalSSM.apply(xz, w_in, w_out, u_prev_f, u_prev_b,
-                                          tuple(dirs), gate, kernels)
+    y, m_f, m_b = _BidirectionalSSM.apply(xz, w_in, w_out, u_prev_f, u_prev_b, gate, kernels,
+                                          *dirs[0], *dirs[1])
     return y, (None if gate is None else (m_f, m_b))

@@ -6,8 +6,10 @@ item and direction, so even stage 1's 192 channels fill the GPU) that reads x wh
 the column-major ones walk the grid by columns (``rows=H``), so there are no stacked, flipped
 or transposed copies, and the bf16 inputs are not copied to fp32 (the states, the four outputs
 and their sum are fp32, as in the official v0 scan). x_proj of all four directions is one
-matrix product, dt_proj one batched product. The SSM parameters are frozen (PEFT): only x gets
-a gradient, the four directions' parts of it kept in fp32 and summed.
+matrix product, dt_proj one batched product. x's gradient is kept per direction in fp32 and
+summed. The SSM parameters get gradients when they require them (full fine-tuning): A's and D's
+from the backward kernel (per batch item, then summed), x_proj's, dt_proj's and the delta
+bias's from ddelta, dB and dC with matrix products.
 
 ``kernels`` is the extension (``memba_vision._scan_cuda``) or a stand-in with the same
 functions (the tests' CPU reference).
@@ -67,13 +69,24 @@ class _CrossScan(torch.autograd.Function):
         acc = torch.promote_types(x.dtype, torch.float32)
         du = torch.empty(B, L, K_DIRECTIONS, D, device=x.device, dtype=acc)
         d_dbl = torch.empty_like(x_dbl)                                 # (B, L, 4, R + 2N)
+        needs = ctx.needs_input_grad  # x, H, x_proj, dt_projs, dt bias, A, Ds, kernels
+        dA = torch.empty_like(A) if needs[5] else None
+        dDs = torch.empty_like(Ds) if needs[6] else None
         _, ddelta, _, _ = ctx.kernels.scan_dirs_bwd(
             x, delta, A, Bm, Cm, Ds, dt_projs_bias, dy.to(x.dtype).contiguous(), True, REVERSE,
-            _rows(ctx.H), du_out=du, dBC_out=d_dbl[..., R:])
+            _rows(ctx.H), du_out=du, dBC_out=d_dbl[..., R:], dA_out=dA, dD_out=dDs)
         d_dbl[..., :R] = torch.einsum('blkd,kdr->blkr', ddelta, dt_projs_weight.to(x.dtype))
         w_all = x_proj_weight.to(x.dtype).reshape(-1, D)
         dx = du.sum(2) + (d_dbl.view(B, L, -1) @ w_all).to(acc)
-        return dx.to(x.dtype), None, None, None, None, None, None, None
+        dw_x = dw_dt = d_bias = None
+        if needs[2]:  # (4, R + 2N, D)
+            dw_x = torch.einsum('blkc,bld->kcd', d_dbl, x).to(x_proj_weight.dtype)
+        if needs[3]:  # (4, D, R)
+            dw_dt = torch.einsum('blkd,blkr->kdr', ddelta, x_dbl[..., :R])
+            dw_dt = dw_dt.to(dt_projs_weight.dtype)
+        if needs[4]:  # (4, D): the bias is added to delta inside the kernel
+            d_bias = ddelta.to(acc).sum((0, 1)).to(dt_projs_bias.dtype)
+        return dx.to(x.dtype), None, dw_x, dw_dt, d_bias, dA, dDs, None
 
 
 def cross_scan_fused_reason(x: Tensor, params: Tuple[Tensor, ...], kernels=None) -> str:
@@ -89,8 +102,6 @@ def cross_scan_fused_reason(x: Tensor, params: Tuple[Tensor, ...], kernels=None)
     A = params[3]
     if A.shape[1] != D_STATE:
         return f'd_state {A.shape[1]} != {D_STATE}'
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-        return 'an SSM parameter requires a gradient'
     return ''
 
 

@@ -43,9 +43,9 @@ class VimMixer(nn.Module):
     Everything stays token-major (B, L, D): the backward direction is scanned
     in reverse token order instead of flipping, and the gate's correction is
     handed to the scan in low-rank form, so no (B, L, D) tensor is transposed,
-    flipped or copied. On CUDA, with the SSM parameters frozen, both directions
-    and the gate run as one autograd node (``ops.bidirectional_ssm``); otherwise
-    each piece is its own op, as written out in ``_ssm`` and ``forward``.
+    flipped or copied. On CUDA (without affix tokens or extra states) both
+    directions and the gate run as one autograd node (``ops.bidirectional_ssm``);
+    otherwise each piece is its own op, as written out in ``_ssm`` and ``forward``.
 
     PEFT (see ``models.peft``): LoRA wraps in_proj / out_proj (also LoRAp on
     either half of in_proj, a ParallelAdapter beside out_proj) and, merged into
@@ -107,7 +107,7 @@ class VimMixer(nn.Module):
         return TensorDeltas(shapes) if shapes else None
 
     def _direction(self, backward: bool) -> SSMDirection:
-        """The frozen SSM parameters of one scan direction (``_b`` for the backward one)."""
+        """The SSM parameters of one scan direction (``_b`` for the backward one)."""
         sfx = '_b' if backward else ''
         conv, x_proj, dt_proj = (getattr(self, n + sfx) for n in ('conv1d', 'x_proj', 'dt_proj'))
         A_name = 'A_b_log' if backward else 'A_log'

@@ -2,9 +2,9 @@
 (B, H, W, D) feature map, each with its own x_proj / dt_proj / A / D, summed in row-major
 token order.
 
-Backends: ``fused`` (memba_vision's token-major kernels, one autograd node, frozen SSM
-parameters, d_state 16) and ``stacked`` (the official formulation on ``ops.selective_scan``:
-mamba-ssm on the GPU, the PyTorch reference on the CPU; every parameter may train).
+Backends: ``fused`` (memba_vision's token-major kernels, one autograd node, d_state 16, SSM
+parameters frozen or trainable) and ``stacked`` (the official formulation on
+``ops.selective_scan``: mamba-ssm on the GPU, the PyTorch reference on the CPU).
 """
 from torch import Tensor
 

@@ -2,9 +2,9 @@
 
 ``selective_scan`` takes mamba-ssm's layout (u, delta, z (b, d, l); see
 ``reference``); ``selective_scan_tokens`` the token-major one (b, l, d) of Vim's
-per-op mixer, transposed into it. Vim's GPU path with frozen SSM parameters is
-the fused ``ops.bidirectional_ssm`` (memba_vision's own scan kernels); this op
-serves the rest: VMamba, Vim with training SSM parameters, the CPU.
+per-op mixer, transposed into it. Vim's GPU path is the fused ``ops.bidirectional_ssm``
+and VMamba's the fused ``ops.cross_scan`` (memba_vision's own scan kernels); this op
+serves the rest: Vim's affix tokens and extra states, VMamba's stacked fallback, the CPU.
 """
 from typing import Optional, Tuple
 

@@ -273,3 +273,33 @@ def test_fused_mixer_matches_the_per_op_mixer_on_gpu(gate, dtype, trainable, mon
         else:
             assert err <= 1.5 * err_per_op + 2e-3, \
                 f'quantity {i}: relative error {err:.2e}, per-op path {err_per_op:.2e}'
+
+
+@pytest.mark.parametrize('trainable', [False, True])
+def test_affix_tokens_run_through_the_fused_core(trainable, loop_kernels):
+    """Affix tokens on the fused core (one sequence [forward affix, x, backward affix
+    reversed]) equal the per-op mixer's two per-direction sequences: output and the gradients
+    of the input, the affix values and every trainable parameter."""
+    mixer = make_mixer(None)
+    if trainable:
+        train_everything(mixer)
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 13, 20, generator=g, dtype=torch.float64)
+    affix = torch.randn(2, 3, 2 * mixer.d_inner, generator=g, dtype=torch.float64)
+    cot = torch.randn(2, 13, 20, generator=g, dtype=torch.float64)
+    results = []
+    for fused in (False, True):
+        h, a = hidden.clone().requires_grad_(), affix.clone().requires_grad_()
+        if fused:
+            y = mixer._fused_affix(mixer.in_proj(h), a, loop_kernels)
+            assert y is not None, 'the fused path did not apply'
+            out = mixer.out_proj(y)
+        else:
+            out = mixer(h, None, a)[0]
+        params = [p for p in mixer.parameters() if p.requires_grad]
+        grads = torch.autograd.grad((out * cot).sum(), [h, a] + params)
+        results.append((out.detach(), grads))
+    (out_ref, grads_ref), (out, grads) = results
+    assert rel(out, out_ref) < 1e-10
+    for i, (x, r) in enumerate(zip(grads, grads_ref)):
+        assert r.abs().max() > 0 and rel(x, r) < 1e-9, f'gradient {i}: {rel(x, r):.2e}'

@@ -43,9 +43,10 @@ class VimMixer(nn.Module):
     Everything stays token-major (B, L, D): the backward direction is scanned
     in reverse token order instead of flipping, and the gate's correction is
     handed to the scan in low-rank form, so no (B, L, D) tensor is transposed,
-    flipped or copied. On CUDA (without affix tokens or extra states) both
-    directions and the gate run as one autograd node (``ops.bidirectional_ssm``);
-    otherwise each piece is its own op, as written out in ``_ssm`` and ``forward``.
+    flipped or copied. On CUDA (without extra states) both directions and the
+    gate run as one autograd node (``ops.bidirectional_ssm``), affix tokens
+    included; otherwise each piece is its own op, as written out in ``_ssm``,
+    ``_ssm_affix`` and ``forward``.
 
     PEFT (see ``models.peft``): LoRA wraps in_proj / out_proj (also LoRAp on
     either half of in_proj, a ParallelAdapter beside out_proj) and, merged into
@@ -160,6 +161,23 @@ class VimMixer(nn.Module):
                                    kernels)
         return y, (new if transfer else (membrane if gate is None else None))
 
+    def _fused_affix(self, xz: Tensor, affix: Tensor, kernels=None) -> Optional[Tensor]:
+        """``_ssm_affix``'s result halved (B, L, D) through ``ops.bidirectional_ssm``, or None
+        where that does not apply.
+
+        One sequence serves both directions: [forward affix, x, backward affix reversed]
+        (B, T + L + T, 2D). The forward direction's outputs at x's tokens see only what precedes
+        them (the forward affix and x), the backward direction's only what follows them (x and
+        its affix, walked from the end), so they equal the two per-direction sequences'.
+        """
+        if self.gate is not None:
+            return None
+        B, L, _ = xz.shape
+        T = affix.shape[1]
+        a = affix.to(xz.dtype).expand(B, -1, -1, -1)                     # (B, 2, T, 2D)
+        fused = self._fused(torch.cat([a[:, 0], xz, a[:, 1].flip(1)], 1), None, kernels)
+        return None if fused is None else fused[0][:, T:T + L]
+
     def _ssm_affix(self, x: Tensor, z: Tensor, affix: Tensor) -> Tensor:
         """Both directions with T affix tokens ahead of each direction's sequence.
 
@@ -181,7 +199,10 @@ class VimMixer(nn.Module):
         xz = self.in_proj(hidden)                                       # (B, L, 2D)
         x, z = xz.chunk(2, dim=-1)                                      # (B, L, D) views
         if affix is not None:
-            return self.out_proj(self._ssm_affix(x, z, affix) / 2), membrane
+            y = self._fused_affix(xz, affix)
+            if y is None:
+                y = self._ssm_affix(x, z, affix) / 2
+            return self.out_proj(y), membrane
         fused = self._fused(xz, membrane)
         if fused is not None:
             return self.out_proj(fused[0]), fused[1]

@@ -303,3 +303,35 @@ def test_affix_tokens_run_through_the_fused_core(trainable, loop_kernels):
     assert rel(out, out_ref) < 1e-10
     for i, (x, r) in enumerate(zip(grads, grads_ref)):
         assert r.abs().max() > 0 and rel(x, r) < 1e-9, f'gradient {i}: {rel(x, r):.2e}'
+
+
+@pytest.mark.parametrize('states,gate', [(6, None), (6, dict(num_chunks=4)), (20, None)])
+@pytest.mark.parametrize('trainable', [False, True])
+def test_extra_states_run_through_the_fused_core(states, gate, trainable, loop_kernels):
+    """Additional-scan states (d_state 16 + k) on the fused core, the states scanned in groups
+    of 16 (the last one padded): equal to the per-op mixer's one scan over all states."""
+    peft = parse_peft(dict(lora=dict(in_proj=4, out_proj=4, dropout=0.0),
+                           additional_scan=dict(states=states),
+                           **({'gate': dict(rank=16, **gate)} if gate else {})))
+    mixer = VimMixer(20, d_state=16, num_layers=2, peft=peft).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in mixer.named_parameters():
+            scale = 0.5 if 'A_' in name else 0.3
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
+    for name, p in mixer.named_parameters():
+        p.requires_grad_(trainable or 'lora' in name or 'gate' in name or 'extra' in name)
+    assert mixer._direction(False).A.shape[1] == 16 + states
+    hidden = torch.randn(2, 13, 20, generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64)
+    membrane = random_membrane(gate, 2, 13)
+    out_ref, new_ref, grads_ref = run(mixer, hidden, membrane)
+    out, new, grads = run(mixer, hidden, membrane, loop_kernels, fused=True)
+    assert rel(out, out_ref) < 1e-10
+    names = ['hidden'] + (['membrane_f', 'membrane_b'] if membrane else []) + \
+        [n for n, p in mixer.named_parameters() if p.requires_grad]
+    assert any('extra_scan' in n for n in names)
+    for name, a, b in zip(names, grads, grads_ref):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert rel(a, b) < 1e-9, f'{name}: relative error {rel(a, b):.2e}'

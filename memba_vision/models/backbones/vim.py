@@ -43,8 +43,8 @@ class VimMixer(nn.Module):
     Everything stays token-major (B, L, D): the backward direction is scanned
     in reverse token order instead of flipping, and the gate's correction is
     handed to the scan in low-rank form, so no (B, L, D) tensor is transposed,
-    flipped or copied. On CUDA (without extra states) both directions and the
-    gate run as one autograd node (``ops.bidirectional_ssm``), affix tokens
+    flipped or copied. On CUDA both directions and the gate run as one
+    autograd node (``ops.bidirectional_ssm``), affix tokens and extra states
     included; otherwise each piece is its own op, as written out in ``_ssm``,
     ``_ssm_affix`` and ``forward``.
 

@@ -18,7 +18,8 @@ The trainable inputs are xz, W_in, W_out and the previous layer's membranes, and
 (full fine-tuning, partial tuning, LoRA on x_proj or dt_proj) any SSM parameter: A's
 and D's gradients come from the scan kernel, x_proj's, dt_proj's and the delta
 bias's from ddelta, dB and dC with matrix products, the conv's from a recomputed
-conv (PyTorch's). One node per layer lets the backward write
+conv (PyTorch's). A d_state other than the kernels' 16 (additional-scan states) is
+scanned in groups of 16 states (``_state_groups``). One node per layer lets the backward write
 the halves of dxz in place, accumulate the two directions inside the kernels,
 batch the gate's small products over both directions and run both directions'
 LIM in one kernel without flips. Against the per-op path (conv -> linear -> scan
@@ -31,6 +32,7 @@ with the same functions, which is how the tests run this code on the CPU.
 from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ...utils import persistent_stream
@@ -147,9 +149,11 @@ class _BidirectionalSSM(torch.autograd.Function):
             Bm, Cm = xdbl[..., rank:].chunk(2, dim=-1)
             if d == 0 and side is not None:
                 side.join()
-            kernels.scan_fwd(u, delta, p.A, Bm, Cm, p.D, z_scan, p.dt_bias,
-                             None if S is None else S[d], w_out, True, bool(d),
-                             out=y, out_scale=0.5, accumulate=bool(d))
+            for i, (A, Bp, Cp, _) in enumerate(_state_groups(p.A, Bm, Cm)):
+                # the gate multiplies the sum over states: it applies to each group's part
+                kernels.scan_fwd(u, delta, A, Bp, Cp, p.D if i == 0 else None, z_scan, p.dt_bias,
+                                 None if S is None else S[d], w_out, True, bool(d),
+                                 out=y, out_scale=0.5, accumulate=bool(d) or i > 0)
             saved += [u, xdbl, delta, wx, wdt]
         ctx.save_for_backward(xz, w_in_lp, w_out, v, S, u_prev_f, u_prev_b, *saved)
         ctx.dirs, ctx.gate, ctx.kernels = dirs, gate, kernels
@@ -186,12 +190,17 @@ class _BidirectionalSSM(torch.autograd.Function):
             dxdbl = torch.empty_like(xdbl)                                 # (B, L, R_dt + 2N)
             dA = torch.empty_like(p.A) if needs.A else None
             dD = torch.empty_like(p.D) if needs.D else None
-            du, ddelta, _, _, _ = kernels.scan_bwd(
-                u, delta, p.A, Bm, Cm, p.D, z_scan, p.dt_bias,
-                None if S is None else S[d], w_out, dy, True, bool(d), dout_scale=0.5,
-                dz_out=dz if dz_dirs is None else dz_dirs[d],
-                dz_accumulate=dz_dirs is None and d == 1, dBC_out=dxdbl[..., rank:],
-                dA_out=dA, dD_out=dD)
+            scan_bwd = dict(dout_scale=0.5, dz_out=dz if dz_dirs is None else dz_dirs[d],
+                            dz_accumulate=dz_dirs is None and d == 1)
+            if p.A.shape[1] == D_STATE:  # dB | dC straight into their slice of dxdbl
+                du, ddelta, _, _, _ = kernels.scan_bwd(
+                    u, delta, p.A, Bm, Cm, p.D, z_scan, p.dt_bias,
+                    None if S is None else S[d], w_out, dy, True, bool(d), **scan_bwd,
+                    dBC_out=dxdbl[..., rank:], dA_out=dA, dD_out=dD)
+            else:
+                du, ddelta = _grouped_scan_bwd(kernels, p, u, delta, Bm, Cm, z_scan,
+                                               None if S is None else S[d], w_out, dy, bool(d),
+                                               dxdbl[..., rank:], dA, dD, scan_bwd)
             torch.mm(ddelta.view(-1, D), wdt, out=dxdbl.view(-1, dxdbl.shape[-1])[:, :rank])
             grads = _param_grads(p, needs, u, xdbl, ddelta, dxdbl, dA, dD)
             du.view(-1, D).addmm_(dxdbl.view(-1, dxdbl.shape[-1]), wx)     # du += dxdbl @ Wx
@@ -218,6 +227,49 @@ class _BidirectionalSSM(torch.autograd.Function):
             torch.mm(dv, w_in_lp, out=dz2)
         dw_in = _mm_f32(dv.t(), z.reshape(-1, D)) if ctx.needs_input_grad[1] else None
         return (dxz, dw_in, dw_out, du_prev_f, du_prev_b, None, None, *dparams)
+
+
+def _state_groups(A: Tensor, Bm: Tensor, Cm: Tensor):
+    """The scan's N states in groups of the kernels' D_STATE: [(A (D, 16), B, C (B, L, 16),
+    the group's real state count)]. States are independent, so the scan is the sum of the
+    groups' scans; a last, short group is padded with states that stay zero (B = C = 0)."""
+    N = A.shape[1]
+    if N == D_STATE:
+        return [(A, Bm, Cm, N)]
+    groups = []
+    for s in range(0, N, D_STATE):
+        n = min(D_STATE, N - s)
+        a, b, c = A[:, s:s + n], Bm[..., s:s + n], Cm[..., s:s + n]
+        if n < D_STATE:
+            pad = D_STATE - n
+            a = torch.cat([a, a.new_full((a.shape[0], pad), -1.0)], dim=1)
+            b, c = F.pad(b, (0, pad)), F.pad(c, (0, pad))
+        groups.append((a.contiguous(), b, c, n))
+    return groups
+
+
+def _grouped_scan_bwd(kernels, p: SSMDirection, u, delta, Bm, Cm, z, S, w_out, dy,
+                      reverse: bool, dBC: Tensor, dA, dD, scan_bwd: dict):
+    """scan_bwd of a scan with N != 16 states, group by group (``_state_groups``): du and
+    ddelta summed in fp32 (fp64 for fp64), dB | dC into ``dBC`` (B, L, 2N), A's and D's
+    gradients into dA (D, N) and dD (D,) when given. Returns (du, ddelta) in u's dtype."""
+    N = p.A.shape[1]
+    du = ddelta = None
+    for i, (A, Bp, Cp, n) in enumerate(_state_groups(p.A, Bm, Cm)):
+        dA_g = torch.empty_like(A) if dA is not None else None
+        gdu, gdd, _, dB, dC = kernels.scan_bwd(
+            u, delta, A, Bp, Cp, p.D if i == 0 else None, z, p.dt_bias, S, w_out, dy, True,
+            reverse, **dict(scan_bwd, dz_accumulate=scan_bwd['dz_accumulate'] or i > 0),
+            dA_out=dA_g, dD_out=dD if i == 0 else None)
+        s = i * D_STATE
+        dBC[..., s:s + n] = dB[..., :n]
+        dBC[..., N + s:N + s + n] = dC[..., :n]
+        if dA is not None:
+            dA[:, s:s + n] = dA_g[:, :n]
+        acc = torch.promote_types(gdu.dtype, torch.float32)
+        du = gdu.to(acc) if du is None else du + gdu
+        ddelta = gdd.to(acc) if ddelta is None else ddelta + gdd
+    return du.to(u.dtype), ddelta.to(u.dtype)
 
 
 _FIELDS = len(SSMDirection._fields)
@@ -274,8 +326,6 @@ def bidirectional_ssm_reason(xz: Tensor, dirs: Tuple[SSMDirection, ...],
     if len(dirs) != 2:
         return f'{len(dirs)} directions'
     for p in dirs:
-        if p.A.shape[1] != D_STATE:
-            return f'd_state {p.A.shape[1]} != {D_STATE}'
         if p.conv_weight.shape[1] != CONV_WIDTH:
             return f'conv width {p.conv_weight.shape[1]} != {CONV_WIDTH}'
     if gate is not None:

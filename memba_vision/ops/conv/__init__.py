@@ -4,7 +4,8 @@ x (b, d, l), weight (d, w), bias (d,) -> (b, d, l), where output t sees inputs
 t-w+1 .. t. ``causal_conv1d_tokens`` is the same conv on token-major x (b, l, d),
 optionally anti-causal. Vim's GPU path runs the conv inside the fused
 ``ops.bidirectional_ssm`` (memba_vision's own kernel; this op gives it the conv weight's
-gradient when the conv trains); this op serves the rest (the CPU, extra states), on cuDNN where x is on the GPU.
+gradient when the conv trains); this op serves the rest (the CPU, other conv widths), on
+cuDNN where x is on the GPU.
 """
 from typing import Optional
 

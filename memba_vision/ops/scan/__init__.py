@@ -4,7 +4,7 @@
 ``reference``); ``selective_scan_tokens`` the token-major one (b, l, d) of Vim's
 per-op mixer, transposed into it. Vim's GPU path is the fused ``ops.bidirectional_ssm``
 and VMamba's the fused ``ops.cross_scan`` (memba_vision's own scan kernels); this op
-serves the rest: Vim's extra states, VMamba's stacked fallback, the CPU.
+serves the rest: the per-op fallbacks and the CPU.
 """
 from typing import Optional, Tuple
 

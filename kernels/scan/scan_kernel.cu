@@ -9,9 +9,12 @@
 // Layout: a block owns 64 channels of one batch item in one direction (blockIdx.z: up to
 // four scans of the same shape share a launch); 4 threads share a channel,
 // each holding 4 of its 16 states. The sequence is walked in chunks of 8 steps
-// whose inputs are first staged in shared memory (coalesced loads, softplus done
-// once per element). Sums over states take 2 shuffles. Chunks are short so that
-// the backward's per-step states fit in registers with 3 blocks per multiprocessor.
+// whose inputs are staged in shared memory as fp32 (coalesced loads, softplus done
+// once per element). A chunk's inputs are copied (cp.async) while the block scans the
+// chunk before, so the steps do not wait on global memory, and one barrier per chunk
+// orders the staging, one the steps' outputs. Sums over states take 2 shuffles. Chunks
+// are short so that the backward's per-step states fit in registers with 3 blocks per
+// multiprocessor (the forward runs 4).
 //
 // Backward, per chunk from last to first: the chunk's states are recomputed from
 // the checkpoint stored at its start (kept in registers), then the adjoint
@@ -29,7 +32,6 @@
 #include <cuda_fp16.h>
 
 #include "float_convert.cuh"
-#include <cstdlib>
 
 namespace memba_scan {
 namespace {
@@ -316,8 +318,8 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
   }
 }
 
-template <typename T, bool kParamGrads, int kMinBlocks = 3>
-__global__ void __launch_bounds__(kThreads, kMinBlocks)
+template <typename T, bool kParamGrads>
+__global__ void __launch_bounds__(kThreads, 3)
 scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
   const ScanParams& p = ps.dir[blockIdx.z];
   __shared__ Stage st;
@@ -622,9 +624,7 @@ template <typename T> struct ScanBwd {
     const dim3 grid = scan_grid(ps);
     const ScanParams& p = ps.dir[0];
     // every direction has dA set or none has (the binding sets them together)
-    static const bool xp2 = getenv("MEMBA_XP_BWD2") != nullptr;  // EXPERIMENT
     if (p.dA != nullptr) scan_bwd_kernel<T, true><<<grid, kThreads, 0, s>>>(ps);
-    else if (xp2) scan_bwd_kernel<T, false, 2><<<grid, kThreads, 0, s>>>(ps);
     else scan_bwd_kernel<T, false><<<grid, kThreads, 0, s>>>(ps);
     const int64_t n = static_cast<int64_t>(p.batch) * p.seqlen * 2 * kStates;
     const dim3 blocks(static_cast<unsigned>((n + kReduceThreads - 1) / kReduceThreads), ps.ndir);

@@ -61,19 +61,21 @@ def loop_conv(x, w, bias, reverse):
     return F.silu(out)
 
 
-def make_inputs(b, l, d, n=16, r=16, device='cpu', dtype=torch.float32, seed=0):
+def make_inputs(b, l, d, n=16, r=16, device='cpu', dtype=torch.float32, seed=0, bc_at=8):
+    """u and z as views of one (b, l, 2d) tensor, B and C as views of one (b, l, bc_at + 2n)
+    tensor from column bc_at (an odd d or bc_at puts pairs of elements off their alignment)."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(device)
 
     xz = rnd(b, l, 2 * d)  # u and z as views of one wider tensor, as in the mixer
-    x_dbl = rnd(b, l, 8 + 2 * n)
+    x_dbl = rnd(b, l, bc_at + 2 * n)
     return dict(
         u=xz[..., :d].to(dtype), z=xz[..., d:].to(dtype),
         delta=rnd(b, l, d, scale=0.5).to(dtype) - 1.0,
         A=-torch.exp(rnd(d, n, scale=0.5)) * torch.linspace(1, 4, n).to(device),
-        B=x_dbl[..., 8:8 + n].to(dtype), C=x_dbl[..., 8 + n:].to(dtype),
+        B=x_dbl[..., bc_at:bc_at + n].to(dtype), C=x_dbl[..., bc_at + n:].to(dtype),
         D=rnd(d), bias=rnd(d, scale=0.3),
         S=rnd(b, l, r, scale=0.5).to(dtype), W=rnd(d, r, scale=0.2))
 
@@ -199,12 +201,14 @@ def grads_of(fn, inp, reverse, with_z, with_gate, dy):
 
 @requires_cuda
 @requires_kernels
-@pytest.mark.parametrize('b,l,d', [(2, 197, 768), (3, 17, 100), (1, 1, 64), (2, 300, 130),
-                                   (2, 16, 64)])
+@pytest.mark.parametrize('b,l,d,bc_at', [(2, 197, 768, 8), (3, 17, 100, 8), (1, 1, 64, 8),
+                                         (2, 300, 130, 8), (2, 16, 64, 8), (2, 45, 37, 7)])
 @pytest.mark.parametrize('reverse', [False, True])
 @pytest.mark.parametrize('with_z,with_gate', [(True, True), (True, False), (False, True)])
-def test_scan_kernel_matches_loop_fp32(b, l, d, reverse, with_z, with_gate):
-    inp = make_inputs(b, l, d, device='cuda', seed=b * 1000 + l + d)
+def test_scan_kernel_matches_loop_fp32(b, l, d, bc_at, reverse, with_z, with_gate):
+    """(2, 45, 37, 7): z, B and C start at odd columns and d is odd, so the kernels read them
+    element by element instead of in pairs."""
+    inp = make_inputs(b, l, d, device='cuda', seed=b * 1000 + l + d, bc_at=bc_at)
     dy = torch.randn(b, l, d, device='cuda')
     y, g = grads_of(kernel_api, inp, reverse, with_z, with_gate, dy)
     y_ref, g_ref = grads_of(loop_scan, inp, reverse, with_z, with_gate, dy)

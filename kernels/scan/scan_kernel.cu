@@ -9,9 +9,12 @@
 // Layout: a block owns 64 channels of one batch item in one direction (blockIdx.z: up to
 // four scans of the same shape share a launch); 4 threads share a channel,
 // each holding 4 of its 16 states. The sequence is walked in chunks of 8 steps
-// whose inputs are first staged in shared memory (coalesced loads, softplus done
-// once per element). Sums over states take 2 shuffles. Chunks are short so that
-// the backward's per-step states fit in registers with 3 blocks per multiprocessor.
+// whose inputs are staged in shared memory as fp32 (coalesced loads, softplus done
+// once per element). A chunk's inputs are copied (cp.async) while the block scans the
+// chunk before, so the steps do not wait on global memory, and one barrier per chunk
+// orders the staging, one the steps' outputs. Sums over states take 2 shuffles. Chunks
+// are short so that the backward's per-step states fit in registers with 3 blocks per
+// multiprocessor (the forward runs 4).
 //
 // Backward, per chunk from last to first: the chunk's states are recomputed from
 // the checkpoint stored at its start (kept in registers), then the adjoint
@@ -42,6 +45,8 @@ constexpr int kK = 8;                         // steps per chunk
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFull = 0xffffffffu;
 static_assert(kGateRank == kStates, "B, C and S are staged together");
+static_assert(kThreads == kK * kCh / 2 && 3 * kK * kStates / 2 <= kThreads,
+              "a chunk's inputs are copied in pairs, one per thread and tensor");
 
 template <typename T>
 __device__ __forceinline__ float ld(const void* base, int64_t off) {
@@ -69,41 +74,159 @@ struct Stage {
   float B[kK][kStates], C[kK][kStates], S[kK][kGateRank];
 };
 
-// With ``dsp`` set, also stores d softplus / d delta = 1 - exp(-dt) there (1 without softplus).
+// Two consecutive elements (channels d, d+1 or states n, n+1), copied as one access.
 template <typename T>
-__device__ void stage_chunk(const ScanParams& p, Stage& st, int b, int d0, int k0, int nk,
-                            bool need_z, bool need_C, float (*dsp)[kCh] = nullptr) {
-  const int tid = threadIdx.x;
-  for (int i = tid; i < kK * kCh; i += kThreads) {
-    const int k = i / kCh, c = i % kCh, d = d0 + c;
-    float u = 0.f, dt = 0.f, z = 0.f;
-    if (k < nk && d < p.dim) {
-      const int t = time_of(p, k0 + k);
-      u = ld<T>(p.u, b * p.u_sb + t * p.u_sl + d);
-      dt = ld<T>(p.delta, b * p.dl_sb + t * p.dl_sl + d);
-      if (p.has_bias) dt += p.bias[d];
-      if (p.softplus) dt = softplus(dt);
-      if (need_z && p.z != nullptr) z = ld<T>(p.z, b * p.z_sb + t * p.z_sl + d);
-    }
-    st.u[k][c] = u;
-    st.dt[k][c] = dt;
-    if (need_z) st.z[k][c] = z;
-    if (dsp != nullptr) dsp[k][c] = p.softplus ? -expm1f(-dt) : 1.f;
-  }
-  for (int i = tid; i < kK * kStates; i += kThreads) {
-    const int k = i / kStates, n = i % kStates;
-    float bv = 0.f, cv = 0.f, sv = 0.f;
-    if (k < nk) {
-      const int t = time_of(p, k0 + k);
-      bv = ld<T>(p.Bm, b * p.B_sb + t * p.B_sl + n);
-      if (need_C) cv = ld<T>(p.Cm, b * p.C_sb + t * p.C_sl + n);
-      if (need_z && p.has_gate) sv = ld<T>(p.S, b * p.S_sb + t * p.S_sl + n);
-    }
-    st.B[k][n] = bv;
-    if (need_C) st.C[k][n] = cv;
-    if (need_z) st.S[k][n] = sv;
+struct alignas(2 * sizeof(T)) Two {
+  T a, b;
+};
+
+// Whether a tensor's pairs at even offsets can be copied as one Two<T>.
+template <typename T>
+__device__ __forceinline__ bool pairs_aligned(const void* base, int64_t sb, int64_t sl) {
+  return reinterpret_cast<uintptr_t>(base) % sizeof(Two<T>) == 0 && (sb | sl) % 2 == 0;
+}
+
+// Asynchronous global -> shared copy of Bytes bytes of which the first ``src_bytes`` are read
+// and the rest zero-filled (cp.async: the copy lands while the thread goes on).
+template <int Bytes>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  if constexpr (Bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(src),
+                 "r"(src_bytes));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(src),
+                 "n"(Bytes), "r"(src_bytes));
   }
 }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+// dst = elements off and off + 1 of base, of which the first n (0, 1 or 2) exist (the others
+// are 0): one asynchronous copy when the pair is aligned, else plain loads.
+template <typename T>
+__device__ __forceinline__ void copy2(Two<T>& dst, const void* base, int64_t off, int n,
+                                      bool aligned) {
+  const T* src = static_cast<const T*>(base) + off;
+  if (n > 0 && aligned) {
+    cp_async<sizeof(Two<T>)>(&dst, src, n * static_cast<int>(sizeof(T)));
+  } else {
+    const T zero = from_f<T>(0.f);
+    dst.a = n > 0 ? src[0] : zero;
+    dst.b = n > 1 ? src[1] : zero;
+  }
+}
+
+// Which inputs a kernel reads: z and S (the output gate), C, dout.
+struct Needs {
+  bool z, C, dout;
+};
+
+// One chunk's inputs as copied from global memory, in each thread's own slots: a token-channel
+// pair (step k = tid / 32, channels 2 (tid % 32) + 0..1) of u, delta, z and dout, a step-state
+// pair of B (threads 0-63), C (64-127) or S (128-191), and (backward) the thread's states at
+// the chunk's start. The copies of chunk c+1 (c-1 backwards) are in flight while the block
+// scans chunk c, and every thread reads back only what it copied itself, so only
+// ``cp_async_wait_all`` separates a copy from its use.
+template <typename T>
+struct RawChunk {
+  Two<T> u[kThreads], dt[kThreads], z[kThreads], dout[kThreads], bcs[kThreads];
+  float4 h0[kThreads];
+
+  // Per tensor: whether pairs can be copied in one access.
+  struct Aligned {
+    bool u, dt, z, dout, B, C, S;
+    __device__ explicit Aligned(const ScanParams& p)
+        : u(pairs_aligned<T>(p.u, p.u_sb, p.u_sl)),
+          dt(pairs_aligned<T>(p.delta, p.dl_sb, p.dl_sl)),
+          z(pairs_aligned<T>(p.z, p.z_sb, p.z_sl)),
+          dout(pairs_aligned<T>(p.dout, p.do_sb, p.do_sl)),
+          B(pairs_aligned<T>(p.Bm, p.B_sb, p.B_sl)),
+          C(pairs_aligned<T>(p.Cm, p.C_sb, p.C_sl)),
+          S(pairs_aligned<T>(p.S, p.S_sb, p.S_sl)) {}
+  };
+
+  // Starts the copies of chunk c (steps k0 .. k0+nk-1); ``h0_from`` (or null) holds the
+  // thread's checkpointed states of the chunk.
+  __device__ void copy(const ScanParams& p, Needs need, int b, int d0, int k0, int nk,
+                       const float* h0_from) {
+    const int tid = threadIdx.x;
+    const Aligned al(p);
+    {
+      const int k = tid / (kCh / 2), d = d0 + 2 * (tid % (kCh / 2));
+      const int n = k < nk ? max(0, min(2, p.dim - d)) : 0;
+      const int t = n > 0 ? time_of(p, k0 + k) : 0;
+      copy2<T>(u[tid], p.u, b * p.u_sb + t * p.u_sl + d, n, al.u);
+      copy2<T>(dt[tid], p.delta, b * p.dl_sb + t * p.dl_sl + d, n, al.dt);
+      if (need.z) copy2<T>(z[tid], p.z, b * p.z_sb + t * p.z_sl + d, p.z ? n : 0, al.z);
+      if (need.dout) copy2<T>(dout[tid], p.dout, b * p.do_sb + t * p.do_sl + d, n, al.dout);
+    }
+    // warp-uniform: warps 0-1 copy B, 2-3 C, 4-5 S, 6-7 nothing
+    const int which = tid / (kK * kStates / 2), i = tid % (kK * kStates / 2);
+    const int k = i / (kStates / 2), q = 2 * (i % (kStates / 2));
+    const int n = k < nk ? 2 : 0, t = n > 0 ? time_of(p, k0 + k) : 0;
+    if (which == 0) {
+      copy2<T>(bcs[tid], p.Bm, b * p.B_sb + t * p.B_sl + q, n, al.B);
+    } else if (which == 1 && need.C) {
+      copy2<T>(bcs[tid], p.Cm, b * p.C_sb + t * p.C_sl + q, n, al.C);
+    } else if (which == 2 && need.z) {
+      copy2<T>(bcs[tid], p.S, b * p.S_sb + t * p.S_sl + q, p.has_gate ? n : 0, al.S);
+    }
+    if (h0_from != nullptr) cp_async<16>(&h0[tid], h0_from, 16);
+    cp_async_commit();
+  }
+
+  // Waits for this thread's copies and writes the chunk (nk steps) to ``st`` as fp32, with
+  // delta's bias and softplus applied; with ``dsp`` set, also d softplus / d delta =
+  // 1 - exp(-dt) there (1 without softplus), and with ``s_do`` set, dout_scale * dout. Steps
+  // past nk and channels past the last are zeros (dt = 0 leaves the state unchanged).
+  __device__ void stage(const ScanParams& p, Stage& st, Needs need, int d0, int nk,
+                        float (*dsp)[kCh], float (*s_do)[kCh]) {
+    cp_async_wait_all();
+    const int tid = threadIdx.x;
+    {
+      const int k = tid / (kCh / 2), c = 2 * (tid % (kCh / 2));
+      const Two<T> dr = dt[tid], ur = u[tid];
+      float dv[2] = {to_f<T>(dr.a), to_f<T>(dr.b)};
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int d = d0 + c + e;
+        if (k < nk && d < p.dim) {
+          if (p.has_bias) dv[e] += p.bias[d];
+          if (p.softplus) dv[e] = softplus(dv[e]);
+        } else {
+          dv[e] = 0.f;
+        }
+      }
+      *reinterpret_cast<float2*>(&st.u[k][c]) = make_float2(to_f<T>(ur.a), to_f<T>(ur.b));
+      *reinterpret_cast<float2*>(&st.dt[k][c]) = make_float2(dv[0], dv[1]);
+      if (need.z) {
+        const Two<T> zr = z[tid];
+        *reinterpret_cast<float2*>(&st.z[k][c]) = make_float2(to_f<T>(zr.a), to_f<T>(zr.b));
+      }
+      if (dsp != nullptr) {
+        *reinterpret_cast<float2*>(&dsp[k][c]) = p.softplus
+            ? make_float2(-expm1f(-dv[0]), -expm1f(-dv[1])) : make_float2(1.f, 1.f);
+      }
+      if (s_do != nullptr) {
+        const Two<T> gr = dout[tid];
+        *reinterpret_cast<float2*>(&s_do[k][c]) =
+            make_float2(p.dout_scale * to_f<T>(gr.a), p.dout_scale * to_f<T>(gr.b));
+      }
+    }
+    const int which = tid / (kK * kStates / 2), i = tid % (kK * kStates / 2);
+    const int k = i / (kStates / 2), q = 2 * (i % (kStates / 2));
+    if (which < 3) {
+      const Two<T> r = bcs[tid];
+      const float2 v = make_float2(to_f<T>(r.a), to_f<T>(r.b));
+      if (which == 0) *reinterpret_cast<float2*>(&st.B[k][q]) = v;
+      else if (which == 1 && need.C) *reinterpret_cast<float2*>(&st.C[k][q]) = v;
+      else if (which == 2 && need.z) *reinterpret_cast<float2*>(&st.S[k][q]) = v;
+    }
+  }
+};
 
 // Writes a (kK, kCh) shared tile to a (B, L, D) tensor with strides (o_sb, o_sl, 1):
 // o = scale * tile, or o += scale * tile when ``accum``.
@@ -123,7 +246,7 @@ __device__ void store_tile(const ScanParams& p, const float (*tile)[kCh], void* 
 }
 
 template <typename T, bool kOut>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 4)
 scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
   const ScanParams& p = ps.dir[blockIdx.z];
   __shared__ Stage st;
@@ -139,11 +262,20 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
     h[j] = 0.f;
   }
   const float Dd = (p.has_D && dvalid) ? p.Dv[d] : 0.f;
+  using Raw = RawChunk<T>;
+  __shared__ Raw raw;
+  const Needs need{kOut, kOut, false};
+  raw.copy(p, need, b, d0, 0, min(kK, p.seqlen), nullptr);
 
   for (int c = 0; c < p.nchunks; ++c) {
     const int k0 = c * kK, nk = min(kK, p.seqlen - k0);
-    stage_chunk<T>(p, st, b, d0, k0, nk, kOut, kOut);
+    // st is free: every thread is past the barrier that follows the last chunk's steps (and
+    // s_y is written only after the next barrier, when every thread has stored it)
+    raw.stage(p, st, need, d0, nk, nullptr, nullptr);
     __syncthreads();
+    if (c + 1 < p.nchunks) {
+      raw.copy(p, need, b, d0, k0 + kK, min(kK, p.seqlen - k0 - kK), nullptr);
+    }
     if (p.ckpt != nullptr && dvalid) {
       float4 v = make_float4(h[0], h[1], h[2], h[3]);
       *reinterpret_cast<float4*>(
@@ -182,7 +314,6 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
                           nk);
       else
         store_tile<T>(p, s_y, p.out, p.out_sb, p.out_sl, p.out_scale, p.out_accum, b, d0, k0, nk);
-      __syncthreads();
     }
   }
 }
@@ -193,7 +324,7 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
   const ScanParams& p = ps.dir[blockIdx.z];
   __shared__ Stage st;
   __shared__ float s_do[kK][kCh], s_dsp[kK][kCh];
-  __shared__ float s_du[kK][kCh], s_ddt[kK][kCh], s_dz[kK][kCh];
+  __shared__ float s_du[kK][kCh], s_ddt[kK][kCh], s_dz[kK][kCh], s_dy[kK][kCh];
   __shared__ float s_red[kWarps][kK][2 * kStates];
   const int tid = threadIdx.x, cl = tid / kLanesPerCh, sg = tid % kLanesPerCh;
   const int lane = tid % 32, warp = tid / 32;
@@ -208,33 +339,33 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
     dA[j] = 0.f;
   }
   const float Dd = (p.has_D && dvalid) ? p.Dv[d] : 0.f;
-  const T* dout = static_cast<const T*>(p.dout);
   // Reduced dB/dC slot of this lane after the transposing reduction (see below).
   const int red_ch = lane >> 2;
   const int red_slot = (red_ch >> 2) * kStates + sg * kSPT + (red_ch & 3);
+  using Raw = RawChunk<T>;
+  __shared__ Raw raw;
+  const Needs need{true, true, true};
+  // This thread's states at the start of chunk c (the forward's checkpoint), or null.
+  auto checkpoint = [&](int c) -> const float* {
+    return dvalid
+        ? p.ckpt + ((static_cast<int64_t>(b) * p.nchunks + c) * p.dim + d) * kStates + sg * kSPT
+        : nullptr;
+  };
+  const int c_last = p.nchunks - 1;
+  raw.copy(p, need, b, d0, c_last * kK, p.seqlen - c_last * kK, checkpoint(c_last));
 
-  for (int c = p.nchunks - 1; c >= 0; --c) {
+  for (int c = c_last; c >= 0; --c) {
     const int k0 = c * kK, nk = min(kK, p.seqlen - k0);
-    stage_chunk<T>(p, st, b, d0, k0, nk, true, true, s_dsp);
-    for (int i = tid; i < kK * kCh; i += kThreads) {
-      const int k = i / kCh, cc = i % kCh, dd = d0 + cc;
-      float v = 0.f;
-      if (k < nk && dd < p.dim) {
-        const int t = time_of(p, k0 + k);
-        v = p.dout_scale * to_f<T>(dout[b * p.do_sb + t * p.do_sl + dd]);
-      }
-      s_do[k][cc] = v;
-    }
+    // st, s_do and s_dsp are free: every thread is past the barrier that follows the last
+    // chunk's steps (the stores after it read only s_du, s_ddt, s_dz and s_red, which are
+    // written after the next barrier)
+    raw.stage(p, st, need, d0, nk, s_dsp, s_do);
+    const float4 h0 = dvalid ? raw.h0[tid] : make_float4(0.f, 0.f, 0.f, 0.f);
+    float h[kSPT] = {h0.x, h0.y, h0.z, h0.w}, hist[kK][kSPT];
     __syncthreads();
+    if (c > 0) raw.copy(p, need, b, d0, k0 - kK, kK, checkpoint(c - 1));
 
     // 1. recompute the chunk's states from its checkpoint; dy and dz' per step
-    float h[kSPT], hist[kK][kSPT], dys[kK];
-    {
-      const float4 v = dvalid ? *reinterpret_cast<const float4*>(
-          p.ckpt + ((static_cast<int64_t>(b) * p.nchunks + c) * p.dim + d) * kStates + sg * kSPT)
-                              : make_float4(0.f, 0.f, 0.f, 0.f);
-      h[0] = v.x; h[1] = v.y; h[2] = v.z; h[3] = v.w;
-    }
     // As in the forward kernel, padded steps (k >= nk) are harmless: dt = 0 and
     // dout = 0 there, and in the adjoint below they come first, while g is still 0.
 #pragma unroll
@@ -262,15 +393,15 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
         dy = go * zz * sz;
         if (sg == 0) s_dz[k][cl] = go * o * sz * (1.f + zz * (1.f - sz));
       }
-      dys[k] = dy;
+      if (sg == 0) s_dy[k][cl] = dy;
     }
-
+    __syncwarp();  // s_dy: a channel's 4 lanes are in one warp
 
     // 2. adjoint recurrence, last step of the chunk first
 #pragma unroll
     for (int k = kK - 1; k >= 0; --k) {
       {
-        const float u = st.u[k][cl], dt = st.dt[k][cl], dtu = dt * u, dy = dys[k];
+        const float u = st.u[k][cl], dt = st.dt[k][cl], dtu = dt * u, dy = s_dy[k][cl];
         const float4 Bv = *reinterpret_cast<const float4*>(&st.B[k][sg * kSPT]);
         const float4 Cv = *reinterpret_cast<const float4*>(&st.C[k][sg * kSPT]);
         const float Bj[kSPT] = {Bv.x, Bv.y, Bv.z, Bv.w};
@@ -336,7 +467,6 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
         p.dbc[((static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * p.seqlen + t) * 2 * kStates + q] = s;
       }
     }
-    __syncthreads();
   }
   if (kParamGrads && dvalid) {
     const int64_t bd = static_cast<int64_t>(b) * p.dim + d;

@@ -18,9 +18,13 @@ GATES = [dict(num_chunks=4), dict(num_chunks=4, residual=False),
          dict(num_chunks=4, transfer=False), dict(num_chunks=3, threshold=0.6), None]
 
 
-def make_mixer(gate, dtype=torch.float64, device='cpu', seed=0):
+def make_mixer(gate, dtype=torch.float64, device='cpu', seed=0, extra_states=0):
+    """A 2-layer Vim mixer (width 20) with LoRA, the gate (or none) and ``extra_states``
+    additional-scan states, random weights; LoRA, the gate and the extra states train."""
     peft = parse_peft(dict(lora=dict(in_proj=4, out_proj=4, dropout=0.0),
-                           **({'gate': dict(rank=16, **gate)} if gate else {})))
+                           **({'gate': dict(rank=16, **gate)} if gate else {}),
+                           **({'additional_scan': dict(states=extra_states)}
+                              if extra_states else {})))
     mixer = VimMixer(20, d_state=16, num_layers=2, peft=peft).to(dtype)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # random weights everywhere, so that every term matters
@@ -28,7 +32,7 @@ def make_mixer(gate, dtype=torch.float64, device='cpu', seed=0):
             scale = 0.5 if 'A_' in name else (0.6 if 'gate' in name else 0.3)
             p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
     for name, p in mixer.named_parameters():  # frozen backbone, as in PEFT
-        p.requires_grad_('lora' in name or 'gate' in name)
+        p.requires_grad_('lora' in name or 'gate' in name or 'extra' in name)
     return mixer.to(device)
 
 
@@ -52,6 +56,19 @@ def run(mixer, hidden, membrane, fused_kernels=None, fused=False):
     inputs = [hidden] + list(membrane or ()) + params
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)  # unused: no transfer
     return out.detach(), new, grads
+
+
+def fused_and_per_op(mixer, gate, kernels):
+    """``run``'s results on the fused core (``kernels``) and on the per-op mixer for one input,
+    and the names of the gradients (input, membranes, trainable parameters)."""
+    hidden = torch.randn(2, 13, 20, generator=torch.Generator().manual_seed(3),
+                         dtype=torch.float64)
+    membrane = random_membrane(gate, 2, 13)
+    fused = run(mixer, hidden, membrane, kernels, fused=True)
+    per_op = run(mixer, hidden, membrane)
+    names = ['hidden'] + (['membrane_f', 'membrane_b'] if membrane else []) + \
+        [n for n, p in mixer.named_parameters() if p.requires_grad]
+    return fused, per_op, names
 
 
 def rel(a, b):
@@ -103,12 +120,8 @@ def loop_kernels(monkeypatch):
 @pytest.mark.parametrize('gate', GATES)
 def test_fused_core_matches_the_per_op_mixer_on_cpu(gate, loop_kernels):
     """The fused op on loop kernels (its glue and the loops) against the per-op mixer."""
-    mixer = make_mixer(gate)
-    hidden = torch.randn(2, 13, 20, generator=torch.Generator().manual_seed(3),
-                         dtype=torch.float64)
-    membrane = random_membrane(gate, 2, 13)
-    out_ref, new_ref, grads_ref = run(mixer, hidden, membrane)
-    out, new, grads = run(mixer, hidden, membrane, loop_kernels, fused=True)
+    (out, new, grads), (out_ref, new_ref, grads_ref), _ = fused_and_per_op(
+        make_mixer(gate), gate, loop_kernels)
     assert rel(out, out_ref) < 1e-10
     if gate is None or not gate.get('transfer', True):
         assert new is None and new_ref is None
@@ -147,14 +160,8 @@ def train_everything(mixer):
 def test_fused_core_trains_every_ssm_parameter_like_the_per_op_mixer(gate, loop_kernels):
     """Every parameter trainable: the fused node (A's and D's gradients from the kernels,
     x_proj's, dt_proj's, the bias's and the conv's in its backward) equals the per-op mixer."""
-    mixer = train_everything(make_mixer(gate))
-    hidden = torch.randn(2, 13, 20, generator=torch.Generator().manual_seed(3),
-                         dtype=torch.float64)
-    membrane = random_membrane(gate, 2, 13)
-    out_ref, _, grads_ref = run(mixer, hidden, membrane)
-    out, _, grads = run(mixer, hidden, membrane, loop_kernels, fused=True)
-    names = ['hidden'] + (['membrane_f', 'membrane_b'] if membrane else []) + \
-        [n for n, p in mixer.named_parameters()]
+    (out, _, grads), (out_ref, _, grads_ref), names = fused_and_per_op(
+        train_everything(make_mixer(gate)), gate, loop_kernels)
     assert rel(out, out_ref) < 1e-10 and len(grads) == len(grads_ref) == len(names)
     assert {'A_log', 'A_b_log', 'D', 'conv1d.weight', 'conv1d_b.bias', 'x_proj_b.weight',
             'dt_proj.weight', 'dt_proj_b.bias'} <= set(names)
@@ -310,26 +317,12 @@ def test_affix_tokens_run_through_the_fused_core(trainable, loop_kernels):
 def test_extra_states_run_through_the_fused_core(states, gate, trainable, loop_kernels):
     """Additional-scan states (d_state 16 + k) on the fused core, the states scanned in groups
     of 16 (the last one padded): equal to the per-op mixer's one scan over all states."""
-    peft = parse_peft(dict(lora=dict(in_proj=4, out_proj=4, dropout=0.0),
-                           additional_scan=dict(states=states),
-                           **({'gate': dict(rank=16, **gate)} if gate else {})))
-    mixer = VimMixer(20, d_state=16, num_layers=2, peft=peft).double()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in mixer.named_parameters():
-            scale = 0.5 if 'A_' in name else 0.3
-            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) * scale)
-    for name, p in mixer.named_parameters():
-        p.requires_grad_(trainable or 'lora' in name or 'gate' in name or 'extra' in name)
+    mixer = make_mixer(gate, extra_states=states)
+    if trainable:
+        train_everything(mixer)
     assert mixer._direction(False).A.shape[1] == 16 + states
-    hidden = torch.randn(2, 13, 20, generator=torch.Generator().manual_seed(3),
-                         dtype=torch.float64)
-    membrane = random_membrane(gate, 2, 13)
-    out_ref, new_ref, grads_ref = run(mixer, hidden, membrane)
-    out, new, grads = run(mixer, hidden, membrane, loop_kernels, fused=True)
+    (out, _, grads), (out_ref, _, grads_ref), names = fused_and_per_op(mixer, gate, loop_kernels)
     assert rel(out, out_ref) < 1e-10
-    names = ['hidden'] + (['membrane_f', 'membrane_b'] if membrane else []) + \
-        [n for n, p in mixer.named_parameters() if p.requires_grad]
     assert any('extra_scan' in n for n in names)
     for name, a, b in zip(names, grads, grads_ref):
         assert (a is None) == (b is None), name

@@ -109,35 +109,45 @@ class ReferenceScanKernels:
         return _store(out, dx, 1.0, accumulate)
 
     @staticmethod
-    def _lim_pair(x, u_prev_f, u_prev_b, num_chunks, leak, threshold):
-        out_f, mean_f = lim_reference(x, num_chunks, leak, threshold, u_prev_f)
-        out_b, mean_b = lim_reference(x.flip(1), num_chunks, leak, threshold, u_prev_b)
-        return torch.stack([out_f, out_b.flip(1)]), torch.stack([mean_f, mean_b])
+    def _lim_pair(xs, prev, num_chunks, leak, threshold):
+        """Each direction's (out in input token order, u_mean); xs: its input (B, L, R)."""
+        outs, means = [], []
+        for d, (xd, pd) in enumerate(zip(xs, prev)):
+            o, m = lim_reference(xd.flip(1) if d else xd, num_chunks, leak, threshold, pd)
+            outs.append(o.flip(1) if d else o)
+            means.append(m)
+        return outs, means
+
+    @staticmethod
+    def _per_direction(x):
+        """x (B, L, R) shared, or (B, L, 2, R): one input per direction; the stacking axis of
+        the outputs (0, or 2 for x's layout)."""
+        return ([x, x], 0) if x.dim() == 3 else (list(x.unbind(2)), 2)
 
     @staticmethod
     def lim_pair_fwd(x, u_prev_f, u_prev_b, num_chunks, leak, threshold):
+        xs, axis = ReferenceScanKernels._per_direction(x)
         with torch.no_grad():
-            return ReferenceScanKernels._lim_pair(x, u_prev_f, u_prev_b, num_chunks, leak,
-                                                  threshold)
+            outs, means = ReferenceScanKernels._lim_pair(xs, (u_prev_f, u_prev_b), num_chunks,
+                                                         leak, threshold)
+        return torch.stack(outs, axis), torch.stack(means)
 
     @staticmethod
     def lim_pair_bwd(x, u_prev_f, u_prev_b, grad_out, grad_mean_f, grad_mean_b, num_chunks,
                      leak, threshold):
-        xs = [_leaf(x), _leaf(x)]
+        xs, axis = ReferenceScanKernels._per_direction(x)
+        xs = [_leaf(xd) for xd in xs]
         prev = [_leaf(u_prev_f), _leaf(u_prev_b)]
         with torch.enable_grad():
-            outs, means = [], []
-            for d, (xd, pd) in enumerate(zip(xs, prev)):
-                o, m = lim_reference(xd.flip(1) if d else xd, num_chunks, leak, threshold, pd)
-                outs.append(o.flip(1) if d else o)
-                means.append(m)
-            loss = sum((o * g).sum() for o, g in zip(outs, grad_out))
+            outs, means = ReferenceScanKernels._lim_pair(xs, prev, num_chunks, leak, threshold)
+            loss = sum((o * g).sum() for o, g in zip(outs, grad_out.unbind(axis)))
             for m, g in zip(means, (grad_mean_f, grad_mean_b)):
                 if g is not None:
                     loss = loss + (m * g).sum()
             leaves = xs + [p for p in prev if p is not None]
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        gx = torch.stack([g if g is not None else torch.zeros_like(x) for g in grads[:2]])
+        gx = torch.stack([g if g is not None else torch.zeros_like(xd)
+                          for g, xd in zip(grads[:2], xs)], axis)
         rest = iter(grads[2:])
         gp = [None if p is None else next(rest) for p in prev]
         return gx, gp[0], gp[1]

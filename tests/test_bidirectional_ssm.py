@@ -233,17 +233,18 @@ def test_extension_outputs_match_the_reference_kernels(dtype, tol):
         ext.conv_bwd(x, w, cb, dout, reverse, True, out=got[..., :D], accumulate=True)
         ref.conv_bwd(x, w, cb, dout, reverse, True, out=want[..., :D], accumulate=True)
         assert rel(got, want) < tol
-    v = rnd(Bsz, L, 16, scale=1.5)
     l = L // 4
     prev = (rnd(Bsz, l, 16), rnd(Bsz, l, 16))
-    out_got, mean_got = ext.lim_pair_fwd(v, *prev, 4, 0.5, 1.0)
-    out_want, mean_want = ref.lim_pair_fwd(v, *prev, 4, 0.5, 1.0)
-    assert rel(out_got, out_want) < tol and rel(mean_got, mean_want) < tol
-    gout, gm = rnd(2, Bsz, L, 16), (rnd(Bsz, l, 16), None)
-    got = ext.lim_pair_bwd(v, *prev, gout, *gm, 4, 0.5, 1.0)
-    want = ref.lim_pair_bwd(v, *prev, gout, *gm, 4, 0.5, 1.0)
-    for a, b in zip(got, want):
-        assert rel(a, b) < tol
+    for v in (rnd(Bsz, L, 16, scale=1.5), rnd(Bsz, L, 2, 16, scale=1.5)):  # shared, per direction
+        out_got, mean_got = ext.lim_pair_fwd(v, *prev, 4, 0.5, 1.0)
+        out_want, mean_want = ref.lim_pair_fwd(v, *prev, 4, 0.5, 1.0)
+        assert out_got.shape == out_want.shape
+        assert rel(out_got, out_want) < tol and rel(mean_got, mean_want) < tol
+        gout, gm = rnd(*out_want.shape), (rnd(Bsz, l, 16), None)
+        got = ext.lim_pair_bwd(v, *prev, gout, *gm, 4, 0.5, 1.0)
+        want = ref.lim_pair_bwd(v, *prev, gout, *gm, 4, 0.5, 1.0)
+        for a, b in zip(got, want):
+            assert rel(a, b) < tol
 
 
 @cuda

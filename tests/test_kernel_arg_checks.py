@@ -74,6 +74,8 @@ def _cases(dev='cuda'):
     pair = [v, rnd(B, l, R), rnd(B, l, R), 4, 0.5, 1.0]
     pair_bwd = [v, rnd(B, l, R), rnd(B, l, R), rnd(2, B, L, R), rnd(B, l, R), rnd(B, l, R),
                 4, 0.5, 1.0]
+    v2 = rnd(B, L, 2, R)  # one input per direction
+    pair2, pair2_bwd = [v2] + pair[1:], [v2] + pair_bwd[1:3] + [rnd(B, L, 2, R)] + pair_bwd[4:]
     lim = [strided_last(B, L, R), rnd(B, l, R), 4, 0.5, 1.0]  # the op copies strided inputs
     lim_bwd = [rnd(B, L, R), rnd(B, l, R), rnd(B, L, R), rnd(B, l, R), 4, 0.5, 1.0, True,
                True]
@@ -97,6 +99,10 @@ def _cases(dev='cuda'):
              ('lim_pair_fwd accepts', 'lim_pair_fwd', lambda: ext.lim_pair_fwd(*pair), None),
              ('lim_pair_bwd accepts', 'lim_pair_bwd', lambda: ext.lim_pair_bwd(*pair_bwd),
               None),
+             ('lim_pair_fwd accepts (B, L, 2, R)', 'lim_pair_fwd',
+              lambda: ext.lim_pair_fwd(*pair2), None),
+             ('lim_pair_bwd accepts (B, L, 2, R)', 'lim_pair_bwd',
+              lambda: ext.lim_pair_bwd(*pair2_bwd), None),
              ('scan_bwd accepts dA_out + dD_out', 'scan_bwd',
               kw(ext.scan_bwd, bwd, dA_out=dA, dD_out=dD), None),
              ('scan_dirs_fwd accepts', 'scan_dirs_fwd', kw(ext.scan_dirs_fwd, fwd_dirs), None),
@@ -201,9 +207,12 @@ def _cases(dev='cuda'):
             (0, 'x', v.cpu()), (1, 'u_prev_f', rnd(B, l + 1, R)),
             (2, 'u_prev_b', rnd(B, l, R, dtype=bf16)),
             (1, 'u_prev_f', rnd(B, R, l).transpose(1, 2)),
-            (3, 'num_chunks', L + 1), (3, 'num_chunks', 65)]):
+            (3, 'num_chunks', L + 1), (3, 'num_chunks', 65), (0, 'x', rnd(B, L, 3, R)),
+            (0, 'x', rnd(B, L, 2, R).transpose(0, 1))]):
         cases.append((f'lim_pair_fwd {arg} #{i}', 'lim_pair_fwd',
                       pos(ext.lim_pair_fwd, pair, index, value), arg))
+    cases.append(('lim_pair_bwd grad_out (per direction)', 'lim_pair_bwd',
+                  pos(ext.lim_pair_bwd, pair2_bwd, 3, rnd(2, B, L, R)), 'grad_out'))
     for i, (index, arg, value) in enumerate([
             (3, 'grad_out', rnd(B, L, R)), (3, 'grad_out', rnd(2, B, L, R, dtype=bf16)),
             (3, 'grad_out', strided_last(2, B, L, R)), (4, 'grad_mean_f', rnd(B, l - 1, R)),

@@ -1,9 +1,13 @@
 """ops.silu_gate (VMamba's output gate with Memba's correction) against the plain expression:
-the same values and gradients, with less kept for the backward."""
+the same values and gradients, with less kept for the backward; and ``silu_gate_lim``'s fused
+node (both directions' LIMs inside) against its per-op path."""
 import pytest
 import torch
 
-from memba_vision.ops import silu_gate, silu_gate_reference
+from conftest import requires_cuda
+from memba_vision.ops import MembaGateParams, silu_gate, silu_gate_reference
+from memba_vision.ops.silu_gate import silu_gate_lim_fused, silu_gate_lim_per_op
+from scan_ext_reference import ReferenceScanKernels
 
 
 def inputs(dtype=torch.float64, z_dtype=None, seed=0):
@@ -82,3 +86,70 @@ def test_residual_false_needs_spikes():
     inp = inputs()
     with pytest.raises(ValueError, match='residual=False needs spikes'):
         silu_gate(inp['y'], inp['z'], residual=False)
+
+
+def lim_inputs(B=2, L=11, D=12, R=3, T=3, membrane=True, dtype=torch.float64, device='cpu',
+               seed=0):
+    """y, z, W_in (2R, D), W_out (D, 2R) and the membranes (L = 11, T = 3: a trimmed tail);
+    scaled so that some membranes fire and some do not."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
+    prev = (rnd(B, L // T, R), rnd(B, L // T, R)) if membrane else None
+    return dict(y=rnd(B, L, D), z=rnd(B, L, D), w_in=rnd(2 * R, D, scale=0.6),
+                w_out=rnd(D, 2 * R), membrane=prev)
+
+
+def lim_grads(fn, inp, gate, **kw):
+    """fn's output, membranes and the gradients of every input (the membranes reach the loss)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items() if k != 'membrane'}
+    prev = None if inp['membrane'] is None else \
+        tuple(m.detach().clone().requires_grad_() for m in inp['membrane'])
+    out, mem = fn(leaves['y'], leaves['z'], leaves['w_in'], leaves['w_out'], gate, prev, **kw)
+    g = torch.Generator().manual_seed(1)
+    cot = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in (out, *mem)]
+    loss = sum((t * c).sum() for t, c in zip((out, *mem), cot))
+    keys = list(leaves) + ([] if prev is None else ['u_prev_f', 'u_prev_b'])
+    grads = torch.autograd.grad(loss, list(leaves.values()) + list(prev or ()))
+    return [out.detach(), *(m.detach() for m in mem)], dict(zip(keys, grads))
+
+
+@pytest.mark.parametrize('residual', [True, False])
+@pytest.mark.parametrize('membrane', [True, False])
+def test_fused_memba_gate_equals_the_per_op_path(residual, membrane):
+    """fp64 on the CPU, the extension's LIM pair replaced by its PyTorch stand-in."""
+    gate = MembaGateParams(3, 0.5, 1.0, residual)
+    inp = lim_inputs(membrane=membrane)
+    got, g_got = lim_grads(silu_gate_lim_fused, inp, gate, kernels=ReferenceScanKernels)
+    want, g_want = lim_grads(silu_gate_lim_per_op, inp, gate)
+    fired = (torch.stack(want[1:]) == 0).float().mean()  # u_mean: zero where every chunk fired
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+    assert set(g_got) == set(g_want)
+    for k in g_want:
+        assert g_want[k].abs().max() > 0, k
+        assert torch.allclose(g_got[k], g_want[k], rtol=1e-10, atol=1e-12), k
+    assert fired < 1
+
+
+@requires_cuda
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_fused_memba_gate_on_gpu(dtype, tol):
+    """The CUDA node against an fp64 CPU run of the per-op path; each result within ``tol``
+    relative to its norm, and bf16 no further than the per-op path in bf16 on the GPU is."""
+    gate = MembaGateParams(3, 0.5, 1.0, True)
+    ref, g_ref = lim_grads(silu_gate_lim_per_op, lim_inputs(B=4, L=50, D=64, R=16), gate)
+    inp = lim_inputs(B=4, L=50, D=64, R=16, dtype=dtype, device='cuda')
+    got, g_got = lim_grads(silu_gate_lim_fused, inp, gate)
+    per_op, g_per_op = lim_grads(silu_gate_lim_per_op, inp, gate)
+
+    def rel(a, b):
+        return ((a.double().cpu() - b).norm() / b.norm()).item()
+    for k, (a, b, c) in enumerate(zip(got, per_op, ref)):
+        print(f'GATE {dtype} output {k}: fused {rel(a, c):.2e}, per-op {rel(b, c):.2e}')
+        assert rel(a, c) < max(tol, 2 * rel(b, c)), k
+    for k in g_ref:
+        print(f'GATE {dtype} d{k}: fused {rel(g_got[k], g_ref[k]):.2e}, '
+              f'per-op {rel(g_per_op[k], g_ref[k]):.2e}')
+        assert rel(g_got[k], g_ref[k]) < max(tol, 2 * rel(g_per_op[k], g_ref[k])), k

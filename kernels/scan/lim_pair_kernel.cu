@@ -1,4 +1,5 @@
-// Memba's LIM for both scan directions of a Vim layer (see LimPairParams).
+// Memba's LIM for both scan directions of a layer (see LimPairParams): one input shared by
+// the directions (Vim) or one input per direction (VMamba).
 //
 // One thread per (direction, batch item, chunk position j, rank r) walks the T
 // chunks. Loads and stores along r are coalesced across a warp; the reversed
@@ -40,9 +41,16 @@ __device__ __forceinline__ int lim_token(const LimPairParams& p, const LimIndex&
   return ix.dir ? p.seqlen - 1 - s : s;
 }
 
-// (b, t, r) offset in a (B, L, R) tensor.
-__device__ __forceinline__ int64_t tok(const LimPairParams& p, const LimIndex& ix, int t) {
-  return (static_cast<int64_t>(ix.b) * p.seqlen + t) * p.rank + ix.r;
+// (b, t, r) offset of this thread's direction in x: (B, L, R), or (B, L, 2, R) per direction.
+__device__ __forceinline__ int64_t x_at(const LimPairParams& p, const LimIndex& ix, int t) {
+  const int64_t bt = static_cast<int64_t>(ix.b) * p.seqlen + t;
+  return (p.per_dir ? bt * 2 + ix.dir : bt) * p.rank + ix.r;
+}
+
+// The same in out, g_out and g_x: (2, B, L, R), or (B, L, 2, R) per direction (x's layout).
+__device__ __forceinline__ int64_t out_at(const LimPairParams& p, const LimIndex& ix, int t) {
+  if (p.per_dir) return x_at(p, ix, t);
+  return ((static_cast<int64_t>(ix.dir) * p.batch + ix.b) * p.seqlen + t) * p.rank + ix.r;
 }
 
 template <typename T>
@@ -50,20 +58,20 @@ __global__ void __launch_bounds__(kLimThreads) lim_pair_fwd_kernel(const LimPair
   LimIndex ix;
   if (!lim_index(p, ix)) return;
   const T* x = static_cast<const T*>(p.x);
-  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(ix.dir) * p.batch * p.seqlen * p.rank;
+  T* out = static_cast<T*>(p.out);
   const T* up = static_cast<const T*>(p.u_prev[ix.dir]);
   float u = up ? to_f<T>(up[ix.row]) : 0.f, sum = 0.f;
   for (int i = 0; i < p.nchunks; ++i) {
     const int t = lim_token(p, ix, i);
-    const float v = __fadd_rn(__fmul_rn(p.leak, u), to_f<T>(x[tok(p, ix, t)]));
+    const float v = __fadd_rn(__fmul_rn(p.leak, u), to_f<T>(x[x_at(p, ix, t)]));
     u = v > p.threshold ? 0.f : v;
-    out[tok(p, ix, t)] = from_f<T>(u);
+    out[out_at(p, ix, t)] = from_f<T>(u);
     sum = __fadd_rn(sum, u);
   }
   // tokens no chunk covers: the last L - l*T (direction 0) or the first (direction 1)
   const int covered = p.nchunks * p.chunk_len;
   for (int e = covered + ix.j; e < p.seqlen; e += p.chunk_len) {
-    out[tok(p, ix, ix.dir ? p.seqlen - 1 - e : e)] = from_f<T>(0.f);
+    out[out_at(p, ix, ix.dir ? p.seqlen - 1 - e : e)] = from_f<T>(0.f);
   }
   static_cast<T*>(p.u_mean)[static_cast<int64_t>(ix.dir) * p.batch * p.chunk_len * p.rank + ix.row] =
       from_f<T>(__fdiv_rn(sum, static_cast<float>(p.nchunks)));
@@ -75,16 +83,15 @@ template <typename T>
 __global__ void __launch_bounds__(kLimThreads) lim_pair_bwd_kernel(const LimPairParams p) {
   LimIndex ix;
   if (!lim_index(p, ix)) return;
-  const int64_t dir_off = static_cast<int64_t>(ix.dir) * p.batch * p.seqlen * p.rank;
   const T* x = static_cast<const T*>(p.x);
   const T* up = static_cast<const T*>(p.u_prev[ix.dir]);
   const T* gm = static_cast<const T*>(p.g_mean[ix.dir]);
-  const T* go = static_cast<const T*>(p.g_out) + dir_off;
-  T* gx = static_cast<T*>(p.g_x) + dir_off;
+  const T* go = static_cast<const T*>(p.g_out);
+  T* gx = static_cast<T*>(p.g_x);
   float u = up ? to_f<T>(up[ix.row]) : 0.f;
   unsigned long long reset = 0ull;
   for (int i = 0; i < p.nchunks; ++i) {
-    const float v = __fadd_rn(__fmul_rn(p.leak, u), to_f<T>(x[tok(p, ix, lim_token(p, ix, i))]));
+    const float v = __fadd_rn(__fmul_rn(p.leak, u), to_f<T>(x[x_at(p, ix, lim_token(p, ix, i))]));
     const bool fire = v > p.threshold;
     reset |= static_cast<unsigned long long>(fire) << i;
     u = fire ? 0.f : v;
@@ -92,14 +99,14 @@ __global__ void __launch_bounds__(kLimThreads) lim_pair_bwd_kernel(const LimPair
   const float g_mean = gm ? __fdiv_rn(to_f<T>(gm[ix.row]), static_cast<float>(p.nchunks)) : 0.f;
   float dp = 0.f;
   for (int i = p.nchunks - 1; i >= 0; --i) {
-    const int64_t o = tok(p, ix, lim_token(p, ix, i));
+    const int64_t o = out_at(p, ix, lim_token(p, ix, i));
     const float g = __fadd_rn(__fadd_rn(to_f<T>(go[o]), g_mean), __fmul_rn(p.leak, dp));
     dp = (reset >> i) & 1ull ? 0.f : g;
     gx[o] = from_f<T>(dp);
   }
   const int covered = p.nchunks * p.chunk_len;
   for (int e = covered + ix.j; e < p.seqlen; e += p.chunk_len) {
-    gx[tok(p, ix, ix.dir ? p.seqlen - 1 - e : e)] = from_f<T>(0.f);
+    gx[out_at(p, ix, ix.dir ? p.seqlen - 1 - e : e)] = from_f<T>(0.f);
   }
   T* gp = static_cast<T*>(p.g_prev[ix.dir]);
   if (gp) gp[ix.row] = from_f<T>(__fmul_rn(p.leak, dp));

@@ -29,8 +29,9 @@
 // ``dA_out`` (D, 16) and ``dD_out`` (D,) (scan_dirs_bwd: (K, D, 16) and (K, D)), fp32
 // contiguous, receive their gradients (the other parameters' gradients follow from ddelta,
 // dB and dC: the callers compute them with matrix products). The LIM pair works
-// on x (B, L, R) and returns both directions stacked: out and grad_x (2, B, L, R),
-// u_mean (2, B, l, R).
+// on x (B, L, R), shared by the two directions, and returns them stacked: out and grad_x
+// (2, B, L, R), u_mean (2, B, l, R); or on x (B, L, 2, R), one input per direction, and
+// returns out and grad_x in x's layout.
 //
 // u, delta, z, dout, x, grad_y: (B, L, D) with the channel axis contiguous;
 // B, C: (B, L, 16) and the gate spikes S: (B, L, 16), state axis contiguous (slices
@@ -497,24 +498,34 @@ at::Tensor conv_bwd(const at::Tensor& x, const at::Tensor& weight, const OptTens
   return dx;
 }
 
-// lim_pair inputs: x (B, L, R) contiguous, u_prev_f / u_prev_b (B, l, R) contiguous or None,
-// l = L // num_chunks.
+// lim_pair inputs: x (B, L, R) shared by both directions or (B, L, 2, R) one per direction,
+// contiguous; u_prev_f / u_prev_b (B, l, R) contiguous or None, l = L // num_chunks.
 void check_lim_pair_inputs(const char* op, const at::Tensor& x, const OptTensor& u_prev_f,
                            const OptTensor& u_prev_b, int64_t num_chunks) {
-  check_leading(op, "x", x);
-  check_tensor(op, "x", x, x.device(), x.scalar_type(), {kAny, kAny, kAny},
+  const bool per_dir = x.defined() && x.dim() == 4;
+  MEMBA_CHECK(!per_dir || x.size(2) == 2, op, ": x must be (B, L, R) or (B, L, 2, R), got ",
+              shape_text(x.sizes()));
+  check_leading(op, "x", per_dir ? x.flatten(2) : x);
+  check_tensor(op, "x", x, x.device(), x.scalar_type(), std::vector<int64_t>(x.dim(), kAny),
                Strides::kContiguous);
   MEMBA_CHECK(num_chunks >= 1 && num_chunks <= kLimPairMaxChunks && num_chunks <= x.size(1),
               op, ": num_chunks must be in [1, min(", kLimPairMaxChunks, ", L=", x.size(1),
               ")], got ", num_chunks);
+  const std::vector<int64_t> prev{x.size(0), x.size(1) / num_chunks, x.size(-1)};
   if (present(u_prev_f)) {
-    check_tensor(op, "u_prev_f", *u_prev_f, x.device(), x.scalar_type(),
-                 {x.size(0), x.size(1) / num_chunks, x.size(2)}, Strides::kContiguous);
+    check_tensor(op, "u_prev_f", *u_prev_f, x.device(), x.scalar_type(), prev,
+                 Strides::kContiguous);
   }
   if (present(u_prev_b)) {
-    check_tensor(op, "u_prev_b", *u_prev_b, x.device(), x.scalar_type(),
-                 {x.size(0), x.size(1) / num_chunks, x.size(2)}, Strides::kContiguous);
+    check_tensor(op, "u_prev_b", *u_prev_b, x.device(), x.scalar_type(), prev,
+                 Strides::kContiguous);
   }
+}
+
+// out, grad_out and grad_x: (2, B, L, R) for a shared x, x's shape for one x per direction.
+std::vector<int64_t> lim_pair_out_shape(const at::Tensor& x) {
+  if (x.dim() == 4) return x.sizes().vec();
+  return {2, x.size(0), x.size(1), x.size(2)};
 }
 
 // Call only after check_lim_pair_inputs.
@@ -524,7 +535,8 @@ LimPairParams make_lim_pair(const at::Tensor& x, const OptTensor& u_prev_f,
   LimPairParams p{};
   p.batch = static_cast<int>(x.size(0));
   p.seqlen = static_cast<int>(x.size(1));
-  p.rank = static_cast<int>(x.size(2));
+  p.rank = static_cast<int>(x.size(-1));
+  p.per_dir = x.dim() == 4;
   p.nchunks = static_cast<int>(num_chunks);
   p.chunk_len = static_cast<int>(x.size(1) / num_chunks);
   p.leak = static_cast<float>(leak);
@@ -541,8 +553,8 @@ std::tuple<at::Tensor, at::Tensor> lim_pair_fwd(const at::Tensor& x, const OptTe
   check_lim_pair_inputs("memba_vision lim_pair_fwd", x, u_prev_f, u_prev_b, num_chunks);
   LimPairParams p = make_lim_pair(x, u_prev_f, u_prev_b, num_chunks, leak, threshold);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty({2, x.size(0), x.size(1), x.size(2)}, x.options());
-  at::Tensor u_mean = at::empty({2, x.size(0), p.chunk_len, x.size(2)}, x.options());
+  at::Tensor out = at::empty(lim_pair_out_shape(x), x.options());
+  at::Tensor u_mean = at::empty({2, x.size(0), p.chunk_len, x.size(-1)}, x.options());
   p.out = out.data_ptr();
   p.u_mean = u_mean.data_ptr();
   check_cuda(lim_pair_forward(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), "lim_pair_fwd");
@@ -556,15 +568,15 @@ std::tuple<at::Tensor, OptTensor, OptTensor> lim_pair_bwd(
   const char* op = "memba_vision lim_pair_bwd";
   check_lim_pair_inputs(op, x, u_prev_f, u_prev_b, num_chunks);
   const int64_t l = x.size(1) / num_chunks;
-  check_tensor(op, "grad_out", grad_out, x.device(), x.scalar_type(),
-               {2, x.size(0), x.size(1), x.size(2)}, Strides::kContiguous);
+  check_tensor(op, "grad_out", grad_out, x.device(), x.scalar_type(), lim_pair_out_shape(x),
+               Strides::kContiguous);
   if (present(grad_mean_f)) {
     check_tensor(op, "grad_mean_f", *grad_mean_f, x.device(), x.scalar_type(),
-                 {x.size(0), l, x.size(2)}, Strides::kContiguous);
+                 {x.size(0), l, x.size(-1)}, Strides::kContiguous);
   }
   if (present(grad_mean_b)) {
     check_tensor(op, "grad_mean_b", *grad_mean_b, x.device(), x.scalar_type(),
-                 {x.size(0), l, x.size(2)}, Strides::kContiguous);
+                 {x.size(0), l, x.size(-1)}, Strides::kContiguous);
   }
   LimPairParams p = make_lim_pair(x, u_prev_f, u_prev_b, num_chunks, leak, threshold);
   p.g_mean[0] = present(grad_mean_f) ? grad_mean_f->data_ptr() : nullptr;
@@ -575,7 +587,7 @@ std::tuple<at::Tensor, OptTensor, OptTensor> lim_pair_bwd(
   for (int d = 0; d < 2; ++d) {
     p.g_prev[d] = nullptr;
     if (p.u_prev[d] != nullptr) {
-      grad_prev[d] = at::empty({x.size(0), p.chunk_len, x.size(2)}, x.options());
+      grad_prev[d] = at::empty({x.size(0), p.chunk_len, x.size(-1)}, x.options());
       p.g_prev[d] = grad_prev[d]->data_ptr();
     }
   }

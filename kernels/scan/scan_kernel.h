@@ -94,24 +94,26 @@ cudaError_t conv_forward(const ConvParams& p, DType dtype, cudaStream_t stream);
 cudaError_t conv_backward(const ConvParams& p, DType dtype, cudaStream_t stream);
 
 // Memba's LIM neuron for both scan directions of one layer in one launch (the
-// gate of Vim's mixer). Direction 0 integrates x's tokens in order, direction 1
+// gate of Vim's mixer, with one x; of VMamba's, with an x per direction).
+// Direction 0 integrates x's tokens in order, direction 1
 // in reverse order; chunk i of direction dir, position j, is token
 //   t = i*l + j (dir 0) or L-1 - (i*l + j) (dir 1),    l = L / T,
 // and tokens no chunk covers get a zero output. Per (dir, b, j, r):
-//   u = u_prev[dir] or 0;  for i < T: u = leak*u + x[t]; u = u > threshold ? 0 : u;
+//   u = u_prev[dir] or 0;  for i < T: u = leak*u + x[(dir,) t]; u = u > threshold ? 0 : u;
 //   out[dir, t] = u;  u_mean[dir] = mean_i u
 // Forward and backward (the exact piecewise gradient) recompute everything from
 // x and u_prev; T is at most 64 (the reset decisions are the bits of a uint64).
 struct LimPairParams {
   int batch, seqlen, rank, nchunks, chunk_len;
   float leak, threshold;
-  const void *x;          // (B, L, R) contiguous
+  bool per_dir;           // x, out, g_out and g_x are (B, L, 2, R): an input per direction
+  const void *x;          // (B, L, R) contiguous, shared by the directions (or per_dir)
   const void *u_prev[2];  // (B, l, R) contiguous, or null (zero membrane)
-  void *out;              // (2, B, L, R) contiguous
+  void *out;              // (2, B, L, R) contiguous (or per_dir)
   void *u_mean;           // (2, B, l, R) contiguous
-  const void *g_out;      // backward: (2, B, L, R) contiguous
+  const void *g_out;      // backward: like out
   const void *g_mean[2];  // (B, l, R) contiguous, or null
-  void *g_x;              // (2, B, L, R): each direction's gradient of x
+  void *g_x;              // like out: each direction's gradient of x
   void *g_prev[2];        // (B, l, R) or null
 };
 constexpr int kLimPairMaxChunks = 64;

@@ -16,7 +16,8 @@ from mmpretrain.registry import MODELS
 from torch import Tensor
 
 from ...ops.cross_scan import cross_scan
-from ...ops.silu_gate import silu_gate
+from ...ops.bidirectional_ssm import MembaGateParams
+from ...ops.silu_gate import silu_gate, silu_gate_lim
 from ..peft import (PEFTConfig, build_gate, check_supported, freeze_all_but_peft, parse_peft,
                     wrap_embed, wrap_in_proj, wrap_out_proj)
 from .base import MambaBackbone
@@ -85,11 +86,13 @@ class SS2D(nn.Module):
         z = z.reshape(B, H * W, -1)
         if self.gate is None:
             y = silu_gate(y, z)
-        else:  # z' = z + the mean of the two directions' S_d W_d^T: one product
-            pairs, membrane = self.gate.lim_spikes(z, membrane)
-            spikes = torch.cat([s for s, _ in pairs], dim=-1)           # (B, L, 2R)
-            weight = torch.cat([w for _, w in pairs], dim=1)            # (D, 2R)
-            y = silu_gate(y, z, spikes, 0.5 * weight, self.gate.residual)
+        else:  # z' = z + the mean of the two directions' S_d W_d^T
+            g = self.gate
+            settings = MembaGateParams(g.num_chunks, g.leak, g.threshold, g.residual)
+            y, new = silu_gate_lim(y, z, torch.cat([p.weight for p in g.proj_in]),
+                                   torch.cat([p.weight for p in g.proj_out], dim=1), settings,
+                                   membrane if g.transfer else None)
+            membrane = new if g.transfer else None
         return self.out_proj(y).view(B, H, W, -1), membrane
 
 

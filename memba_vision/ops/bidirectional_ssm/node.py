@@ -40,7 +40,7 @@ from ..conv import causal_conv1d_tokens
 from ..dispatch import ENV, cuda_unavailable, extension, reference_forced
 
 __all__ = ['SSMDirection', 'MembaGateParams', 'bidirectional_ssm', 'bidirectional_ssm_reason',
-           'scan_extension', 'D_STATE', 'GATE_RANK', 'CONV_WIDTH']
+           'scan_extension', 'mm_f32', 'D_STATE', 'GATE_RANK', 'CONV_WIDTH']
 
 D_STATE = 16     # the kernels' state size (N)
 GATE_RANK = 16   # rank of the fused gate correction
@@ -106,7 +106,7 @@ class _SideStream:
             self.main.wait_stream(self.side)
 
 
-def _mm_f32(a: Tensor, b: Tensor) -> Tensor:
+def mm_f32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b with an fp32 (or fp64) result: one kernel on CUDA for half-precision inputs."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(a, b, out_dtype=torch.float32)
@@ -214,7 +214,7 @@ class _BidirectionalSSM(torch.autograd.Function):
         R = S.shape[-1]
         dz_flat = dz_dirs.view(-1, D)                                      # (2BL, D)
         dS = torch.mm(dz_flat, w_out.to(dz_flat.dtype)).view(2, Bsz, L, R)
-        dw_out = _mm_f32(dz_flat.t(), S.view(-1, R)) if ctx.needs_input_grad[2] else None
+        dw_out = mm_f32(dz_flat.t(), S.view(-1, R)) if ctx.needs_input_grad[2] else None
         dv_dirs, du_prev_f, du_prev_b = kernels.lim_pair_bwd(
             v, u_prev_f, u_prev_b, dS, du_mean_f, du_mean_b,
             gate.num_chunks, gate.leak, gate.threshold)
@@ -225,7 +225,7 @@ class _BidirectionalSSM(torch.autograd.Function):
             dz2.addmm_(dv, w_in_lp)                                        # dz += dv @ W_in
         else:
             torch.mm(dv, w_in_lp, out=dz2)
-        dw_in = _mm_f32(dv.t(), z.reshape(-1, D)) if ctx.needs_input_grad[1] else None
+        dw_in = mm_f32(dv.t(), z.reshape(-1, D)) if ctx.needs_input_grad[1] else None
         return (dxz, dw_in, dw_out, du_prev_f, du_prev_b, None, None, *dparams)
 
 
@@ -283,9 +283,9 @@ def _param_grads(p: SSMDirection, needs: SSMDirection, u, xdbl, ddelta, dxdbl, d
     D, rank = u.shape[-1], p.dt_proj_weight.shape[1]
     g = dict.fromkeys(SSMDirection._fields)
     if needs.x_proj_weight:  # (R_dt + 2N, D)
-        g['x_proj_weight'] = _mm_f32(dxdbl.view(-1, dxdbl.shape[-1]).t(), u.view(-1, D))
+        g['x_proj_weight'] = mm_f32(dxdbl.view(-1, dxdbl.shape[-1]).t(), u.view(-1, D))
     if needs.dt_proj_weight:  # (D, R_dt)
-        g['dt_proj_weight'] = _mm_f32(ddelta.view(-1, D).t(),
+        g['dt_proj_weight'] = mm_f32(ddelta.view(-1, D).t(),
                                       xdbl[..., :rank].reshape(-1, rank))
     if needs.dt_bias:  # added to delta inside the scan
         g['dt_bias'] = ddelta.view(-1, D).sum(0, dtype=torch.promote_types(ddelta.dtype,

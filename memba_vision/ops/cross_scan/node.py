@@ -6,10 +6,11 @@ item and direction, so even stage 1's 192 channels fill the GPU) that reads x wh
 the column-major ones walk the grid by columns (``rows=H``), so there are no stacked, flipped
 or transposed copies, and the bf16 inputs are not copied to fp32 (the states, the four outputs
 and their sum are fp32, as in the official v0 scan). x_proj of all four directions is one
-matrix product, dt_proj one batched product. x's gradient is kept per direction in fp32 and
-summed. The SSM parameters get gradients when they require them (full fine-tuning): A's and D's
-from the backward kernel (per batch item, then summed), x_proj's, dt_proj's and the delta
-bias's from ddelta, dB and dC with matrix products.
+matrix product, dt_proj one product per direction on the strided slices (no permuted copies).
+x's gradient is kept per direction in fp32 and summed. The SSM parameters get gradients when
+they require them (full fine-tuning): A's and D's from the backward kernel (per batch item,
+then summed), x_proj's, dt_proj's and the delta bias's from ddelta, dB and dC with matrix
+products.
 
 ``kernels`` is the extension (``memba_vision._scan_cuda``) or a stand-in with the same
 functions (the tests' CPU reference).
@@ -19,7 +20,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ..bidirectional_ssm.node import D_STATE, scan_extension
+from ..bidirectional_ssm.node import D_STATE, mm_f32, scan_extension
 from ..dispatch import ENV, cuda_unavailable, reference_forced
 
 __all__ = ['cross_scan_fused', 'cross_scan_fused_reason']
@@ -35,10 +36,14 @@ def _rows(H: int):
     return [0, H, 0, H]
 
 
-def _split(x_dbl: Tensor, dt_projs_weight: Tensor, R: int, N: int):
-    """x_dbl (B, L, 4, R + 2N) -> delta (B, L, 4, D) and the B, C views (B, L, 4, N)."""
-    delta = torch.einsum('blkr,kdr->blkd', x_dbl[..., :R], dt_projs_weight.to(x_dbl.dtype))
-    return delta.contiguous(), x_dbl[..., R:R + N], x_dbl[..., R + N:]
+def _per_direction_mm(a: Tensor, w: Tensor, out: Tensor) -> Tensor:
+    """out[:, :, k] = a[:, :, k] @ w[k] for each direction k: a (B, L, K, m), w (K, m, n), out
+    (B, L, K, n). One product per direction reading and writing the strided slices in place,
+    with no permuted copies."""
+    B, L, K, m = a.shape
+    for k in range(K):
+        torch.mm(a[:, :, k].reshape(B * L, m), w[k], out=out[:, :, k].view(B * L, -1))
+    return out
 
 
 class _CrossScan(torch.autograd.Function):
@@ -50,7 +55,9 @@ class _CrossScan(torch.autograd.Function):
         R, N = dt_projs_weight.shape[2], A.shape[-1]
         w_all = x_proj_weight.to(x.dtype).reshape(-1, D)                # (4 (R + 2N), D)
         x_dbl = (x @ w_all.t()).view(B, L, K_DIRECTIONS, R + 2 * N)
-        delta, Bm, Cm = _split(x_dbl, dt_projs_weight, R, N)
+        delta = _per_direction_mm(x_dbl[..., :R], dt_projs_weight.to(x.dtype).transpose(1, 2),
+                                  x.new_empty(B, L, K_DIRECTIONS, D))          # (B, L, 4, D)
+        Bm, Cm = x_dbl[..., R:R + N], x_dbl[..., R + N:]
         acc = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 for fp64 tests)
         y4 = torch.empty(B, L, K_DIRECTIONS, D, device=x.device, dtype=acc)
         kernels.scan_dirs_fwd(x, delta, A, Bm, Cm, Ds, dt_projs_bias, True, REVERSE, _rows(H),
@@ -75,9 +82,10 @@ class _CrossScan(torch.autograd.Function):
         _, ddelta, _, _ = ctx.kernels.scan_dirs_bwd(
             x, delta, A, Bm, Cm, Ds, dt_projs_bias, dy.to(x.dtype).contiguous(), True, REVERSE,
             _rows(ctx.H), du_out=du, dBC_out=d_dbl[..., R:], dA_out=dA, dD_out=dDs)
-        d_dbl[..., :R] = torch.einsum('blkd,kdr->blkr', ddelta, dt_projs_weight.to(x.dtype))
+        _per_direction_mm(ddelta, dt_projs_weight.to(x.dtype), d_dbl[..., :R])
         w_all = x_proj_weight.to(x.dtype).reshape(-1, D)
-        dx = du.sum(2) + (d_dbl.view(B, L, -1) @ w_all).to(acc)
+        dx = du.sum(2)
+        dx.view(B * L, D).add_(mm_f32(d_dbl.view(B * L, -1), w_all))
         dw_x = dw_dt = d_bias = None
         if needs[2]:  # (4, R + 2N, D)
             dw_x = torch.einsum('blkc,bld->kcd', d_dbl, x).to(x_proj_weight.dtype)

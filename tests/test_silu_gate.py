@@ -6,7 +6,8 @@ import torch
 
 from conftest import requires_cuda
 from memba_vision.ops import MembaGateParams, silu_gate, silu_gate_reference
-from memba_vision.ops.silu_gate import silu_gate_lim_fused, silu_gate_lim_per_op
+from memba_vision.ops.silu_gate import (silu_gate_lim_backend, silu_gate_lim_fused,
+                                        silu_gate_lim_per_op)
 from scan_ext_reference import ReferenceScanKernels
 
 
@@ -101,17 +102,20 @@ def lim_inputs(B=2, L=11, D=12, R=3, T=3, membrane=True, dtype=torch.float64, de
                 w_out=rnd(D, 2 * R), membrane=prev)
 
 
-def lim_grads(fn, inp, gate, **kw):
-    """fn's output, membranes and the gradients of every input (the membranes reach the loss)."""
+def lim_grads(fn, inp, gate, only_membranes=False, **kw):
+    """fn's output, membranes and the gradients of every input (the membranes reach the loss;
+    with ``only_membranes`` the product does not)."""
     leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items() if k != 'membrane'}
     prev = None if inp['membrane'] is None else \
         tuple(m.detach().clone().requires_grad_() for m in inp['membrane'])
     out, mem = fn(leaves['y'], leaves['z'], leaves['w_in'], leaves['w_out'], gate, prev, **kw)
     g = torch.Generator().manual_seed(1)
     cot = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in (out, *mem)]
-    loss = sum((t * c).sum() for t, c in zip((out, *mem), cot))
+    loss = sum((t * c).sum() for t, c in zip((out, *mem), cot) if t is not out or
+               not only_membranes)
     keys = list(leaves) + ([] if prev is None else ['u_prev_f', 'u_prev_b'])
-    grads = torch.autograd.grad(loss, list(leaves.values()) + list(prev or ()))
+    grads = torch.autograd.grad(loss, list(leaves.values()) + list(prev or ()),
+                                allow_unused=True, materialize_grads=True)
     return [out.detach(), *(m.detach() for m in mem)], dict(zip(keys, grads))
 
 
@@ -131,6 +135,25 @@ def test_fused_memba_gate_equals_the_per_op_path(residual, membrane):
         assert g_want[k].abs().max() > 0, k
         assert torch.allclose(g_got[k], g_want[k], rtol=1e-10, atol=1e-12), k
     assert fired < 1
+
+
+def test_fused_memba_gate_when_only_the_membranes_reach_the_loss():
+    gate = MembaGateParams(3, 0.5, 1.0, True)
+    inp = lim_inputs()
+    _, g_got = lim_grads(silu_gate_lim_fused, inp, gate, True, kernels=ReferenceScanKernels)
+    _, g_want = lim_grads(silu_gate_lim_per_op, inp, gate, True)
+    assert g_want['z'].abs().max() > 0 and g_want['y'].abs().max() == 0
+    for k in g_want:
+        assert torch.allclose(g_got[k], g_want[k], rtol=1e-10, atol=1e-12), k
+
+
+def test_memba_gate_runs_per_op_where_the_lim_pair_cannot():
+    z = torch.zeros(2, 80, 4)
+    assert silu_gate_lim_backend(z, MembaGateParams(64, 0.5, 1.0, True),
+                                 ReferenceScanKernels) == 'fused'
+    assert silu_gate_lim_backend(z, MembaGateParams(65, 0.5, 1.0, True),
+                                 ReferenceScanKernels) == 'per-op'
+    assert silu_gate_lim_backend(z, MembaGateParams(3, 0.5, 1.0, True)) == 'per-op'  # CPU
 
 
 @requires_cuda

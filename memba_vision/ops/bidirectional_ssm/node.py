@@ -40,10 +40,12 @@ from ..conv import causal_conv1d_tokens
 from ..dispatch import ENV, cuda_unavailable, extension, reference_forced
 
 __all__ = ['SSMDirection', 'MembaGateParams', 'bidirectional_ssm', 'bidirectional_ssm_reason',
-           'scan_extension', 'mm_f32', 'D_STATE', 'GATE_RANK', 'CONV_WIDTH']
+           'scan_extension', 'mm_f32', 'D_STATE', 'GATE_RANK', 'CONV_WIDTH',
+           'LIM_PAIR_MAX_CHUNKS']
 
 D_STATE = 16     # the kernels' state size (N)
 GATE_RANK = 16   # rank of the fused gate correction
+LIM_PAIR_MAX_CHUNKS = 64  # the LIM pair keeps a walk's reset decisions in 64 bits
 CONV_WIDTH = 4   # conv kernel width
 
 
@@ -332,8 +334,8 @@ def bidirectional_ssm_reason(xz: Tensor, dirs: Tuple[SSMDirection, ...],
         w_in, w_out = gate_weights
         if w_out.shape[1] != GATE_RANK:
             return f'gate rank {w_out.shape[1]} != {GATE_RANK}'
-        if not 1 <= gate.num_chunks <= 64:
-            return f'gate num_chunks {gate.num_chunks} > 64'
+        if not 1 <= gate.num_chunks <= LIM_PAIR_MAX_CHUNKS:
+            return f'gate num_chunks {gate.num_chunks} > {LIM_PAIR_MAX_CHUNKS}'
     return ''
 
 

@@ -16,10 +16,10 @@ from torch import Tensor
 from ..bidirectional_ssm.node import MembaGateParams
 from ..dispatch import choose
 from ..lim import lim
-from .gate import silu_gate, silu_gate_grads, silu_gate_reference
+from .gate import silu_gate, silu_gate_reference
 from .lim_node import silu_gate_lim_fused, silu_gate_lim_fused_reason
 
-__all__ = ['silu_gate', 'silu_gate_reference', 'silu_gate_grads', 'silu_gate_lim',
+__all__ = ['silu_gate', 'silu_gate_reference', 'silu_gate_lim',
            'silu_gate_lim_per_op', 'silu_gate_lim_fused', 'silu_gate_lim_backend']
 
 Membrane = Optional[Tuple[Optional[Tensor], Optional[Tensor]]]

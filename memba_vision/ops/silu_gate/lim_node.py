@@ -16,13 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..bidirectional_ssm.node import MembaGateParams, mm_f32, scan_extension
+from ..bidirectional_ssm.node import (LIM_PAIR_MAX_CHUNKS, MembaGateParams, mm_f32,
+                                      scan_extension)
 from ..dispatch import ENV, cuda_unavailable, reference_forced
 from .gate import silu_gate_grads
 
 __all__ = ['silu_gate_lim_fused', 'silu_gate_lim_fused_reason']
-
-MAX_CHUNKS = 64  # the LIM pair kernels keep the reset decisions of a walk in 64 bits
 
 
 def _gate_input(zf: Tensor, spikes: Tensor, w_half: Tensor, residual: bool) -> Tensor:
@@ -90,8 +89,8 @@ def silu_gate_lim_fused_reason(z: Tensor, gate: MembaGateParams, kernels=None) -
             return reason
     if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f'dtype {z.dtype}'
-    if not 1 <= gate.num_chunks <= min(MAX_CHUNKS, z.shape[1]):
-        return f'gate num_chunks {gate.num_chunks} not in [1, min({MAX_CHUNKS}, L)]'
+    if not 1 <= gate.num_chunks <= LIM_PAIR_MAX_CHUNKS:
+        return f'gate num_chunks {gate.num_chunks} > {LIM_PAIR_MAX_CHUNKS}'
     return ''
 
 

@@ -40,7 +40,7 @@ from ..conv import causal_conv1d_tokens
 from ..dispatch import ENV, cuda_unavailable, extension, reference_forced
 
 __all__ = ['SSMDirection', 'MembaGateParams', 'bidirectional_ssm', 'bidirectional_ssm_reason',
-           'scan_extension', 'mm_f32', 'D_STATE', 'GATE_RANK', 'CONV_WIDTH',
+           'scan_extension', 'scan_kernels_reason', 'mm_f32', 'D_STATE', 'GATE_RANK', 'CONV_WIDTH',
            'LIM_PAIR_MAX_CHUNKS']
 
 D_STATE = 16     # the kernels' state size (N)
@@ -52,6 +52,22 @@ CONV_WIDTH = 4   # conv kernel width
 def scan_extension():
     """(``memba_vision._scan_cuda``, '') or (None, why it cannot be imported)."""
     return extension('memba_vision._scan_cuda')
+
+
+def scan_kernels_reason(t: Tensor, kernels=None) -> str:
+    """'' when the extension's kernels can take tensors like ``t``, else why not:
+    ``MEMBA_BACKEND=reference``, no usable extension for ``t``, or a dtype they lack. A
+    stand-in ``kernels`` object (the tests' CPU reference) takes any tensor."""
+    if reference_forced():
+        return f'{ENV}=reference'
+    if kernels is not None:
+        return ''
+    reason = cuda_unavailable(t, scan_extension)
+    if reason:
+        return reason
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f'dtype {t.dtype}'
+    return ''
 
 
 class SSMDirection(NamedTuple):
@@ -313,18 +329,11 @@ def _conv_grads(p: SSMDirection, needs: SSMDirection, x, du, reverse: bool) -> d
 def bidirectional_ssm_reason(xz: Tensor, dirs: Tuple[SSMDirection, ...],
                              gate_weights: Optional[Tuple[Tensor, Tensor]],
                              gate: Optional[MembaGateParams], kernels=None) -> str:
-    """'' when ``bidirectional_ssm`` can run on these inputs with the CUDA kernels, else why not.
-
-    ``MEMBA_BACKEND=reference`` turns it off. With a stand-in ``kernels`` object the
-    extension's availability is not checked.
-    """
-    if reference_forced():
-        return f'{ENV}=reference'
-    reason = cuda_unavailable(xz, scan_extension) if kernels is None else ''
+    """'' when ``bidirectional_ssm`` can run on these inputs with the CUDA kernels, else why not
+    (see ``scan_kernels_reason``)."""
+    reason = scan_kernels_reason(xz, kernels)
     if reason:
         return reason
-    if kernels is None and xz.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f'dtype {xz.dtype}'
     if len(dirs) != 2:
         return f'{len(dirs)} directions'
     for p in dirs:

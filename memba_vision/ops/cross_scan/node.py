@@ -20,8 +20,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ..bidirectional_ssm.node import D_STATE, mm_f32, scan_extension
-from ..dispatch import ENV, cuda_unavailable, reference_forced
+from ..bidirectional_ssm.node import D_STATE, mm_f32, scan_extension, scan_kernels_reason
 
 __all__ = ['cross_scan_fused', 'cross_scan_fused_reason']
 
@@ -99,14 +98,9 @@ class _CrossScan(torch.autograd.Function):
 
 def cross_scan_fused_reason(x: Tensor, params: Tuple[Tensor, ...], kernels=None) -> str:
     """'' when ``cross_scan_fused`` can run on these inputs, else why not."""
-    if reference_forced():
-        return f'{ENV}=reference'
-    if kernels is None:
-        reason = cuda_unavailable(x, scan_extension)
-        if reason:
-            return reason
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f'dtype {x.dtype}'
+    reason = scan_kernels_reason(x, kernels)
+    if reason:
+        return reason
     A = params[3]
     if A.shape[1] != D_STATE:
         return f'd_state {A.shape[1]} != {D_STATE}'

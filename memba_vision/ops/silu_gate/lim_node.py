@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..bidirectional_ssm.node import (LIM_PAIR_MAX_CHUNKS, MembaGateParams, mm_f32,
-                                      scan_extension)
-from ..dispatch import ENV, cuda_unavailable, reference_forced
+                                      scan_extension, scan_kernels_reason)
 from .gate import silu_gate_grads
 
 __all__ = ['silu_gate_lim_fused', 'silu_gate_lim_fused_reason']
@@ -81,14 +80,9 @@ class _SiluGateLIM(torch.autograd.Function):
 
 def silu_gate_lim_fused_reason(z: Tensor, gate: MembaGateParams, kernels=None) -> str:
     """'' when ``silu_gate_lim_fused`` can run on these inputs, else why not."""
-    if reference_forced():
-        return f'{ENV}=reference'
-    if kernels is None:
-        reason = cuda_unavailable(z, scan_extension)
-        if reason:
-            return reason
-    if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f'dtype {z.dtype}'
+    reason = scan_kernels_reason(z, kernels)
+    if reason:
+        return reason
     if not 1 <= gate.num_chunks <= LIM_PAIR_MAX_CHUNKS:
         return f'gate num_chunks {gate.num_chunks} > {LIM_PAIR_MAX_CHUNKS}'
     return ''

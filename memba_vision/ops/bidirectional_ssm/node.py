@@ -304,7 +304,7 @@ def _param_grads(p: SSMDirection, needs: SSMDirection, u, xdbl, ddelta, dxdbl, d
         g['x_proj_weight'] = mm_f32(dxdbl.view(-1, dxdbl.shape[-1]).t(), u.view(-1, D))
     if needs.dt_proj_weight:  # (D, R_dt)
         g['dt_proj_weight'] = mm_f32(ddelta.view(-1, D).t(),
-                                      xdbl[..., :rank].reshape(-1, rank))
+                                     xdbl[..., :rank].reshape(-1, rank))
     if needs.dt_bias:  # added to delta inside the scan
         g['dt_bias'] = ddelta.view(-1, D).sum(0, dtype=torch.promote_types(ddelta.dtype,
                                                                            torch.float32))

@@ -1,11 +1,10 @@
-"""VMamba's Memba gate as one autograd node on the extension's LIM pair (``fused``).
+"""VMamba's Memba gate input z' as one autograd node on the extension's LIM pair (``fused``).
 
 Forward: v = z W_in^T for both directions in one product (B, L, 2, R); both LIMs in one
 ``lim_pair_fwd`` launch on that layout, the reversed direction walking from the last token
-(nothing is flipped); z' = z + S (0.5 W_out)^T in one ``addmm``; y * silu(z'). Saved: y, z,
-v and the spikes (z' and silu(z') are recomputed). Backward: the gate's elementwise gradient,
-dS = dz' (0.5 W_out), one ``lim_pair_bwd`` launch, dz = dz' + dv W_in in one ``addmm`` and one
-product per weight.
+(nothing is flipped); z' = z + S (0.5 W_out)^T in one ``addmm``. Saved: z, v and the spikes.
+Backward: dS = dz' (0.5 W_out), one ``lim_pair_bwd`` launch, dz = dz' + dv W_in in one
+``addmm`` and one product per weight.
 
 ``kernels`` is the extension (``memba_vision._scan_cuda``) or a stand-in with the same
 functions (the tests' CPU reference).
@@ -13,29 +12,20 @@ functions (the tests' CPU reference).
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..bidirectional_ssm.node import (LIM_PAIR_MAX_CHUNKS, MembaGateParams, mm_f32,
                                       scan_extension, scan_kernels_reason)
-from .gate import silu_gate_grads
 
-__all__ = ['silu_gate_lim_fused', 'silu_gate_lim_fused_reason']
-
-
-def _gate_input(zf: Tensor, spikes: Tensor, w_half: Tensor, residual: bool) -> Tensor:
-    """z' (BL, D) = z + S (0.5 W_out)^T, or S (0.5 W_out)^T; spikes (BL, 2R)."""
-    if residual:
-        return torch.addmm(zf, spikes, w_half.t())
-    return torch.mm(spikes, w_half.t())
+__all__ = ['memba_gate_input_fused', 'memba_gate_input_fused_reason']
 
 
-class _SiluGateLIM(torch.autograd.Function):
+class _MembaGateInput(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, y, z, w_in, w_out, u_prev_f, u_prev_b, gate, kernels):
+    def forward(ctx, z, w_in, w_out, u_prev_f, u_prev_b, gate, kernels):
         ctx.set_materialize_grads(False)
-        with torch.autocast(y.device.type, enabled=False):  # dtypes are chosen here
+        with torch.autocast(z.device.type, enabled=False):  # dtypes are chosen here
             B, L, D = z.shape
             R = w_in.shape[0] // 2
             zf = z.reshape(-1, D)
@@ -43,27 +33,25 @@ class _SiluGateLIM(torch.autograd.Function):
             v = torch.mm(zf, w_in_lp.t()).view(B, L, 2, R)
             S, u_mean = kernels.lim_pair_fwd(v, u_prev_f, u_prev_b, gate.num_chunks, gate.leak,
                                              gate.threshold)                  # (B, L, 2, R)
-            zp = _gate_input(zf, S.view(-1, 2 * R), w_half, gate.residual)
-            out = y * F.silu(zp.view(B, L, D))
-        ctx.save_for_backward(y, z, w_in_lp, w_half, v, S, u_prev_f, u_prev_b)
+            Sf = S.view(-1, 2 * R)
+            zp = torch.addmm(zf, Sf, w_half.t()) if gate.residual else torch.mm(Sf, w_half.t())
+        ctx.save_for_backward(z, w_in_lp, w_half, v, S, u_prev_f, u_prev_b)
         ctx.gate, ctx.kernels, ctx.dtypes = gate, kernels, (w_in.dtype, w_out.dtype)
-        return out, u_mean[0], u_mean[1]
+        return zp.view(B, L, D), u_mean[0], u_mean[1]
 
     @staticmethod
-    def backward(ctx, grad, du_mean_f, du_mean_b):
-        y, z, w_in_lp, w_half, v, S, u_prev_f, u_prev_b = ctx.saved_tensors
+    def backward(ctx, dzp, du_mean_f, du_mean_b):
+        z, w_in_lp, w_half, v, S, u_prev_f, u_prev_b = ctx.saved_tensors
         gate, needs = ctx.gate, ctx.needs_input_grad
         B, L, D = z.shape
         R2 = w_in_lp.shape[0]
         with torch.autocast(z.device.type, enabled=False):
             zf, Sf = z.reshape(-1, D), S.view(-1, R2)
-            if grad is None:  # only the membranes reach the loss
-                grad = torch.zeros_like(y, dtype=torch.promote_types(y.dtype, z.dtype))
-            zp = _gate_input(zf, Sf, w_half, gate.residual).view(B, L, D)
-            dy, dzp = silu_gate_grads(grad, y, zp, needs[0])
-            dzp = dzp.to(z.dtype).view(-1, D)                                 # (BL, D)
+            if dzp is None:  # only the membranes reach the loss
+                dzp = torch.zeros_like(zf)
+            dzp = dzp.reshape(-1, D).to(z.dtype)                              # (BL, D)
             dS = torch.mm(dzp, w_half).view(S.shape)
-            dw_out = (0.5 * mm_f32(dzp.t(), Sf)).to(ctx.dtypes[1]) if needs[3] else None
+            dw_out = (0.5 * mm_f32(dzp.t(), Sf)).to(ctx.dtypes[1]) if needs[2] else None
             du_mean_f, du_mean_b = (None if g is None else g.contiguous()
                                     for g in (du_mean_f, du_mean_b))
             dv, du_prev_f, du_prev_b = ctx.kernels.lim_pair_bwd(
@@ -71,15 +59,15 @@ class _SiluGateLIM(torch.autograd.Function):
                 gate.threshold)
             dvf = dv.view(-1, R2)
             dz = None
-            if needs[1]:
+            if needs[0]:
                 dz = torch.addmm(dzp, dvf, w_in_lp) if gate.residual else torch.mm(dvf, w_in_lp)
                 dz = dz.view(B, L, D)
-            dw_in = mm_f32(dvf.t(), zf).to(ctx.dtypes[0]) if needs[2] else None
-        return dy, dz, dw_in, dw_out, du_prev_f, du_prev_b, None, None
+            dw_in = mm_f32(dvf.t(), zf).to(ctx.dtypes[0]) if needs[1] else None
+        return dz, dw_in, dw_out, du_prev_f, du_prev_b, None, None
 
 
-def silu_gate_lim_fused_reason(z: Tensor, gate: MembaGateParams, kernels=None) -> str:
-    """'' when ``silu_gate_lim_fused`` can run on these inputs, else why not."""
+def memba_gate_input_fused_reason(z: Tensor, gate: MembaGateParams, kernels=None) -> str:
+    """'' when ``memba_gate_input_fused`` can run on these inputs, else why not."""
     reason = scan_kernels_reason(z, kernels)
     if reason:
         return reason
@@ -88,12 +76,11 @@ def silu_gate_lim_fused_reason(z: Tensor, gate: MembaGateParams, kernels=None) -
     return ''
 
 
-def silu_gate_lim_fused(y: Tensor, z: Tensor, w_in: Tensor, w_out: Tensor,
-                        gate: MembaGateParams,
-                        membrane: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None,
-                        kernels=None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-    """See ``silu_gate_lim``; the caller checks ``silu_gate_lim_fused_reason`` first."""
+def memba_gate_input_fused(z: Tensor, w_in: Tensor, w_out: Tensor, gate: MembaGateParams,
+                           membrane: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None,
+                           kernels=None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """See ``memba_gate_input``; the caller checks ``memba_gate_input_fused_reason`` first."""
     kernels = kernels if kernels is not None else scan_extension()[0]
     u_prev_f, u_prev_b = membrane if membrane is not None else (None, None)
-    out, m_f, m_b = _SiluGateLIM.apply(y, z, w_in, w_out, u_prev_f, u_prev_b, gate, kernels)
-    return out, (m_f, m_b)
+    zp, m_f, m_b = _MembaGateInput.apply(z, w_in, w_out, u_prev_f, u_prev_b, gate, kernels)
+    return zp, (m_f, m_b)

@@ -1,16 +1,16 @@
-"""ops.silu_gate, VMamba's output gate and Memba's gate input: ``silu_gate`` against the plain
-expression (same values and gradients, less kept for the backward); ``norm_silu_gate``'s and
-``memba_gate_input``'s fused nodes against their per-op paths (on the CPU with the extension's
-PyTorch stand-in, on a GPU with the kernels against an fp64 run)."""
+"""ops.silu_gate, VMamba's output gate: ``silu_gate`` against the plain expression (same values
+and gradients, less kept for the backward); ``norm_silu_gate``'s and ``memba_norm_silu_gate``'s
+fused nodes against their per-op paths (on the CPU with the extension's PyTorch stand-in, on a
+GPU with the kernels against an fp64 run)."""
 import pytest
 import torch
 
 from conftest import requires_cuda
 from memba_vision.ops import MembaGateParams, silu_gate, silu_gate_reference
-from memba_vision.ops.silu_gate import (memba_gate_input_backend, memba_gate_input_fused,
-                                        memba_gate_input_per_op, norm_silu_gate,
-                                        norm_silu_gate_backend, norm_silu_gate_fused,
-                                        norm_silu_gate_per_op)
+from memba_vision.ops.silu_gate import (memba_norm_silu_gate_backend,
+                                        memba_norm_silu_gate_fused, memba_norm_silu_gate_per_op,
+                                        norm_silu_gate, norm_silu_gate_backend,
+                                        norm_silu_gate_fused, norm_silu_gate_per_op)
 from scan_ext_reference import ReferenceScanKernels
 
 
@@ -22,7 +22,7 @@ def gate_grads(fn, y, z, cot_seed=1):
     y, z = (t.detach().clone().requires_grad_() for t in (y, z))
     out = fn(y, z)
     cot = torch.randn(out.shape, generator=torch.Generator().manual_seed(cot_seed),
-                      dtype=torch.float64).to(out.dtype)
+                      dtype=torch.float64).to(out)
     return (out.detach(), *torch.autograd.grad(out, [y, z], cot))
 
 
@@ -111,6 +111,15 @@ def test_norm_gate_runs_per_op_where_the_kernels_cannot():
     assert norm_silu_gate_backend(y, z, w.clone().requires_grad_(), b, ref) == 'per-op'
 
 
+def test_fused_norm_gate_keeps_two_numbers_per_token_for_the_backward():
+    """Beyond its inputs (y is the merged scan, z a half of in_proj's output: both live on
+    anyway) and the norm's weight and bias: the mean and 1 / std of each token."""
+    y, z, w, b = norm_inputs(B=2, L=9, D=12)
+    kept = new_saved_bytes(lambda y, z: norm_silu_gate_fused(y, z, w, b, 1e-5,
+                                                             kernels=ReferenceScanKernels), y, z)
+    assert kept == 8 * (2 * 2 * 9) + 8 * 2 * 12
+
+
 @requires_cuda
 @pytest.mark.parametrize('D', [12, 192, 768, 1536, 2048])
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
@@ -134,23 +143,29 @@ def test_fused_norm_gate_on_gpu(D, dtype):
 
 def lim_inputs(B=2, L=11, D=12, R=3, T=3, membrane=True, dtype=torch.float64, device='cpu',
                seed=0):
-    """z, W_in (2R, D), W_out (D, 2R) and the membranes (L = 11, T = 3: a trimmed tail);
-    scaled so that some membranes fire and some do not."""
-    g = torch.Generator().manual_seed(seed)
+    """y, z (the strided half of a wider tensor), the norm, W_in (2R, D), W_out (D, 2R) and
+    the membranes (L = 11, T = 3: a trimmed tail); scaled so that some membranes fire and
+    some do not. y is fp32 when the rest is half precision (as under autocast)."""
+    y, z, w, b = norm_inputs(B, L, D, torch.promote_types(dtype, torch.float32), dtype, device,
+                             seed)
+    g = torch.Generator().manual_seed(seed + 1)
 
     def r(*shape, scale=1.0):
         return rnd(g, *shape, scale=scale, dtype=dtype, device=device)
     prev = (r(B, L // T, R), r(B, L // T, R)) if membrane else None
-    return dict(z=r(B, L, D), w_in=r(2 * R, D, scale=0.6), w_out=r(D, 2 * R), membrane=prev)
+    return dict(y=y, z=z, w_in=r(2 * R, D, scale=0.6), w_out=r(D, 2 * R), norm=(w, b),
+                membrane=prev)
 
 
 def lim_grads(fn, inp, gate, only_membranes=False, **kw):
-    """fn's z', membranes and the gradients of every input (the membranes reach the loss;
-    with ``only_membranes`` z' does not)."""
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items() if k != 'membrane'}
+    """fn's output, membranes and the gradients of every input but the (frozen) norm (the
+    membranes reach the loss; with ``only_membranes`` the output does not)."""
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in inp.items()
+              if k not in ('membrane', 'norm')}
     prev = None if inp['membrane'] is None else \
         tuple(m.detach().clone().requires_grad_() for m in inp['membrane'])
-    out, mem = fn(leaves['z'], leaves['w_in'], leaves['w_out'], gate, prev, **kw)
+    out, mem = fn(leaves['y'], leaves['z'], *inp['norm'], 1e-5, leaves['w_in'], leaves['w_out'],
+                  gate, prev, **kw)
     g = torch.Generator().manual_seed(1)
     cot = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t) for t in (out, *mem)]
     loss = sum((t * c).sum() for t, c in zip((out, *mem), cot) if t is not out or
@@ -163,12 +178,13 @@ def lim_grads(fn, inp, gate, only_membranes=False, **kw):
 
 @pytest.mark.parametrize('residual', [True, False])
 @pytest.mark.parametrize('membrane', [True, False])
-def test_fused_memba_gate_input_equals_the_per_op_path(residual, membrane):
-    """fp64 on the CPU, the extension's LIM pair replaced by its PyTorch stand-in."""
+def test_fused_memba_gate_equals_the_per_op_path(residual, membrane):
+    """fp64 on the CPU, the extension's LIM pair and norm gate replaced by their PyTorch
+    stand-in."""
     gate = MembaGateParams(3, 0.5, 1.0, residual)
     inp = lim_inputs(membrane=membrane)
-    got, g_got = lim_grads(memba_gate_input_fused, inp, gate, kernels=ReferenceScanKernels)
-    want, g_want = lim_grads(memba_gate_input_per_op, inp, gate)
+    got, g_got = lim_grads(memba_norm_silu_gate_fused, inp, gate, kernels=ReferenceScanKernels)
+    want, g_want = lim_grads(memba_norm_silu_gate_per_op, inp, gate)
     fired = (torch.stack(want[1:]) == 0).float().mean()  # u_mean: zero where every chunk fired
     for a, b in zip(got, want):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
@@ -179,35 +195,57 @@ def test_fused_memba_gate_input_equals_the_per_op_path(residual, membrane):
     assert fired < 1
 
 
-def test_fused_memba_gate_input_when_only_the_membranes_reach_the_loss():
+def test_fused_memba_gate_when_only_the_membranes_reach_the_loss():
     gate = MembaGateParams(3, 0.5, 1.0, True)
     inp = lim_inputs()
-    _, g_got = lim_grads(memba_gate_input_fused, inp, gate, True, kernels=ReferenceScanKernels)
-    _, g_want = lim_grads(memba_gate_input_per_op, inp, gate, True)
-    assert g_want['z'].abs().max() > 0 and g_want['w_out'].abs().max() == 0
+    _, g_got = lim_grads(memba_norm_silu_gate_fused, inp, gate, True,
+                         kernels=ReferenceScanKernels)
+    _, g_want = lim_grads(memba_norm_silu_gate_per_op, inp, gate, True)
+    assert g_want['z'].abs().max() > 0 and g_want['y'].abs().max() == 0
     for k in g_want:
         assert torch.allclose(g_got[k], g_want[k], rtol=1e-10, atol=1e-12), k
 
 
-def test_memba_gate_input_runs_per_op_where_the_lim_pair_cannot():
-    z = torch.zeros(2, 80, 4)
-    assert memba_gate_input_backend(z, MembaGateParams(64, 0.5, 1.0, True),
-                                    ReferenceScanKernels) == 'fused'
-    assert memba_gate_input_backend(z, MembaGateParams(65, 0.5, 1.0, True),
-                                    ReferenceScanKernels) == 'per-op'
-    assert memba_gate_input_backend(z, MembaGateParams(3, 0.5, 1.0, True)) == 'per-op'  # CPU
+def test_memba_gate_runs_per_op_where_the_kernels_cannot():
+    y, z, w, b = norm_inputs(B=2, L=80, D=4)
+    ref = ReferenceScanKernels
+
+    def backend(chunks, kernels=ref, **kw):
+        args = dict(dict(y=y, z=z, weight=w, bias=b), **kw)
+        return memba_norm_silu_gate_backend(gate=MembaGateParams(chunks, 0.5, 1.0, True),
+                                            kernels=kernels, **args)
+    assert backend(64) == 'fused'
+    assert backend(65) == 'per-op'
+    assert backend(3, kernels=None) == 'per-op'  # CPU
+    assert backend(3, weight=w.clone().requires_grad_()) == 'per-op'
+
+
+def test_fused_memba_gate_keeps_no_gate_input_for_the_backward():
+    """z' (the size of z) is recomputed in the backward, not kept: what the node keeps
+    beyond its inputs is the LIM input, the spikes, the weights in z's dtype and the norm's
+    two numbers per token."""
+    inp = lim_inputs(B=2, L=12, D=64, R=3, T=3)
+    gate = MembaGateParams(3, 0.5, 1.0, True)
+    B, L, D, R2 = 2, 12, 64, 6
+    kept = new_saved_bytes(
+        lambda y, z, w_in, w_out: memba_norm_silu_gate_fused(
+            y, z, *inp['norm'], 1e-5, w_in, w_out, gate, kernels=ReferenceScanKernels)[0],
+        inp['y'], inp['z'], inp['w_in'], inp['w_out'])
+    small = 8 * (2 * B * L * R2 + 2 * R2 * D + 2 * B * L) + 8 * 2 * D  # v, S, weights, stats
+    assert kept <= small < B * L * D * 8
+    assert kept >= 8 * 2 * B * L * R2  # v and S at least: the count sees what is kept
 
 
 @requires_cuda
 @pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_fused_memba_gate_input_on_gpu(dtype, tol):
+def test_fused_memba_gate_on_gpu(dtype, tol):
     """The CUDA node against an fp64 CPU run of the per-op path; each result within ``tol``
     relative to its norm, and bf16 no further than the per-op path in bf16 on the GPU is."""
     gate = MembaGateParams(3, 0.5, 1.0, True)
-    ref, g_ref = lim_grads(memba_gate_input_per_op, lim_inputs(B=4, L=50, D=64, R=16), gate)
+    ref, g_ref = lim_grads(memba_norm_silu_gate_per_op, lim_inputs(B=4, L=50, D=64, R=16), gate)
     inp = lim_inputs(B=4, L=50, D=64, R=16, dtype=dtype, device='cuda')
-    got, g_got = lim_grads(memba_gate_input_fused, inp, gate)
-    per_op, g_per_op = lim_grads(memba_gate_input_per_op, inp, gate)
+    got, g_got = lim_grads(memba_norm_silu_gate_fused, inp, gate)
+    per_op, g_per_op = lim_grads(memba_norm_silu_gate_per_op, inp, gate)
 
     def rel(a, b):
         return ((a.double().cpu() - b).norm() / b.norm()).item()

@@ -9,12 +9,15 @@ autocast. Saved: y, z and the rows' mean and 1 / std. Backward: y's gradient (fp
 ``kernels`` is the extension (``memba_vision._scan_cuda``) or a stand-in with the same
 functions (the tests' CPU reference).
 """
+from typing import Optional
+
 import torch
 from torch import Tensor
 
 from ..bidirectional_ssm.node import scan_extension, scan_kernels_reason
 
-__all__ = ['norm_silu_gate_fused', 'norm_silu_gate_fused_reason', 'NORM_GATE_MAX_DIM']
+__all__ = ['norm_silu_gate_fused', 'norm_silu_gate_fused_reason', 'norm_reason',
+           'NORM_GATE_MAX_DIM']
 
 NORM_GATE_MAX_DIM = 2048  # kNormGateMaxDim of kernels/scan/scan_kernel.h
 
@@ -35,9 +38,10 @@ class _NormSiluGate(torch.autograd.Function):
         return dy, dz, None, None, None, None
 
 
-def norm_silu_gate_fused_reason(y: Tensor, z: Tensor, weight: Tensor, bias: Tensor,
-                                kernels=None) -> str:
-    """'' when ``norm_silu_gate_fused`` can run on these inputs, else why not."""
+def norm_reason(y: Tensor, z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                kernels=None) -> str:
+    """'' when the norm gate kernels can take y, the norm and a z' like ``z`` (contiguous or
+    not), else why not."""
     reason = scan_kernels_reason(z, kernels)
     if reason:
         return reason
@@ -50,6 +54,15 @@ def norm_silu_gate_fused_reason(y: Tensor, z: Tensor, weight: Tensor, bias: Tens
         return 'the LayerNorm trains'
     if y.dtype != torch.promote_types(z.dtype, torch.float32):
         return f'y is {y.dtype}, z {z.dtype}'
+    return ''
+
+
+def norm_silu_gate_fused_reason(y: Tensor, z: Tensor, weight: Optional[Tensor],
+                                bias: Optional[Tensor], kernels=None) -> str:
+    """'' when ``norm_silu_gate_fused`` can run on these inputs, else why not."""
+    reason = norm_reason(y, z, weight, bias, kernels)
+    if reason:
+        return reason
     rows_ok = z.shape[0] == 1 or z.stride(0) == z.shape[1] * z.stride(1)
     if z.stride(-1) != 1 or z.stride(1) % 4 or not rows_ok \
             or z.data_ptr() % (4 * z.element_size()):

@@ -176,3 +176,27 @@ class ReferenceScanKernels:
         if dBC_out is not None:
             dBC_out.copy_(torch.cat([dB, dC], dim=-1))
         return du, ddelta, dB, dC
+
+    @staticmethod
+    def _norm_gate(y, weight, bias, eps, z):
+        """LayerNorm(y) * silu(z) in y's precision, written out by hand (no F.layer_norm)."""
+        mean = y.mean(-1, keepdim=True)
+        rstd = ((y - mean) ** 2).mean(-1, keepdim=True).add(eps).rsqrt()
+        zw = z.to(y.dtype)
+        return ((y - mean) * rstd * weight + bias) * (zw * torch.sigmoid(zw)), mean, rstd
+
+    @staticmethod
+    def norm_gate_fwd(y, weight, bias, eps, z):
+        with torch.no_grad():
+            out, mean, rstd = ReferenceScanKernels._norm_gate(y, weight, bias, eps, z)
+        return out.to(z.dtype), mean.squeeze(-1), rstd.squeeze(-1)
+
+    @staticmethod
+    def norm_gate_bwd(y, weight, bias, z, mean, rstd, dout):
+        y_, z_ = _leaf(y), _leaf(z)
+        # the kernel takes the forward's statistics instead of eps; eps = 1 / rstd^2 - var(y)
+        eps = (rstd.double() ** -2 - y.double().var(-1, unbiased=False)).mean().item()
+        with torch.enable_grad():
+            out, _, _ = ReferenceScanKernels._norm_gate(y_, weight, bias, eps, z_)
+            dy, dz = torch.autograd.grad(out, [y_, z_], dout.to(out.dtype))
+        return dy.contiguous(), dz.to(z.dtype).contiguous()

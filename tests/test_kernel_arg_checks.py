@@ -76,6 +76,10 @@ def _cases(dev='cuda'):
                 4, 0.5, 1.0]
     v2 = rnd(B, L, 2, R)  # one input per direction
     pair2, pair2_bwd = [v2] + pair[1:], [v2] + pair_bwd[1:3] + [rnd(B, L, 2, R)] + pair_bwd[4:]
+    # ops.silu_gate's norm gate: z the half of a (B, L, 2D) in_proj output, bf16
+    zb = rnd(B, L, 2 * D, dtype=bf16)[..., D:]
+    norm = [rnd(B, L, D), rnd(D), rnd(D), 1e-5, zb]
+    norm_bwd = norm[:3] + [zb, rnd(B, L), rnd(B, L), rnd(B, L, D, dtype=bf16)]
     lim = [strided_last(B, L, R), rnd(B, l, R), 4, 0.5, 1.0]  # the op copies strided inputs
     lim_bwd = [rnd(B, L, R), rnd(B, l, R), rnd(B, L, R), rnd(B, l, R), 4, 0.5, 1.0, True,
                True]
@@ -114,6 +118,11 @@ def _cases(dev='cuda'):
              ('scan_dirs_bwd accepts bf16 + fp32 du_out', 'scan_dirs_bwd',
               kw(ext.scan_dirs_bwd, dict(dirs_bf16, dout=rnd(B, L, D, dtype=bf16),
                                          du_out=du_dirs)), None),
+             ('norm_gate_fwd accepts', 'norm_gate_fwd', lambda: ext.norm_gate_fwd(*norm), None),
+             ('norm_gate_fwd accepts fp32 z', 'norm_gate_fwd',
+              pos(ext.norm_gate_fwd, norm, 4, rnd(B, L, D)), None),
+             ('norm_gate_bwd accepts', 'norm_gate_bwd', lambda: ext.norm_gate_bwd(*norm_bwd),
+              None),
              ('lim accepts strided x', 'lim', lambda: lim_op(*lim), None),
              ('lim_backward accepts', 'lim_backward', lambda: lim_bwd_op(*lim_bwd), None)]
     bad_scan = {
@@ -219,6 +228,23 @@ def _cases(dev='cuda'):
             (5, 'grad_mean_b', strided_last(B, l, R)), (1, 'u_prev_f', rnd(B, l, R).cpu())]):
         cases.append((f'lim_pair_bwd {arg} #{i}', 'lim_pair_bwd',
                       pos(ext.lim_pair_bwd, pair_bwd, index, value), arg))
+    bad_norm = [
+        (4, 'z', rnd(B, L, D, dtype=f64)), (4, 'z', zb.cpu()), (4, 'z', strided_last(B, L, D)),
+        (4, 'z', rnd(B, L, 2 * D, dtype=bf16)[..., 1:D + 1]),      # rows not 4-aligned
+        (4, 'z', rnd(B, L + 1, D, dtype=bf16)[:, :L]),             # rows not equally spaced
+        (4, 'the channel count', rnd(B, L, 6, dtype=bf16)), (4, 'z', rnd(L, D, dtype=bf16)),
+        (0, 'y', rnd(B, L, D, dtype=bf16)), (0, 'y', rnd(B, L, 2 * D)[..., :D]),
+        (0, 'y', rnd(B, L + 1, D)), (1, 'weight', rnd(D + 1)), (1, 'weight', rnd(D, dtype=bf16)),
+        (2, 'bias', rnd(D).cpu())]
+    for i, (index, arg, value) in enumerate(bad_norm):
+        cases.append((f'norm_gate_fwd {arg} #{i}', 'norm_gate_fwd',
+                      pos(ext.norm_gate_fwd, norm, index, value), arg))
+    for i, (index, arg, value) in enumerate([(index - (index == 4), arg, value)
+                                             for index, arg, value in bad_norm[:3]] + [
+            (4, 'mean', rnd(B, L + 1)), (5, 'rstd', rnd(B, L, dtype=bf16)),
+            (6, 'dout', rnd(B, L, D)), (6, 'dout', strided_last(B, L, D, dtype=bf16))]):
+        cases.append((f'norm_gate_bwd {arg} #{i}', 'norm_gate_bwd',
+                      pos(ext.norm_gate_bwd, norm_bwd, index, value), arg))
     for i, (index, arg, value) in enumerate([
             (0, 'x', lim[0].cpu()), (0, 'x', rnd(B * L, R)), (1, 'u_prev', rnd(B, l + 1, R)),
             (1, 'u_prev', rnd(B, l, R, dtype=f64)), (1, 'u_prev', rnd(B, l, R, dtype=f64).cpu()),

@@ -99,11 +99,11 @@ def test_vmamba_membrane_flows_within_a_stage_and_restarts_per_stage(monkeypatch
     randomise_gates(model)
     calls = []  # (membrane in, membrane out) of each block's gate
 
-    def record(*args, inner=vmamba.silu_gate_lim):
+    def record(*args, inner=vmamba.memba_norm_silu_gate):
         out = inner(*args)
-        calls.append((args[5], out[1]))
+        calls.append((args[8], out[1]))
         return out
-    monkeypatch.setattr(vmamba, 'silu_gate_lim', record)
+    monkeypatch.setattr(vmamba, 'memba_norm_silu_gate', record)
     model(torch.randn(2, 3, 32, 32))
     assert len(calls) == 4                                # blocks (1, 2, 1)
     assert calls[0][0] is None and calls[1][0] is None and calls[3][0] is None  # stage starts

@@ -20,6 +20,11 @@
 //   lim_pair_fwd(x, u_prev_f, u_prev_b, num_chunks, leak, threshold) -> (out, u_mean)
 //   lim_pair_bwd(x, u_prev_f, u_prev_b, grad_out, grad_mean_f, grad_mean_b, num_chunks,
 //                leak, threshold) -> (grad_x, grad_u_prev_f or None, grad_u_prev_b or None)
+//   norm_gate_fwd(y, weight, bias, eps, z) -> (out, mean, rstd)
+//   norm_gate_bwd(y, weight, bias, z, mean, rstd, dout) -> (dy, dz)
+//       VMamba's output gate LayerNorm(y) * silu(z), y (B, L, D) fp32 contiguous, z (B, L, D)
+//       equally spaced rows (a half of in_proj's output is fine), D % 4 == 0, D <= 2048;
+//       out and dz in z's dtype, dy fp32, contiguous; mean and rstd (B, L) fp32.
 //
 // The optional outputs let a caller fuse the glue around the kernels: ``out`` /
 // ``dz_out`` / conv ``out`` may be strided (B, L, D) views (e.g. a half of a
@@ -597,6 +602,81 @@ std::tuple<at::Tensor, OptTensor, OptTensor> lim_pair_bwd(
   return {grad_x, grad_prev[0], grad_prev[1]};
 }
 
+// norm_gate inputs: z (B, L, D) (checked like u) whose rows (b, t) are equally spaced and
+// 4-element aligned; y (B, L, D) fp32 contiguous; weight and bias (D,) fp32 contiguous.
+void check_norm_gate_inputs(const char* op, const at::Tensor& y, const at::Tensor& weight,
+                            const at::Tensor& bias, const at::Tensor& z) {
+  check_leading(op, "z", z);
+  const int64_t D = z.size(2);
+  MEMBA_CHECK(D % 4 == 0 && D <= kNormGateMaxDim, op, ": the channel count must be a multiple "
+              "of 4 and at most ", kNormGateMaxDim, ", got ", D);
+  MEMBA_CHECK(z.size(0) == 1 || z.stride(0) == z.size(1) * z.stride(1), op,
+              ": z's token rows must be equally spaced, got strides ", shape_text(z.strides()));
+  MEMBA_CHECK(z.stride(1) % 4 == 0 &&
+                  reinterpret_cast<uintptr_t>(z.data_ptr()) % (4 * z.element_size()) == 0,
+              op, ": z's rows must start at multiples of 4 elements, got strides ",
+              shape_text(z.strides()));
+  check_tensor(op, "y", y, z.device(), at::kFloat, {z.size(0), z.size(1), D},
+               Strides::kContiguous);
+  check_param(op, "weight", weight, z, {D});
+  check_param(op, "bias", bias, z, {D});
+}
+
+NormGateParams make_norm_gate(const at::Tensor& y, const at::Tensor& weight,
+                              const at::Tensor& bias, double eps, const at::Tensor& z) {
+  NormGateParams p{};
+  p.rows = z.size(0) * z.size(1);
+  p.dim = static_cast<int>(z.size(2));
+  p.eps = static_cast<float>(eps);
+  p.y = y.data_ptr<float>();
+  p.weight = weight.data_ptr<float>();
+  p.bias = bias.data_ptr<float>();
+  p.z = z.data_ptr();
+  p.z_sr = z.stride(1);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_gate_fwd(
+    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias, double eps,
+    const at::Tensor& z) {
+  check_norm_gate_inputs("memba_vision norm_gate_fwd", y, weight, bias, z);
+  NormGateParams p = make_norm_gate(y, weight, bias, eps, z);
+  const c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor out = at::empty(z.sizes(), z.options());
+  at::Tensor mean = at::empty({z.size(0), z.size(1)}, y.options());
+  at::Tensor rstd = at::empty({z.size(0), z.size(1)}, y.options());
+  p.out = out.data_ptr();
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  check_cuda(norm_gate_forward(p, dtype_of(z), at::cuda::getCurrentCUDAStream()),
+             "norm_gate_fwd");
+  return {out, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> norm_gate_bwd(
+    const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& z,
+    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& dout) {
+  const char* op = "memba_vision norm_gate_bwd";
+  check_norm_gate_inputs(op, y, weight, bias, z);
+  check_tensor(op, "mean", mean, z.device(), at::kFloat, {z.size(0), z.size(1)},
+               Strides::kContiguous);
+  check_tensor(op, "rstd", rstd, z.device(), at::kFloat, {z.size(0), z.size(1)},
+               Strides::kContiguous);
+  check_tensor(op, "dout", dout, z.device(), z.scalar_type(), z.sizes(), Strides::kContiguous);
+  NormGateParams p = make_norm_gate(y, weight, bias, 0.0, z);
+  const c10::cuda::CUDAGuard guard(z.device());
+  at::Tensor dy = at::empty(z.sizes(), y.options());
+  at::Tensor dz = at::empty(z.sizes(), z.options());
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  p.dy = dy.data_ptr<float>();
+  p.dz = dz.data_ptr();
+  check_cuda(norm_gate_backward(p, dtype_of(z), at::cuda::getCurrentCUDAStream()),
+             "norm_gate_bwd");
+  return {dy, dz};
+}
+
 }  // namespace
 }  // namespace memba_scan
 
@@ -642,4 +722,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("silu"), py::arg("out") = py::none(), py::arg("accumulate") = false);
   m.def("lim_pair_fwd", &memba_scan::lim_pair_fwd, "LIM of both scan directions, forward");
   m.def("lim_pair_bwd", &memba_scan::lim_pair_bwd, "LIM of both scan directions, backward");
+  m.def("norm_gate_fwd", &memba_scan::norm_gate_fwd, "LayerNorm(y) * silu(z), forward",
+        py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("z"));
+  m.def("norm_gate_bwd", &memba_scan::norm_gate_bwd, "LayerNorm(y) * silu(z), backward",
+        py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("z"), py::arg("mean"),
+        py::arg("rstd"), py::arg("dout"));
 }

@@ -121,4 +121,30 @@ constexpr int kLimPairMaxChunks = 64;
 cudaError_t lim_pair_forward(const LimPairParams& p, DType dtype, cudaStream_t stream);
 cudaError_t lim_pair_backward(const LimPairParams& p, DType dtype, cudaStream_t stream);
 
+// VMamba's output gate, out = LayerNorm(y) * silu(z) over the D channels of each token row,
+// in one pass (norm_gate_kernel.cu). y (rows, D) fp32 contiguous (the merged cross scan);
+// z (rows, D) in the storage dtype with row stride z_sr (e.g. the z half of in_proj's output);
+// LayerNorm weight and bias (D,) fp32. Forward: out (rows, D) in z's dtype, and the rows'
+// mean and 1 / std (rows,) fp32 for the backward. Backward, from dout (rows, D) in z's
+// dtype: dy (rows, D) fp32, like y, and dz (rows, D) in z's dtype (the weight and bias get
+// no gradient here).
+// D is a multiple of 4 and at most kNormGateMaxDim; z's rows are 4-element aligned.
+struct NormGateParams {
+  int64_t rows;
+  int dim;
+  float eps;
+  const float *y, *weight, *bias;
+  const void* z;
+  int64_t z_sr;
+  void* out;          // forward
+  float *mean, *rstd;  // written by the forward, read by the backward
+  const void* dout;   // backward
+  float* dy;          // backward, contiguous
+  void* dz;           // backward, contiguous
+};
+constexpr int kNormGateMaxDim = 2048;
+
+cudaError_t norm_gate_forward(const NormGateParams& p, DType dtype, cudaStream_t stream);
+cudaError_t norm_gate_backward(const NormGateParams& p, DType dtype, cudaStream_t stream);
+
 }  // namespace memba_scan

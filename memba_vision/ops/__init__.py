@@ -7,13 +7,13 @@ from .cross_scan import cross_scan
 from .dispatch import reset_backend_log
 from .lim import lim, lim_backend, lim_reference
 from .scan import scan_backend, selective_scan, selective_scan_reference, selective_scan_tokens
-from .silu_gate import silu_gate, silu_gate_lim, silu_gate_reference
+from .silu_gate import memba_norm_silu_gate, norm_silu_gate, silu_gate, silu_gate_reference
 
 __all__ = [
     'selective_scan', 'selective_scan_reference', 'selective_scan_tokens', 'scan_backend',
     'causal_conv1d_reference', 'causal_conv1d_tokens', 'cross_scan',
     'lim', 'lim_reference', 'lim_backend',
     'bidirectional_ssm', 'SSMDirection', 'MembaGateParams', 'silu_gate', 'silu_gate_reference',
-    'silu_gate_lim',
+    'norm_silu_gate', 'memba_norm_silu_gate',
     'reset_backend_log',
 ]

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ...ops.cross_scan import cross_scan
 from ...ops.bidirectional_ssm import MembaGateParams
-from ...ops.silu_gate import silu_gate, silu_gate_lim
+from ...ops.silu_gate import memba_norm_silu_gate, norm_silu_gate
 from ..peft import (PEFTConfig, build_gate, check_supported, freeze_all_but_peft, parse_peft,
                     wrap_embed, wrap_in_proj, wrap_out_proj)
 from .base import MambaBackbone
@@ -41,10 +41,10 @@ class SS2D(nn.Module):
     then four selective scans over the row-major, column-major and reversed token
     orders (stacked parameters ``x_proj_weight`` (4, R + 2N, D),
     ``dt_projs_weight`` (4, D, R), ``dt_projs_bias`` (4, D), ``A_logs`` (4D, N),
-    ``Ds`` (4D,)), merged by summation, LayerNorm ``out_norm``; then y * SiLU(z)
-    and ``out_proj``. Memba's gate corrects z after the merge: a forward and a
-    backward LIM over the row-major tokens, each with its own projections, their
-    corrections averaged.
+    ``Ds`` (4D,)), merged by summation; LayerNorm ``out_norm`` and y * SiLU(z) as one
+    op (``ops.silu_gate``); ``out_proj``. Memba's gate corrects z inside that op: a
+    forward and a backward LIM over the row-major tokens, each with its own
+    projections, their corrections averaged.
     """
 
     def __init__(self, dim: int, d_state: int = 16, ssm_ratio: float = 2.0,
@@ -82,16 +82,18 @@ class SS2D(nn.Module):
         # channels-last all the way: the conv reads and writes (B, H, W, D) memory
         x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous(
             memory_format=torch.channels_last)))
-        y = self.out_norm(self.cross_scan(x.permute(0, 2, 3, 1)))  # (B, L, D)
+        y = self.cross_scan(x.permute(0, 2, 3, 1))           # (B, L, D) fp32
         z = z.reshape(B, H * W, -1)
-        if self.gate is None:
-            y = silu_gate(y, z)
+        norm = self.out_norm
+        if self.gate is None:  # out_norm(y) * silu(z)
+            y = norm_silu_gate(y, z, norm.weight, norm.bias, norm.eps)
         else:  # z' = z + the mean of the two directions' S_d W_d^T
             g = self.gate
             settings = MembaGateParams(g.num_chunks, g.leak, g.threshold, g.residual)
-            y, new = silu_gate_lim(y, z, torch.cat([p.weight for p in g.proj_in]),
-                                   torch.cat([p.weight for p in g.proj_out], dim=1), settings,
-                                   membrane if g.transfer else None)
+            y, new = memba_norm_silu_gate(
+                y, z, norm.weight, norm.bias, norm.eps, torch.cat([p.weight for p in g.proj_in]),
+                torch.cat([p.weight for p in g.proj_out], dim=1), settings,
+                membrane if g.transfer else None)
             membrane = new if g.transfer else None
         return self.out_proj(y).view(B, H, W, -1), membrane
 

@@ -1,11 +1,13 @@
-"""VMamba's Memba gate as one autograd node on the extension's LIM pair (``fused``).
+"""VMamba's Memba gate, out_norm(y) * silu(z') with Memba's z', as one autograd node on the
+extension's LIM pair and norm gate (``fused``).
 
 Forward: v = z W_in^T for both directions in one product (B, L, 2, R); both LIMs in one
 ``lim_pair_fwd`` launch on that layout, the reversed direction walking from the last token
-(nothing is flipped); z' = z + S (0.5 W_out)^T in one ``addmm``; y * silu(z'). Saved: y, z,
-v and the spikes (z' and silu(z') are recomputed). Backward: the gate's elementwise gradient,
-dS = dz' (0.5 W_out), one ``lim_pair_bwd`` launch, dz = dz' + dv W_in in one ``addmm`` and one
-product per weight.
+(nothing is flipped); z' = z + S (0.5 W_out)^T in one ``addmm``; ``norm_gate_fwd`` on y and z'.
+Saved: y, z, v, the spikes and the norm's two numbers per token; z' is recomputed in the
+backward (one ``addmm``) rather than kept. Backward: ``norm_gate_bwd`` (y's and z''s
+gradients), dS = dz' (0.5 W_out), one ``lim_pair_bwd`` launch, dz = dz' + dv W_in in one
+``addmm`` and one product per weight.
 
 ``kernels`` is the extension (``memba_vision._scan_cuda``) or a stand-in with the same
 functions (the tests' CPU reference).
@@ -13,14 +15,13 @@ functions (the tests' CPU reference).
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..bidirectional_ssm.node import (LIM_PAIR_MAX_CHUNKS, MembaGateParams, mm_f32,
-                                      scan_extension, scan_kernels_reason)
-from .gate import silu_gate_grads
+                                      scan_extension)
+from .norm_node import norm_reason
 
-__all__ = ['silu_gate_lim_fused', 'silu_gate_lim_fused_reason']
+__all__ = ['memba_norm_silu_gate_fused', 'memba_norm_silu_gate_fused_reason']
 
 
 def _gate_input(zf: Tensor, spikes: Tensor, w_half: Tensor, residual: bool) -> Tensor:
@@ -30,12 +31,13 @@ def _gate_input(zf: Tensor, spikes: Tensor, w_half: Tensor, residual: bool) -> T
     return torch.mm(spikes, w_half.t())
 
 
-class _SiluGateLIM(torch.autograd.Function):
+class _MembaNormGate(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, y, z, w_in, w_out, u_prev_f, u_prev_b, gate, kernels):
+    def forward(ctx, y, z, w_in, w_out, u_prev_f, u_prev_b, norm_w, norm_b, eps, gate,
+                kernels):
         ctx.set_materialize_grads(False)
-        with torch.autocast(y.device.type, enabled=False):  # dtypes are chosen here
+        with torch.autocast(z.device.type, enabled=False):  # dtypes are chosen here
             B, L, D = z.shape
             R = w_in.shape[0] // 2
             zf = z.reshape(-1, D)
@@ -44,24 +46,29 @@ class _SiluGateLIM(torch.autograd.Function):
             S, u_mean = kernels.lim_pair_fwd(v, u_prev_f, u_prev_b, gate.num_chunks, gate.leak,
                                              gate.threshold)                  # (B, L, 2, R)
             zp = _gate_input(zf, S.view(-1, 2 * R), w_half, gate.residual)
-            out = y * F.silu(zp.view(B, L, D))
-        ctx.save_for_backward(y, z, w_in_lp, w_half, v, S, u_prev_f, u_prev_b)
+            out, mean, rstd = kernels.norm_gate_fwd(y, norm_w, norm_b, eps, zp.view(B, L, D))
+        ctx.save_for_backward(y, z, w_in_lp, w_half, v, S, u_prev_f, u_prev_b, norm_w, norm_b,
+                              mean, rstd)
         ctx.gate, ctx.kernels, ctx.dtypes = gate, kernels, (w_in.dtype, w_out.dtype)
         return out, u_mean[0], u_mean[1]
 
     @staticmethod
     def backward(ctx, grad, du_mean_f, du_mean_b):
-        y, z, w_in_lp, w_half, v, S, u_prev_f, u_prev_b = ctx.saved_tensors
+        (y, z, w_in_lp, w_half, v, S, u_prev_f, u_prev_b, norm_w, norm_b, mean,
+         rstd) = ctx.saved_tensors
         gate, needs = ctx.gate, ctx.needs_input_grad
         B, L, D = z.shape
         R2 = w_in_lp.shape[0]
         with torch.autocast(z.device.type, enabled=False):
             zf, Sf = z.reshape(-1, D), S.view(-1, R2)
+            dy = None
             if grad is None:  # only the membranes reach the loss
-                grad = torch.zeros_like(y, dtype=torch.promote_types(y.dtype, z.dtype))
-            zp = _gate_input(zf, Sf, w_half, gate.residual).view(B, L, D)
-            dy, dzp = silu_gate_grads(grad, y, zp, needs[0])
-            dzp = dzp.to(z.dtype).view(-1, D)                                 # (BL, D)
+                dzp = torch.zeros_like(zf)
+            else:
+                zp = _gate_input(zf, Sf, w_half, gate.residual).view(B, L, D)
+                dy, dzp = ctx.kernels.norm_gate_bwd(y, norm_w, norm_b, zp, mean, rstd,
+                                                    grad.contiguous())
+                dzp = dzp.view(-1, D)                                         # (BL, D)
             dS = torch.mm(dzp, w_half).view(S.shape)
             dw_out = (0.5 * mm_f32(dzp.t(), Sf)).to(ctx.dtypes[1]) if needs[3] else None
             du_mean_f, du_mean_b = (None if g is None else g.contiguous()
@@ -75,12 +82,14 @@ class _SiluGateLIM(torch.autograd.Function):
                 dz = torch.addmm(dzp, dvf, w_in_lp) if gate.residual else torch.mm(dvf, w_in_lp)
                 dz = dz.view(B, L, D)
             dw_in = mm_f32(dvf.t(), zf).to(ctx.dtypes[0]) if needs[2] else None
-        return dy, dz, dw_in, dw_out, du_prev_f, du_prev_b, None, None
+        return (dy, dz, dw_in, dw_out, du_prev_f, du_prev_b, None, None, None, None, None)
 
 
-def silu_gate_lim_fused_reason(z: Tensor, gate: MembaGateParams, kernels=None) -> str:
-    """'' when ``silu_gate_lim_fused`` can run on these inputs, else why not."""
-    reason = scan_kernels_reason(z, kernels)
+def memba_norm_silu_gate_fused_reason(y: Tensor, z: Tensor, weight: Optional[Tensor],
+                                      bias: Optional[Tensor], gate: MembaGateParams,
+                                      kernels=None) -> str:
+    """'' when ``memba_norm_silu_gate_fused`` can run on these inputs, else why not."""
+    reason = norm_reason(y, z, weight, bias, kernels)
     if reason:
         return reason
     if not 1 <= gate.num_chunks <= LIM_PAIR_MAX_CHUNKS:
@@ -88,12 +97,16 @@ def silu_gate_lim_fused_reason(z: Tensor, gate: MembaGateParams, kernels=None) -
     return ''
 
 
-def silu_gate_lim_fused(y: Tensor, z: Tensor, w_in: Tensor, w_out: Tensor,
-                        gate: MembaGateParams,
-                        membrane: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None,
-                        kernels=None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-    """See ``silu_gate_lim``; the caller checks ``silu_gate_lim_fused_reason`` first."""
+def memba_norm_silu_gate_fused(
+        y: Tensor, z: Tensor, weight: Tensor, bias: Tensor, eps: float, w_in: Tensor,
+        w_out: Tensor, gate: MembaGateParams,
+        membrane: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None,
+        kernels=None) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """See ``memba_norm_silu_gate``; the caller checks the fused reason first."""
     kernels = kernels if kernels is not None else scan_extension()[0]
     u_prev_f, u_prev_b = membrane if membrane is not None else (None, None)
-    out, m_f, m_b = _SiluGateLIM.apply(y, z, w_in, w_out, u_prev_f, u_prev_b, gate, kernels)
+    acc = y.dtype
+    out, m_f, m_b = _MembaNormGate.apply(
+        y.contiguous(), z, w_in, w_out, u_prev_f, u_prev_b, weight.to(acc).contiguous(),
+        bias.to(acc).contiguous(), eps, gate, kernels)
     return out, (m_f, m_b)

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..bidirectional_ssm.node import (LIM_PAIR_MAX_CHUNKS, MembaGateParams, mm_f32,
                                       scan_extension)
-from .norm_node import norm_reason
+from .norm_node import kernel_norm_inputs, norm_reason
 
 __all__ = ['memba_norm_silu_gate_fused', 'memba_norm_silu_gate_fused_reason']
 
@@ -105,8 +105,7 @@ def memba_norm_silu_gate_fused(
     """See ``memba_norm_silu_gate``; the caller checks the fused reason first."""
     kernels = kernels if kernels is not None else scan_extension()[0]
     u_prev_f, u_prev_b = membrane if membrane is not None else (None, None)
-    acc = y.dtype
-    out, m_f, m_b = _MembaNormGate.apply(
-        y.contiguous(), z, w_in, w_out, u_prev_f, u_prev_b, weight.to(acc).contiguous(),
-        bias.to(acc).contiguous(), eps, gate, kernels)
+    y, weight, bias = kernel_norm_inputs(y, weight, bias)
+    out, m_f, m_b = _MembaNormGate.apply(y, z, w_in, w_out, u_prev_f, u_prev_b, weight, bias,
+                                         eps, gate, kernels)
     return out, (m_f, m_b)

@@ -17,7 +17,7 @@ from torch import Tensor
 from ..bidirectional_ssm.node import scan_extension, scan_kernels_reason
 
 __all__ = ['norm_silu_gate_fused', 'norm_silu_gate_fused_reason', 'norm_reason',
-           'NORM_GATE_MAX_DIM']
+           'kernel_norm_inputs', 'NORM_GATE_MAX_DIM']
 
 NORM_GATE_MAX_DIM = 2048  # kNormGateMaxDim of kernels/scan/scan_kernel.h
 
@@ -57,6 +57,12 @@ def norm_reason(y: Tensor, z: Tensor, weight: Optional[Tensor], bias: Optional[T
     return ''
 
 
+def kernel_norm_inputs(y: Tensor, weight: Tensor, bias: Tensor):
+    """(y, weight, bias) as the norm gate kernels read them: contiguous, the LayerNorm's
+    weight and bias in y's dtype (fp32)."""
+    return y.contiguous(), weight.to(y.dtype).contiguous(), bias.to(y.dtype).contiguous()
+
+
 def norm_silu_gate_fused_reason(y: Tensor, z: Tensor, weight: Optional[Tensor],
                                 bias: Optional[Tensor], kernels=None) -> str:
     """'' when ``norm_silu_gate_fused`` can run on these inputs, else why not."""
@@ -74,6 +80,5 @@ def norm_silu_gate_fused(y: Tensor, z: Tensor, weight: Tensor, bias: Tensor, eps
                          kernels=None) -> Tensor:
     """See ``norm_silu_gate``; the caller checks ``norm_silu_gate_fused_reason`` first."""
     kernels = kernels if kernels is not None else scan_extension()[0]
-    acc = y.dtype
-    return _NormSiluGate.apply(y.contiguous(), z, weight.to(acc).contiguous(),
-                               bias.to(acc).contiguous(), eps, kernels)
+    y, weight, bias = kernel_norm_inputs(y, weight, bias)
+    return _NormSiluGate.apply(y, z, weight, bias, eps, kernels)

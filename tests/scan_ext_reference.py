@@ -3,11 +3,12 @@
 Each function is the reference op (``ops.selective_scan_tokens``,
 ``ops.causal_conv1d_tokens``, ``ops.lim_reference`` on flipped tokens) and its
 autograd gradient, with the extension's output conventions (``out``/``dz_out``
-buffers, ``accumulate``, scales, stacked directions, grids walked by columns). It lets
-the tests run ``ops.bidirectional_ssm`` and ``ops.cross_scan`` on the CPU and compare them
-with the per-op paths.
+buffers, ``accumulate``, scales, stacked directions, grids walked by columns, the states the
+forward stores for the backward). It lets the tests run ``ops.bidirectional_ssm`` and
+``ops.cross_scan`` on the CPU and compare them with the per-op paths.
 """
 import torch
+import torch.nn.functional as F
 
 from memba_vision.ops import causal_conv1d_tokens, lim_reference, selective_scan_tokens
 
@@ -36,6 +37,36 @@ def _store_params(dA_out, dD_out, dA, dD):
             out.copy_(g)
 
 
+STATE_EVERY = 16  # scan steps between the states the kernels' forward stores
+
+
+def _scan_states(u, delta, A, B, delta_bias, softplus, reverse, rows=0):
+    """The scan's state before every 16th step of its visiting order (reversed, then over a
+    row-major (rows, L / rows) grid by columns when rows > 0), (B, ceil(L / 16), D, N), fp32
+    (fp64 for fp64): what the kernels' forward stores with ``save_states``."""
+    ct = torch.promote_types(u.dtype, torch.float32)
+    L = u.shape[1]
+    t = torch.arange(L, device=u.device)
+    t = t.flip(0) if reverse else t
+    order = (t % rows) * (L // rows) + t // rows if rows else t
+    dt = delta[:, order].to(ct) + (0 if delta_bias is None else delta_bias.to(ct))
+    dt = F.softplus(dt) if softplus else dt
+    dtu, Bs = dt * u[:, order].to(ct), B[:, order].to(ct)
+    h = dt.new_zeros(u.shape[0], u.shape[2], A.shape[1])
+    states = []
+    for s in range(L):
+        if s % STATE_EVERY == 0:
+            states.append(h)
+        h = torch.exp(dt[:, s, :, None] * A.to(ct)) * h + dtu[:, s, :, None] * Bs[:, s, None, :]
+    return torch.stack(states, 1)
+
+
+def _check_states(op, states, expected):
+    """The backward's states must be those its forward stored for the same scan."""
+    if states is None or not torch.equal(states, expected):
+        raise AssertionError(f'{op}: states are not those of this scan')
+
+
 def _grid_scan(rows, u, delta, A, B, C, D, delta_bias, softplus, reverse):
     """selective_scan_tokens over a row-major (rows, L / rows) grid walked column by column
     (``rows=0``: in token order): the tokens are gathered in visit order and scattered back."""
@@ -56,21 +87,33 @@ def _directions(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows):
                    softplus, reverse[k]) for k in range(delta.shape[2])], dim=2)
 
 
+def _dirs_states(u, delta, A, B, delta_bias, softplus, reverse, rows):
+    """The states of ``scan_dirs_fwd``'s K scans, (K, B, ceil(L / 16), D, N)."""
+    return torch.stack([
+        _scan_states(u, delta[:, :, k], A[k], B[:, :, k],
+                     None if delta_bias is None else delta_bias[k], softplus, reverse[k], rows[k])
+        for k in range(delta.shape[2])])
+
+
 class ReferenceScanKernels:
     """The extension's functions, computed by the reference ops."""
 
     @staticmethod
     def scan_fwd(u, delta, A, B, C, D, z, delta_bias, S, W, softplus, reverse, out=None,
-                 out_scale=1.0, accumulate=False):
+                 out_scale=1.0, accumulate=False, save_states=False):
         with torch.no_grad():
             y = selective_scan_tokens(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
                                       gate=None if S is None else (S, W))
-        return _store(out, y, out_scale, accumulate)
+            states = (_scan_states(u, delta, A, B, delta_bias, softplus, reverse)
+                      if save_states else None)
+        return _store(out, y, out_scale, accumulate), states
 
     @staticmethod
-    def scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, softplus, reverse,
+    def scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, states, softplus, reverse,
                  dout_scale=1.0, dz_out=None, dz_accumulate=False, dBC_out=None, dA_out=None,
                  dD_out=None):
+        _check_states('scan_bwd', states,
+                      _scan_states(u, delta, A, B, delta_bias, softplus, reverse))
         u_, delta_, B_, C_ = (_leaf(t) for t in (u, delta, B, C))
         A, D = _leaf(A), _leaf(D if D is not None else torch.zeros_like(A[:, 0]))
         zprime = None
@@ -153,14 +196,19 @@ class ReferenceScanKernels:
         return gx, gp[0], gp[1]
 
     @staticmethod
-    def scan_dirs_fwd(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows, out=None):
+    def scan_dirs_fwd(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows, out=None,
+                      save_states=False):
         with torch.no_grad():
             y = _directions(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows)
-        return _store(out, y)
+            states = _dirs_states(u, delta, A, B, delta_bias, softplus, reverse, rows) \
+                if save_states else None
+        return _store(out, y), states
 
     @staticmethod
-    def scan_dirs_bwd(u, delta, A, B, C, D, delta_bias, dout, softplus, reverse, rows,
+    def scan_dirs_bwd(u, delta, A, B, C, D, delta_bias, dout, states, softplus, reverse, rows,
                       du_out=None, dBC_out=None, dA_out=None, dD_out=None):
+        _check_states('scan_dirs_bwd', states,
+                      _dirs_states(u, delta, A, B, delta_bias, softplus, reverse, rows))
         u_, delta_, B_, C_ = (_leaf(t) for t in (u, delta, B, C))
         A, D = _leaf(A), _leaf(D if D is not None else torch.zeros_like(A[..., 0]))
         with torch.enable_grad():
@@ -178,25 +226,26 @@ class ReferenceScanKernels:
         return du, ddelta, dB, dC
 
     @staticmethod
-    def _norm_gate(y, weight, bias, eps, z):
-        """LayerNorm(y) * silu(z) in y's precision, written out by hand (no F.layer_norm)."""
+    def _norm_gate(y, weight, bias, eps, z, c=None):
+        """LayerNorm(y) * silu(z + c) in y's precision, written out by hand (no
+        F.layer_norm)."""
         mean = y.mean(-1, keepdim=True)
         rstd = ((y - mean) ** 2).mean(-1, keepdim=True).add(eps).rsqrt()
-        zw = z.to(y.dtype)
+        zw = z.to(y.dtype) + (0 if c is None else c.to(y.dtype))
         return ((y - mean) * rstd * weight + bias) * (zw * torch.sigmoid(zw)), mean, rstd
 
     @staticmethod
-    def norm_gate_fwd(y, weight, bias, eps, z):
+    def norm_gate_fwd(y, weight, bias, eps, z, c=None):
         with torch.no_grad():
-            out, mean, rstd = ReferenceScanKernels._norm_gate(y, weight, bias, eps, z)
+            out, mean, rstd = ReferenceScanKernels._norm_gate(y, weight, bias, eps, z, c)
         return out.to(z.dtype), mean.squeeze(-1), rstd.squeeze(-1)
 
     @staticmethod
-    def norm_gate_bwd(y, weight, bias, z, mean, rstd, dout):
+    def norm_gate_bwd(y, weight, bias, z, mean, rstd, dout, c=None):
         y_, z_ = _leaf(y), _leaf(z)
         # the kernel takes the forward's statistics instead of eps; eps = 1 / rstd^2 - var(y)
         eps = (rstd.double() ** -2 - y.double().var(-1, unbiased=False)).mean().item()
         with torch.enable_grad():
-            out, _, _ = ReferenceScanKernels._norm_gate(y_, weight, bias, eps, z_)
-            dy, dz = torch.autograd.grad(out, [y_, z_], dout.to(out.dtype))
+            out, _, _ = ReferenceScanKernels._norm_gate(y_, weight, bias, eps, z_, c)
+            dy, dz = torch.autograd.grad(out, [y_, z_], dout.to(out.dtype))  # dz: z''s
         return dy.contiguous(), dz.to(z.dtype).contiguous()

@@ -205,27 +205,30 @@ def test_extension_outputs_match_the_reference_kernels(dtype, tol):
             Sg, Wg = gate if gate else (None, None)
             base = rnd(Bsz, L, D)
             got, want = base.clone(), base.clone()
-            ext.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, Sg, Wg, True, reverse,
-                         out=got, out_scale=0.5, accumulate=True)
-            ref.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, Sg, Wg, True, reverse,
-                         out=want, out_scale=0.5, accumulate=True)
-            assert rel(got, want) < tol
+            _, states = ext.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, Sg, Wg, True, reverse,
+                                     out=got, out_scale=0.5, accumulate=True, save_states=True)
+            _, states_ref = ref.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, Sg, Wg, True,
+                                         reverse, out=want, out_scale=0.5, accumulate=True,
+                                         save_states=True)
+            assert rel(got, want) < tol and rel(states, states_ref) < tol
             dz_got, dz_want = xz.clone(), xz.clone()  # accumulate into a strided half
             dbc_got, dbc_want = torch.zeros_like(xdbl), torch.zeros_like(xdbl)
-            r_got = ext.scan_bwd(x, delta, A, Bm, Cm, Dv, z, bias, Sg, Wg, dout, True, reverse,
-                                 dout_scale=0.5, dz_out=dz_got[..., D:], dz_accumulate=True,
-                                 dBC_out=dbc_got[..., 3:])
+            r_got = ext.scan_bwd(x, delta, A, Bm, Cm, Dv, z, bias, Sg, Wg, dout, states, True,
+                                 reverse, dout_scale=0.5, dz_out=dz_got[..., D:],
+                                 dz_accumulate=True, dBC_out=dbc_got[..., 3:])
             r_want = ref.scan_bwd(x.float(), delta.float(), A, Bm.float(), Cm.float(), Dv,
                                   z.float(), bias, None if Sg is None else Sg.float(), Wg,
-                                  dout.float(), True, reverse, dout_scale=0.5,
+                                  dout.float(), states_ref, True, reverse, dout_scale=0.5,
                                   dz_out=dz_want[..., D:], dz_accumulate=True,
                                   dBC_out=dbc_want[..., 3:])
             for a, b in zip(r_got[:2], r_want[:2]):
                 assert rel(a, b) < tol
             assert rel(dz_got, dz_want) < tol and rel(dbc_got, dbc_want) < tol
             assert torch.equal(dz_got[..., :D], xz[..., :D])  # the other half untouched
+    _, states = ext.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, None, None, True, False,
+                             save_states=True)
     with pytest.raises(RuntimeError, match="dBC_out must be"):  # neither fp32 nor u's dtype
-        ext.scan_bwd(x, delta, A, Bm, Cm, Dv, z, bias, None, None, dout, True, False,
+        ext.scan_bwd(x, delta, A, Bm, Cm, Dv, z, bias, None, None, dout, states, True, False,
                      dBC_out=torch.zeros(Bsz, L, 32, device='cuda', dtype=torch.float64))
     w, cb = torch.randn(D, 4, device='cuda', generator=g), torch.randn(D, device='cuda', generator=g)
     for reverse in (False, True):

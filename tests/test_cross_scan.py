@@ -32,7 +32,7 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-@pytest.mark.parametrize('h,w', [(3, 5), (5, 3), (4, 4), (1, 6), (7, 2)])
+@pytest.mark.parametrize('h,w', [(3, 5), (5, 3), (4, 4), (1, 6), (7, 2), (5, 7)])
 def test_fused_node_equals_the_official_stacked_scan(h, w):
     D = 8
     p = params(D)
@@ -53,9 +53,18 @@ class _RowsIgnored(ReferenceScanKernels):
     """The stand-in walking every direction row-major (a deliberately wrong kernel)."""
 
     @staticmethod
-    def scan_dirs_fwd(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows, out=None):
+    def scan_dirs_fwd(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows, out=None,
+                      save_states=False):
         return ReferenceScanKernels.scan_dirs_fwd(u, delta, A, B, C, D, delta_bias, softplus,
-                                                  reverse, [0] * len(rows), out=out)
+                                                  reverse, [0] * len(rows), out=out,
+                                                  save_states=save_states)
+
+    @staticmethod
+    def scan_dirs_bwd(u, delta, A, B, C, D, delta_bias, dout, states, softplus, reverse, rows,
+                      **kw):
+        return ReferenceScanKernels.scan_dirs_bwd(u, delta, A, B, C, D, delta_bias, dout,
+                                                  states, softplus, reverse, [0] * len(rows),
+                                                  **kw)
 
 
 def run_trainable(fn, x, p, dy, **kw):

@@ -50,8 +50,10 @@ def _cases(dev='cuda'):
     out = rnd(B, L, 2 * D)[..., D:]
     dz_out, dbc_out = rnd(B, L, 2 * D)[..., D:], rnd(B, L, 3 + 2 * N)[..., 3:]
     fwd = dict(scan, out=out, out_scale=0.5, accumulate=True)
-    bwd = dict(scan, dout=rnd(B, L, D), dout_scale=0.5, dz_out=dz_out, dz_accumulate=True,
-               dBC_out=dbc_out)
+    Q = (L + 15) // 16  # the states saved before every 16th scan step
+    states = rnd(B, Q, D, N)
+    bwd = dict(scan, dout=rnd(B, L, D), states=states, dout_scale=0.5, dz_out=dz_out,
+               dz_accumulate=True, dBC_out=dbc_out)
     # the layouts of ops.cross_scan: K directions of one u, B and C slices of one x_proj output
     K = 4
     xdbl4 = rnd(B, L, K, 3 + 2 * N)
@@ -62,10 +64,13 @@ def _cases(dev='cuda'):
     dirs_out, du_dirs = rnd(B, L, K, D), rnd(B, L, K, D)
     dbc_dirs = rnd(B, L, K, 3 + 2 * N)[..., 3:]
     fwd_dirs = dict(dirs, out=dirs_out)
-    bwd_dirs = dict(dirs, dout=rnd(B, L, D), du_out=du_dirs, dBC_out=dbc_dirs)
+    states_dirs = rnd(K, B, Q, D, N)
+    bwd_dirs = dict(dirs, dout=rnd(B, L, D), states=states_dirs, du_out=du_dirs,
+                    dBC_out=dbc_dirs)
     dirs_bf16 = dict(dirs, **{k: dirs[k].to(bf16) for k in ('u', 'delta', 'B', 'C')})
     dA, dD, dA_dirs, dD_dirs = rnd(D, N), rnd(D), rnd(K, D, N), rnd(K, D)  # trainable A, D
-    buffers = (out, dz_out, dbc_out, dirs_out, du_dirs, dbc_dirs, dA, dD, dA_dirs, dD_dirs)
+    buffers = (out, dz_out, dbc_out, dirs_out, du_dirs, dbc_dirs, dA, dD, dA_dirs, dD_dirs,
+               states, states_dirs)
     conv = [xz[..., :D], rnd(D, 4), rnd(D), False, True]
     conv_bwd = dict(x=xz[..., :D], weight=rnd(D, 4), bias=rnd(D), grad_y=rnd(B, L, D),
                     reverse=True, silu=True, out=out, accumulate=True)
@@ -93,6 +98,8 @@ def _cases(dev='cuda'):
         return lambda: fn(*args)
 
     cases = [('scan_fwd accepts', 'scan_fwd', kw(ext.scan_fwd, fwd), None),
+             ('scan_fwd accepts save_states', 'scan_fwd',
+              kw(ext.scan_fwd, fwd, save_states=True), None),
              ('scan_bwd accepts', 'scan_bwd', kw(ext.scan_bwd, bwd), None),
              ('scan_bwd accepts bf16 + fp32 dBC_out', 'scan_bwd',
               kw(ext.scan_bwd, dict(bwd, **{k: bwd[k].to(bf16) for k in
@@ -110,6 +117,8 @@ def _cases(dev='cuda'):
              ('scan_bwd accepts dA_out + dD_out', 'scan_bwd',
               kw(ext.scan_bwd, bwd, dA_out=dA, dD_out=dD), None),
              ('scan_dirs_fwd accepts', 'scan_dirs_fwd', kw(ext.scan_dirs_fwd, fwd_dirs), None),
+             ('scan_dirs_fwd accepts save_states', 'scan_dirs_fwd',
+              kw(ext.scan_dirs_fwd, fwd_dirs, save_states=True), None),
              ('scan_dirs_bwd accepts dA_out + dD_out', 'scan_dirs_bwd',
               kw(ext.scan_dirs_bwd, bwd_dirs, dA_out=dA_dirs, dD_out=dD_dirs), None),
              ('scan_dirs_bwd accepts', 'scan_dirs_bwd', kw(ext.scan_dirs_bwd, bwd_dirs), None),
@@ -117,12 +126,16 @@ def _cases(dev='cuda'):
               kw(ext.scan_dirs_fwd, dict(dirs_bf16, out=dirs_out)), None),
              ('scan_dirs_bwd accepts bf16 + fp32 du_out', 'scan_dirs_bwd',
               kw(ext.scan_dirs_bwd, dict(dirs_bf16, dout=rnd(B, L, D, dtype=bf16),
-                                         du_out=du_dirs)), None),
+                                         states=states_dirs, du_out=du_dirs)), None),
              ('norm_gate_fwd accepts', 'norm_gate_fwd', lambda: ext.norm_gate_fwd(*norm), None),
              ('norm_gate_fwd accepts fp32 z', 'norm_gate_fwd',
               pos(ext.norm_gate_fwd, norm, 4, rnd(B, L, D)), None),
              ('norm_gate_bwd accepts', 'norm_gate_bwd', lambda: ext.norm_gate_bwd(*norm_bwd),
               None),
+             ('norm_gate_fwd accepts c', 'norm_gate_fwd',
+              lambda: ext.norm_gate_fwd(*norm, rnd(B, L, D, dtype=bf16)), None),
+             ('norm_gate_bwd accepts c', 'norm_gate_bwd',
+              lambda: ext.norm_gate_bwd(*norm_bwd, rnd(B, L, D, dtype=bf16)), None),
              ('lim accepts strided x', 'lim', lambda: lim_op(*lim), None),
              ('lim_backward accepts', 'lim_backward', lambda: lim_bwd_op(*lim_bwd), None)]
     bad_scan = {
@@ -150,6 +163,9 @@ def _cases(dev='cuda'):
         cases.append((f'scan_fwd out #{i}', 'scan_fwd', kw(ext.scan_fwd, fwd, out=value), 'out'))
     for arg, values in {'dout': [rnd(B, L, D, dtype=f64), rnd(B, L, 2 * D),
                                  strided_last(B, L, D)],
+                        'states': [rnd(B, Q, D, N, dtype=bf16), rnd(B, Q - 1, D, N),
+                                   rnd(B, Q, N, D).transpose(2, 3), states.cpu(),
+                                   rnd(B, L, D, N)],
                         'dz_out': [rnd(B, L, D, dtype=bf16), expanded(B, L, D), rnd(B, L, 1)],
                         'dBC_out': [rnd(B, L, 2 * N, dtype=f64), rnd(B, L, N),
                                     strided_last(B, L, 2 * N), expanded(B, L, 2 * N),
@@ -186,6 +202,9 @@ def _cases(dev='cuda'):
               dirs_out.cpu()]),
             ('dout', 'scan_dirs_bwd', ext.scan_dirs_bwd, bwd_dirs,
              [rnd(B, L, K, D), rnd(B, L, D, dtype=bf16), strided_last(B, L, D)]),
+            ('states', 'scan_dirs_bwd', ext.scan_dirs_bwd, bwd_dirs,
+             [rnd(K, B, Q, D, N, dtype=bf16), rnd(K, B, Q - 1, D, N), rnd(K - 1, B, Q, D, N),
+              rnd(B, Q, D, N), rnd(K, B, Q, N, D).transpose(3, 4), states_dirs.cpu()]),
             ('du_out', 'scan_dirs_bwd', ext.scan_dirs_bwd, bwd_dirs,
              [rnd(B, L, K, D, dtype=f64), expanded(B, L, K, D), rnd(B, L, K - 1, D)]),
             ('dBC_out', 'scan_dirs_bwd', ext.scan_dirs_bwd, bwd_dirs,
@@ -245,6 +264,14 @@ def _cases(dev='cuda'):
             (6, 'dout', rnd(B, L, D)), (6, 'dout', strided_last(B, L, D, dtype=bf16))]):
         cases.append((f'norm_gate_bwd {arg} #{i}', 'norm_gate_bwd',
                       pos(ext.norm_gate_bwd, norm_bwd, index, value), arg))
+    # the gate correction c: z's dtype, shape and device, contiguous
+    for i, value in enumerate([rnd(B, L, D), rnd(B, L, D + 4, dtype=bf16),
+                               strided_last(B, L, D, dtype=bf16),
+                               rnd(B, L, D, dtype=bf16).cpu()]):
+        cases.append((f'norm_gate_fwd c #{i}', 'norm_gate_fwd',
+                      lambda value=value: ext.norm_gate_fwd(*norm, value), 'c'))
+        cases.append((f'norm_gate_bwd c #{i}', 'norm_gate_bwd',
+                      lambda value=value: ext.norm_gate_bwd(*norm_bwd, value), 'c'))
     for i, (index, arg, value) in enumerate([
             (0, 'x', lim[0].cpu()), (0, 'x', rnd(B * L, R)), (1, 'u_prev', rnd(B, l + 1, R)),
             (1, 'u_prev', rnd(B, l, R, dtype=f64)), (1, 'u_prev', rnd(B, l, R, dtype=f64).cpu()),

@@ -21,9 +21,11 @@ def grid_columns(rows, length):
     return [h * cols + w for w in range(cols) for h in range(rows)]
 
 
-def loop_scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate, order=None):
+def loop_scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate, order=None,
+              states=False):
     """Per-token loop of the selective scan on (b, l, d) tensors, in fp64; ``order``: the
-    tokens in visit order (default: 0 .. l-1), walked backwards when ``reverse``."""
+    tokens in visit order (default: 0 .. l-1), walked backwards when ``reverse``. With
+    ``states``: (y, the state before scan steps 0, 16, 32, ..., (b, ceil(l / 16), d, n))."""
     u, delta, B, C = (t.double() for t in (u, delta, B, C))
     A = A.double()
     dt = delta + bias.double() if bias is not None else delta
@@ -31,9 +33,11 @@ def loop_scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate, order=None
         dt = F.softplus(dt)
     b, l, d = u.shape
     h = u.new_zeros(b, d, A.shape[1])
-    ys = [None] * l
+    ys, saved = [None] * l, []
     steps = list(range(l) if order is None else order)
-    for t in (reversed(steps) if reverse else steps):
+    for s, t in enumerate(reversed(steps) if reverse else steps):
+        if s % 16 == 0:
+            saved.append(h)
         h = torch.exp(dt[:, t, :, None] * A) * h + (dt[:, t] * u[:, t])[..., None] * B[:, t, None]
         ys[t] = (h * C[:, t, None]).sum(-1)
     y = torch.stack(ys, dim=1)
@@ -44,7 +48,12 @@ def loop_scan(u, delta, A, B, C, D, z, bias, softplus, reverse, gate, order=None
         if gate is not None:
             zz = zz + gate[0].double() @ gate[1].double().t()
         y = y * F.silu(zz)
-    return y
+    return (y, torch.stack(saved, dim=1)) if states else y
+
+
+def loop_states(*args):
+    """``loop_scan``'s states (same arguments)."""
+    return loop_scan(*args, states=True)[1]
 
 
 def loop_conv(x, w, bias, reverse):
@@ -96,6 +105,20 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def max_rel(a, b):
+    """max |a - b| / max |b|."""
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def states_error(got, want):
+    """Saved states (..., ceil(l / 16), d, 16) against the loop's: fp32 and contiguous, the
+    state before step 0 exactly zero; returns the others' ``max_rel`` (0 when l <= 16)."""
+    assert got.shape == want.shape and got.dtype == torch.float32 and got.is_contiguous()
+    assert torch.equal(got.select(-3, 0), torch.zeros_like(got.select(-3, 0)))
+    q = got.shape[-3]
+    return max_rel(got.narrow(-3, 1, q - 1), want.narrow(-3, 1, q - 1)) if q > 1 else 0.
+
+
 @pytest.mark.parametrize('reverse', [False, True])
 @pytest.mark.parametrize('with_z,with_gate', [(True, True), (True, False), (False, True),
                                               (False, False)])
@@ -141,16 +164,17 @@ class _KernelScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, bias, S, W, softplus, reverse):
-        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, S, W)
+        y, states = scan_extension()[0].scan_fwd(u, delta, A, B, C, D, z, bias, S, W, softplus,
+                                                 reverse, save_states=True)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, S, W, states)
         ctx.flags = (softplus, reverse)
-        return scan_extension()[0].scan_fwd(u, delta, A, B, C, D, z, bias, S, W, softplus,
-                                            reverse)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        u, delta, A, B, C, D, z, bias, S, W = ctx.saved_tensors
+        u, delta, A, B, C, D, z, bias, S, W, states = ctx.saved_tensors
         du, ddelta, dz, dB, dC = scan_extension()[0].scan_bwd(
-            u, delta, A, B, C, D, z, bias, S, W, _like(dy, u), *ctx.flags)
+            u, delta, A, B, C, D, z, bias, S, W, _like(dy, u), states, *ctx.flags)
         dS = dW = None
         if S is not None:
             dS = torch.matmul(dz, W.to(dz.dtype))
@@ -159,13 +183,23 @@ class _KernelScan(torch.autograd.Function):
                 dz if z is not None else None, None, dS, dW, None, None)
 
 
+def _kernel_inputs(u, delta, A, B, C, D, z, bias, gate):
+    """scan_fwd's tensor arguments (u .. W) as the kernels take them."""
+    S, W = gate if gate is not None else (None, None)
+    return (_like(u, u), _like(delta, u), _f32(A), _like(B, u), _like(C, u), _f32(D),
+            _like(z, u), _f32(bias), _like(S, u), None if W is None else W.float().contiguous())
+
+
 def kernel_api(u, delta, A, B, C, D, z, bias, softplus, reverse, gate):
     """``api`` on memba_vision's scan kernel."""
-    S, W = gate if gate is not None else (None, None)
-    return _KernelScan.apply(_like(u, u), _like(delta, u), _f32(A), _like(B, u), _like(C, u),
-                             _f32(D), _like(z, u), _f32(bias), _like(S, u),
-                             None if W is None else W.float().contiguous(), bool(softplus),
-                             bool(reverse))
+    return _KernelScan.apply(*_kernel_inputs(u, delta, A, B, C, D, z, bias, gate),
+                             bool(softplus), bool(reverse))
+
+
+def kernel_states(u, delta, A, B, C, D, z, bias, softplus, reverse, gate):
+    """The states scan_fwd saves for the backward (``api``'s arguments)."""
+    return scan_extension()[0].scan_fwd(*_kernel_inputs(u, delta, A, B, C, D, z, bias, gate),
+                                        bool(softplus), bool(reverse), save_states=True)[1]
 
 
 class _KernelConv(torch.autograd.Function):
@@ -207,12 +241,16 @@ def grads_of(fn, inp, reverse, with_z, with_gate, dy):
 @pytest.mark.parametrize('with_z,with_gate', [(True, True), (True, False), (False, True)])
 def test_scan_kernel_matches_loop_fp32(b, l, d, bc_at, reverse, with_z, with_gate):
     """(2, 45, 37, 7): z, B and C start at odd columns and d is odd, so the kernels read them
-    element by element instead of in pairs."""
+    element by element instead of in pairs. The states the forward saves for the backward
+    (before every 16th step in scan order) against the loop's too."""
     inp = make_inputs(b, l, d, device='cuda', seed=b * 1000 + l + d, bc_at=bc_at)
     dy = torch.randn(b, l, d, device='cuda')
     y, g = grads_of(kernel_api, inp, reverse, with_z, with_gate, dy)
     y_ref, g_ref = grads_of(loop_scan, inp, reverse, with_z, with_gate, dy)
-    errs = {'y': rel(y, y_ref), **{k: rel(g[k], g_ref[k]) for k in g}}
+    states = call(kernel_states, inp, reverse, with_z, with_gate)
+    assert states.shape == (b, (l + 15) // 16, d, 16)
+    errs = {'y': rel(y, y_ref), **{k: rel(g[k], g_ref[k]) for k in g},
+            'states': states_error(states, call(loop_states, inp, reverse, with_z, with_gate))}
     print(f'SCAN fp32 b={b} l={l} d={d} reverse={reverse} z={with_z} gate={with_gate}: ' +
           ' '.join(f'{k} {v:.1e}' for k, v in errs.items()))
     assert all(v < 1e-4 for v in errs.values()), errs
@@ -254,8 +292,9 @@ def test_scan_kernel_gradients_of_a_and_d(b, l, d, dtype, tol, reverse):
                                                         _f32(inp['bias']), inp['S'],
                                                         _f32(inp['W'])]
     dA, dD = torch.full((d, 16), float('nan'), device='cuda'), torch.zeros(d, device='cuda')
-    frozen = ext.scan_bwd(*args, dy, True, reverse)
-    trained = ext.scan_bwd(*args, dy, True, reverse, dA_out=dA, dD_out=dD)
+    _, states = ext.scan_fwd(*args, True, reverse, save_states=True)
+    frozen = ext.scan_bwd(*args, dy, states, True, reverse)
+    trained = ext.scan_bwd(*args, dy, states, True, reverse, dA_out=dA, dD_out=dD)
     errs = {'A': rel(dA, leaves['A'].grad), 'D': rel(dD, leaves['D'].grad)}
     print(f'SCAN params {dtype} b={b} l={l} d={d} reverse={reverse}: ' +
           ' '.join(f'{k} {v:.1e}' for k, v in errs.items()))
@@ -267,6 +306,8 @@ def test_scan_kernel_gradients_of_a_and_d(b, l, d, dtype, tol, reverse):
 @requires_cuda
 @requires_kernels
 def test_scan_kernel_is_deterministic_and_writes_everything():
+    """Output, gradients and saved states bit-identical over two runs and finite (the states
+    allocated where a NaN-filled tensor of their size was just freed)."""
     inp = make_inputs(2, 197, 768, device='cuda')
     dy = torch.randn(2, 197, 768, device='cuda')
     runs = [grads_of(kernel_api, inp, True, True, True, dy) for _ in range(2)]
@@ -274,6 +315,11 @@ def test_scan_kernel_is_deterministic_and_writes_everything():
     for k in runs[0][1]:
         assert torch.equal(runs[0][1][k], runs[1][1][k]), k
         assert torch.isfinite(runs[0][1][k]).all(), k
+    states = []
+    for _ in range(2):
+        torch.full((2, 13, 768, 16), float('nan'), device='cuda')  # freed at once
+        states.append(call(kernel_states, inp, True))
+    assert torch.equal(states[0], states[1]) and torch.isfinite(states[0]).all()
 
 
 @requires_cuda
@@ -314,20 +360,23 @@ def make_directions(b, h, w, d, k=4, device='cpu', dtype=torch.float32, seed=0):
                 C=x_dbl[..., 6 + n:].to(dtype), D=rnd(k, d), bias=rnd(k, d, scale=0.3))
 
 
-def loop_directions(inp, reverse, rows, dy):
+def loop_directions(inp, reverse, rows, dy, states=False):
     """Each direction's output and the gradients of u (per direction), delta, B, C, A and D,
-    by the per-token fp64 loop visiting the tokens in that direction's order."""
+    by the per-token fp64 loop visiting the tokens in that direction's order; with
+    ``states``, then each direction's loop states, (k, b, ceil(l / 16), d, 16)."""
     l, k = inp['u'].shape[1], inp['delta'].shape[2]
     leaves = {n: inp[n].detach().double().requires_grad_()
               for n in ('delta', 'B', 'C', 'A', 'D')}
     us = [inp['u'].detach().double().requires_grad_() for _ in range(k)]
-    ys = [loop_scan(us[i], leaves['delta'][:, :, i], leaves['A'][i], leaves['B'][:, :, i],
-                    leaves['C'][:, :, i], leaves['D'][i], None, inp['bias'][i], True,
-                    reverse[i], None, order=grid_columns(rows[i], l) if rows[i] else None)
-          for i in range(k)]
+    runs = [loop_scan(us[i], leaves['delta'][:, :, i], leaves['A'][i], leaves['B'][:, :, i],
+                      leaves['C'][:, :, i], leaves['D'][i], None, inp['bias'][i], True,
+                      reverse[i], None, order=grid_columns(rows[i], l) if rows[i] else None,
+                      states=True) for i in range(k)]
+    ys = [y for y, _ in runs]
     sum(ys).backward(dy.double())
-    return (torch.stack(ys, dim=2), torch.stack([u.grad for u in us], dim=2),
-            *(leaves[n].grad for n in ('delta', 'B', 'C', 'A', 'D')))
+    out = (torch.stack(ys, dim=2), torch.stack([u.grad for u in us], dim=2),
+           *(leaves[n].grad for n in ('delta', 'B', 'C', 'A', 'D')))
+    return (out + (torch.stack([h.detach() for _, h in runs]),)) if states else out
 
 
 DIRS_OUTPUTS = ('y', 'u', 'delta', 'B', 'C', 'A', 'D')
@@ -344,24 +393,28 @@ def test_scan_dirs_kernel_matches_the_loop_in_four_orders(h, w, dtype, tol):
     delta, B, C, A, D and bias, the column-major ones walking the row-major grid by columns, in
     place; every output and gradient against the per-token loop in that order: the input
     gradients of the frozen-parameter backward, then those and A's and D's of the trainable
-    one."""
+    one. The states the forward saves (before every 16th step of each direction's order)
+    against the loop's too."""
     ext = scan_extension()[0]
     inp = make_directions(2, h, w, 96, device='cuda', dtype=dtype, seed=h * 100 + w)
     dy = torch.randn(2, h * w, 96, device='cuda').to(dtype)
     rev, rows = CROSS['reverse'], CROSS['rows'](h)
     args = [inp[n] for n in ('u', 'delta', 'A', 'B', 'C', 'D', 'bias')]
-    y = ext.scan_dirs_fwd(*args, True, rev, rows, out=torch.empty(
-        2, h * w, 4, 96, device='cuda'))                       # fp32 outputs of bf16 inputs
-    ref = loop_directions(inp, rev, rows, dy)
+    y, states = ext.scan_dirs_fwd(*args, True, rev, rows, out=torch.empty(
+        2, h * w, 4, 96, device='cuda'), save_states=True)     # fp32 outputs of bf16 inputs
+    *ref, states_ref = loop_directions(inp, rev, rows, dy, states=True)
+    assert states.shape == (4, 2, (h * w + 15) // 16, 96, 16)
+    states_err = states_error(states, states_ref)
     for trainable in (False, True):
         du = torch.empty(2, h * w, 4, 96, device='cuda')
         dbc = torch.empty(2, h * w, 4, 6 + 32, device='cuda', dtype=dtype)[..., 6:]
         dA = torch.full_like(inp['A'], float('nan')) if trainable else None
         dD = torch.full_like(inp['D'], float('nan')) if trainable else None
-        _, ddelta, dB, dC = ext.scan_dirs_bwd(*args, dy, True, rev, rows, du_out=du,
+        _, ddelta, dB, dC = ext.scan_dirs_bwd(*args, dy, states, True, rev, rows, du_out=du,
                                               dBC_out=dbc, dA_out=dA, dD_out=dD)
         got = (y, du, ddelta, dB, dC) + ((dA, dD) if trainable else ())
         errs = {name: rel(g, want) for name, g, want in zip(DIRS_OUTPUTS, got, ref)}
+        errs['states'] = states_err
         print(f'SCAN dirs {h}x{w} {dtype} trainable={trainable}: ' +
               ' '.join(f'{k} {v:.1e}' for k, v in errs.items()))
         assert y.dtype == du.dtype == torch.float32 and ddelta.dtype == dtype
@@ -371,18 +424,38 @@ def test_scan_dirs_kernel_matches_the_loop_in_four_orders(h, w, dtype, tol):
         assert rel(row_major, ref[0]) > 1e-2
 
 
-@pytest.mark.parametrize('h,w', [(3, 5), (1, 4)])
+@pytest.mark.parametrize('h,w', [(3, 5), (1, 4), (5, 7)])
 def test_grid_columns_order_and_the_cpu_stand_in(h, w):
-    """The tests' stand-in of the extension walks the grid like the per-token loop."""
+    """The tests' stand-in of the extension walks the grid like the per-token loop (outputs,
+    gradients and saved states)."""
     from scan_ext_reference import ReferenceScanKernels as ext
     assert grid_columns(2, 6) == [0, 3, 1, 4, 2, 5]
     inp = make_directions(2, h, w, 12)
     dy = torch.randn(2, h * w, 12)
     rev, rows = CROSS['reverse'], CROSS['rows'](h)
     args = [inp[n] for n in ('u', 'delta', 'A', 'B', 'C', 'D', 'bias')]
-    y = ext.scan_dirs_fwd(*args, True, rev, rows)
+    y, states = ext.scan_dirs_fwd(*args, True, rev, rows, save_states=True)
+    assert ext.scan_dirs_fwd(*args, True, rev, rows)[1] is None
     dA, dD = torch.empty_like(inp['A']), torch.empty_like(inp['D'])
-    du, ddelta, dB, dC = ext.scan_dirs_bwd(*args, dy, True, rev, rows, dA_out=dA, dD_out=dD)
-    for name, got, want in zip(DIRS_OUTPUTS, (y, du, ddelta, dB, dC, dA, dD),
-                               loop_directions(inp, rev, rows, dy)):
+    du, ddelta, dB, dC = ext.scan_dirs_bwd(*args, dy, states, True, rev, rows, dA_out=dA,
+                                           dD_out=dD)
+    *ref, states_ref = loop_directions(inp, rev, rows, dy, states=True)
+    for name, got, want in zip(DIRS_OUTPUTS, (y, du, ddelta, dB, dC, dA, dD), ref):
         assert rel(got, want) < 1e-5, name
+    assert states.shape == (4, 2, (h * w + 15) // 16, 12, 16)
+    assert states_error(states, states_ref) < 1e-5
+
+
+@pytest.mark.parametrize('reverse', [False, True])
+def test_cpu_stand_in_saves_the_loops_states(reverse):
+    """The stand-in's scan_fwd: the states before every 16th step in scan order, only when
+    asked for."""
+    from scan_ext_reference import ReferenceScanKernels as ext
+    inp = make_inputs(2, 37, 12)
+    args = _kernel_inputs(*(inp[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'bias')),
+                          (inp['S'], inp['W']))
+    y, states = ext.scan_fwd(*args, True, reverse, save_states=True)
+    assert ext.scan_fwd(*args, True, reverse)[1] is None
+    assert rel(y, call(loop_scan, inp, reverse)) < 1e-5
+    assert states.shape == (2, 3, 12, 16)
+    assert states_error(states, call(loop_states, inp, reverse)) < 1e-5

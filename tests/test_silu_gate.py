@@ -238,10 +238,12 @@ def test_fused_memba_gate_keeps_no_gate_input_for_the_backward():
 
 @requires_cuda
 @pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_fused_memba_gate_on_gpu(dtype, tol):
+@pytest.mark.parametrize('residual', [True, False])
+def test_fused_memba_gate_on_gpu(dtype, tol, residual):
     """The CUDA node against an fp64 CPU run of the per-op path; each result within ``tol``
-    relative to its norm, and bf16 no further than the per-op path in bf16 on the GPU is."""
-    gate = MembaGateParams(3, 0.5, 1.0, True)
+    relative to its norm, and bf16 no further than the per-op path in bf16 on the GPU is.
+    z' = z + c is added in the kernels (residual) or is c alone."""
+    gate = MembaGateParams(3, 0.5, 1.0, residual)
     ref, g_ref = lim_grads(memba_norm_silu_gate_per_op, lim_inputs(B=4, L=50, D=64, R=16), gate)
     inp = lim_inputs(B=4, L=50, D=64, R=16, dtype=dtype, device='cuda')
     got, g_got = lim_grads(memba_norm_silu_gate_fused, inp, gate)

@@ -8,7 +8,8 @@ the token-major kernels of memba_vision (``memba_vision._scan_cuda``'s scan and
 conv, which ``ops.bidirectional_ssm`` runs: one direction, with and without Memba's
 fused gate, the kernels alone) and mamba-ssm's ``selective_scan_fn`` on the same data
 in its (b, d, l) layout, forward and forward+backward (gradients for u, delta, B, C
-and z, as in PEFT).
+and z, as in PEFT). memba_vision's forward is timed as training runs it: saving the
+scan's states every 16 steps, which its backward reads.
 It also prints the memory-traffic floor of each call at the measured copy
 bandwidth, so the gap to the hardware is visible. Needs a CUDA GPU.
 """
@@ -91,15 +92,18 @@ def main():
         inputs = [t.detach() for t in (u, delta)] + [A, Bm.detach(), Cm.detach(), Dp,
                                                      z.detach(), bias]
         inputs += [S.detach(), W.detach()] if gate else [None, None]
-        return (lambda: ext.scan_fwd(*inputs, True, True),
-                lambda: ext.scan_bwd(*inputs, dy, True, True))
+        _, states = ext.scan_fwd(*inputs, True, True, save_states=True)  # the backward's input
+        return (lambda: ext.scan_fwd(*inputs, True, True, save_states=True),
+                lambda: ext.scan_bwd(*inputs, dy, states, True, True))
 
     elt = torch.finfo(dt).bits // 8
     tok = b * l * d * elt
+    states_bytes = b * -(-l // 16) * d * n * 4  # fp32 states before every 16th step
     # forward floor: read u, delta, z, write y (B, C, S are small); backward also reads
-    # dy and writes du, ddelta, dz
-    add('memba_vision scan', *ours(False), (4 + 7) * tok)
-    add('memba_vision scan + gate', *ours(True), (4 + 7) * tok)
+    # dy and writes du, ddelta, dz; memba_vision's forward writes the states, its backward
+    # reads them
+    add('memba_vision scan', *ours(False), (4 + 7) * tok + 2 * states_bytes)
+    add('memba_vision scan + gate', *ours(True), (4 + 7) * tok + 2 * states_bytes)
     fn, why = mamba_ssm_scan_fn()
     if fn is not None:
         u_t = u.detach().transpose(1, 2).contiguous().requires_grad_()

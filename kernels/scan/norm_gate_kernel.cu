@@ -1,4 +1,5 @@
-// VMamba's output gate LayerNorm(y) * silu(z) (see NormGateParams).
+// VMamba's output gate LayerNorm(y) * silu(z), z = z + c with a correction c (see
+// NormGateParams).
 //
 // One warp per token row: lane l holds the channel quads l, l + 32, ... of the row in
 // registers (kVec quads at most, a template argument picked from D), so y is read once,
@@ -53,6 +54,18 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The gate input of a quad: z, plus c when given (Memba's correction).
+template <typename T>
+__device__ __forceinline__ F4 gate_input(const NormGateParams& p, int64_t row, int q) {
+  F4 z = load4<T>(p.z, row * p.z_sr + 4 * q);
+  if (p.c != nullptr) {
+    const F4 c = load4<T>(p.c, row * p.dim + 4 * q);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) z.v[e] += c.v[e];
+  }
+  return z;
+}
+
 // silu(z) and its derivative s (1 + z (1 - s)), s = sigmoid(z).
 struct Silu {
   float g, dg;
@@ -97,7 +110,7 @@ norm_gate_fwd_kernel(const NormGateParams p) {
     const int q = lane + 32 * i;
     if (q < nq) {
       const F4 w = load4<float>(p.weight, 4 * q), b = load4<float>(p.bias, 4 * q);
-      const F4 z = load4<T>(p.z, row * p.z_sr + 4 * q);
+      const F4 z = gate_input<T>(p, row, q);
       F4 o;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
@@ -125,7 +138,7 @@ norm_gate_bwd_kernel(const NormGateParams p) {
     if (q < nq) {
       const F4 y = load4<float>(p.y, row * p.dim + 4 * q);
       const F4 w = load4<float>(p.weight, 4 * q), b = load4<float>(p.bias, 4 * q);
-      const F4 z = load4<T>(p.z, row * p.z_sr + 4 * q), g = load4<T>(p.dout, row * p.dim + 4 * q);
+      const F4 z = gate_input<T>(p, row, q), g = load4<T>(p.dout, row * p.dim + 4 * q);
       F4 dz;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {

@@ -1,13 +1,13 @@
 // Python bindings of the token-major scan and conv kernels (module memba_vision._scan_cuda).
 //
 //   scan_fwd(u, delta, A, B, C, D, z, delta_bias, S, W, softplus, reverse,
-//            out=None, out_scale=1, accumulate=False) -> y
-//   scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, softplus, reverse,
+//            out=None, out_scale=1, accumulate=False, save_states=False) -> (y, states)
+//   scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, states, softplus, reverse,
 //            dout_scale=1, dz_out=None, dz_accumulate=False, dBC_out=None, dA_out=None,
 //            dD_out=None) -> (du, ddelta, dz or None, dB, dC)
-//   scan_dirs_fwd(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows, out=None)
-//       -> y (B, L, K, D)
-//   scan_dirs_bwd(u, delta, A, B, C, D, delta_bias, dout, softplus, reverse, rows,
+//   scan_dirs_fwd(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows, out=None,
+//                 save_states=False) -> (y (B, L, K, D), states)
+//   scan_dirs_bwd(u, delta, A, B, C, D, delta_bias, dout, states, softplus, reverse, rows,
 //                 du_out=None, dBC_out=None, dA_out=None, dD_out=None)
 //       -> (du, ddelta (B, L, K, D), dB, dC (B, L, K, 16))
 //       K <= 4 scans of one u in one launch, each with its own delta, B, C (B, L, K, *),
@@ -15,16 +15,20 @@
 //       tokens are a row-major (rows, L / rows) grid, scanned column by column); no gate.
 //       dout (B, L, D) is shared (the scans' outputs are summed downstream); out and du_out
 //       may be fp32 whatever u's dtype.
+//   states: with save_states, the forward also returns the scan's state before every 16th
+//       step, (B, ceil(L / 16), D, 16) fp32 ((K, B, ...) for scan_dirs), which the backward
+//       takes (None without save_states: inference).
 //   conv_fwd(x, weight, bias, reverse, silu) -> y
 //   conv_bwd(x, weight, bias, grad_y, reverse, silu, out=None, accumulate=False) -> dx
 //   lim_pair_fwd(x, u_prev_f, u_prev_b, num_chunks, leak, threshold) -> (out, u_mean)
 //   lim_pair_bwd(x, u_prev_f, u_prev_b, grad_out, grad_mean_f, grad_mean_b, num_chunks,
 //                leak, threshold) -> (grad_x, grad_u_prev_f or None, grad_u_prev_b or None)
-//   norm_gate_fwd(y, weight, bias, eps, z) -> (out, mean, rstd)
-//   norm_gate_bwd(y, weight, bias, z, mean, rstd, dout) -> (dy, dz)
-//       VMamba's output gate LayerNorm(y) * silu(z), y (B, L, D) fp32 contiguous, z (B, L, D)
-//       equally spaced rows (a half of in_proj's output is fine), D % 4 == 0, D <= 2048;
-//       out and dz in z's dtype, dy fp32, contiguous; mean and rstd (B, L) fp32.
+//   norm_gate_fwd(y, weight, bias, eps, z, c=None) -> (out, mean, rstd)
+//   norm_gate_bwd(y, weight, bias, z, mean, rstd, dout, c=None) -> (dy, dz)
+//       VMamba's output gate LayerNorm(y) * silu(z + c), y (B, L, D) fp32 contiguous, z
+//       (B, L, D) equally spaced rows (a half of in_proj's output is fine), c (B, L, D)
+//       contiguous in z's dtype or None, D % 4 == 0, D <= 2048; out and dz (the gradient of
+//       z and of c) in z's dtype, dy fp32, contiguous; mean and rstd (B, L) fp32.
 //
 // The optional outputs let a caller fuse the glue around the kernels: ``out`` /
 // ``dz_out`` / conv ``out`` may be strided (B, L, D) views (e.g. a half of a
@@ -192,31 +196,53 @@ void set_out(ScanParams& p, const at::Tensor& out, double scale, bool accumulate
 }
 
 // The backward's inputs, outputs and scratch of one direction: dout, du and ddelta (B, L, D)
-// views, the chunk-start states ckpt (B, nchunks, D, N), the per-block dB | dC partials dbc
+// views, the forward's states (B, npairs, D, N), the per-block dB | dC partials dbc
 // (B, nblocks, L, 2N) and their sum dbc_sum (B, L, 2N).
 void set_bwd(ScanParams& p, const at::Tensor& dout, double dout_scale, const at::Tensor& du,
-             const at::Tensor& ddelta, const at::Tensor& ckpt, const at::Tensor& dbc,
+             const at::Tensor& ddelta, const at::Tensor& states, const at::Tensor& dbc,
              const at::Tensor& dbc_sum) {
   p.dout = dout.data_ptr(); p.do_sb = dout.stride(0); p.do_sl = dout.stride(1);
   p.dout_scale = static_cast<float>(dout_scale);
   p.du = du.data_ptr(); p.du_sb = du.stride(0); p.du_sl = du.stride(1);
   p.du_f32 = du.scalar_type() == at::kFloat;
   p.ddelta = ddelta.data_ptr(); p.dd_sb = ddelta.stride(0); p.dd_sl = ddelta.stride(1);
-  p.ckpt = ckpt.data_ptr<float>();
+  p.states = states.data_ptr<float>();
   p.dbc = dbc.data_ptr<float>();
   p.dbc_out = dbc_sum.data_ptr(); p.dbc_out_sb = dbc_sum.stride(0);
   p.dbc_out_sl = dbc_sum.stride(1);
   p.dbc_out_f32 = dbc_sum.scalar_type() == at::kFloat;
 }
 
-// Scratch of the backward for ``ndir`` directions of u's shape: chunk-start states
-// (ndir, B, nchunks, D, N) and dB | dC partials (ndir, B, nblocks, L, 2N), fp32.
-std::pair<at::Tensor, at::Tensor> bwd_scratch(const at::Tensor& u, int64_t ndir) {
-  const auto f32 = u.options().dtype(at::kFloat);
-  const int64_t nchunks = (u.size(1) + scan_chunk_len() - 1) / scan_chunk_len();
+// The shape of the states the forward stores for ``ndir`` directions of u's shape:
+// (ndir, B, ceil(L / scan_state_interval()), D, N), without ndir when ``single``.
+std::vector<int64_t> states_shape(const at::Tensor& u, int64_t ndir, bool single) {
+  const int64_t every = scan_state_interval();
+  std::vector<int64_t> shape{ndir, u.size(0), (u.size(1) + every - 1) / every, u.size(2),
+                             kStates};
+  if (single) shape.erase(shape.begin());
+  return shape;
+}
+
+// The forward's states (fp32, contiguous) when ``save``, set in ps; else undefined.
+OptTensor forward_states(ScanDirs& ps, const at::Tensor& u, bool save, bool single) {
+  if (!save) return std::nullopt;
+  at::Tensor states = at::empty(states_shape(u, ps.ndir, false), u.options().dtype(at::kFloat));
+  for (int k = 0; k < ps.ndir; ++k) ps.dir[k].states = states[k].data_ptr<float>();
+  return single ? states[0] : states;
+}
+
+void check_states(const char* op, const at::Tensor& states, const at::Tensor& u, int64_t ndir,
+                  bool single) {
+  check_tensor(op, "states", states, u.device(), at::kFloat, states_shape(u, ndir, single),
+               Strides::kContiguous);
+}
+
+// The backward's per-block dB | dC partials for ``ndir`` directions of u's shape,
+// (ndir, B, nblocks, L, 2N) fp32.
+at::Tensor bwd_scratch(const at::Tensor& u, int64_t ndir) {
   const int64_t nblocks = (u.size(2) + scan_channels_per_block() - 1) / scan_channels_per_block();
-  return {at::empty({ndir, u.size(0), nchunks, u.size(2), kStates}, f32),
-          at::empty({ndir, u.size(0), nblocks, u.size(1), 2 * kStates}, f32)};
+  return at::empty({ndir, u.size(0), nblocks, u.size(1), 2 * kStates},
+                   u.options().dtype(at::kFloat));
 }
 
 // Per-batch-item parts of the A and D gradients of ``ndir`` directions, (ndir, B, D, N) and
@@ -269,11 +295,8 @@ void check_param_grads(const char* op, const at::Tensor& u, int64_t ndir, bool s
   }
 }
 
-// The state checkpoints, then the backward proper (and the dB | dC sums).
 void run_backward(const ScanDirs& ps, const at::Tensor& u, const char* what) {
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  check_cuda(scan_forward(ps, dtype_of(u), true, stream), what);
-  check_cuda(scan_backward(ps, dtype_of(u), stream), what);
+  check_cuda(scan_backward(ps, dtype_of(u), at::cuda::getCurrentCUDAStream()), what);
 }
 
 ScanDirs one_direction(const ScanParams& p) {
@@ -283,11 +306,11 @@ ScanDirs one_direction(const ScanParams& p) {
   return ps;
 }
 
-at::Tensor scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                    const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
-                    const OptTensor& z, const OptTensor& bias, const OptTensor& S,
-                    const OptTensor& W, bool softplus, bool reverse, const OptTensor& out_buf,
-                    double out_scale, bool accumulate) {
+std::tuple<at::Tensor, OptTensor> scan_fwd(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& bias,
+    const OptTensor& S, const OptTensor& W, bool softplus, bool reverse,
+    const OptTensor& out_buf, double out_scale, bool accumulate, bool save_states) {
   const char* op = "memba_vision scan_fwd";
   check_scan_inputs(op, u, delta, A, B, C, D, z, bias, S, W);
   if (present(out_buf)) check_tokens(op, "out", *out_buf, u, u.size(2), /*output=*/true);
@@ -296,20 +319,22 @@ at::Tensor scan_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tens
   const c10::cuda::CUDAGuard guard(u.device());
   at::Tensor out = output_like(out_buf, u);
   set_out(p, out, out_scale, accumulate);
-  check_cuda(scan_forward(one_direction(p), dtype_of(u), false,
-                          at::cuda::getCurrentCUDAStream()), "scan_fwd");
-  return out;
+  ScanDirs ps = one_direction(p);
+  const OptTensor states = forward_states(ps, u, save_states, /*single=*/true);
+  check_cuda(scan_forward(ps, dtype_of(u), at::cuda::getCurrentCUDAStream()), "scan_fwd");
+  return {out, states};
 }
 
 std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& bias,
-    const OptTensor& S, const OptTensor& W, const at::Tensor& dout, bool softplus, bool reverse,
-    double dout_scale, const OptTensor& dz_out, bool dz_accumulate, const OptTensor& dBC_out,
-    const OptTensor& dA_out, const OptTensor& dD_out) {
+    const OptTensor& S, const OptTensor& W, const at::Tensor& dout, const at::Tensor& states,
+    bool softplus, bool reverse, double dout_scale, const OptTensor& dz_out, bool dz_accumulate,
+    const OptTensor& dBC_out, const OptTensor& dA_out, const OptTensor& dD_out) {
   const char* op = "memba_vision scan_bwd";
   check_scan_inputs(op, u, delta, A, B, C, D, z, bias, S, W);
   check_tokens(op, "dout", dout, u, u.size(2));
+  check_states(op, states, u, 1, /*single=*/true);
   const bool has_z = present(z) || present(S);
   MEMBA_CHECK(!dz_accumulate || present(dz_out), op, ": dz_accumulate needs dz_out");
   MEMBA_CHECK(!present(dz_out) || has_z, op, ": dz_out without z or a gate");
@@ -322,12 +347,12 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
   check_param_grads(op, u, 1, true, dA_out, dD_out);
   ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
   const c10::cuda::CUDAGuard guard(u.device());
-  const auto [ckpt, dbc] = bwd_scratch(u, 1);
+  const at::Tensor dbc = bwd_scratch(u, 1);
   at::Tensor dbc_sum = present(dBC_out)
       ? *dBC_out : at::empty({u.size(0), u.size(1), 2 * kStates}, u.options().dtype(at::kFloat));
   at::Tensor du = at::empty(u.sizes(), u.options());
   at::Tensor ddelta = at::empty(u.sizes(), u.options());
-  set_bwd(p, dout, dout_scale, du, ddelta, ckpt[0], dbc[0], dbc_sum);
+  set_bwd(p, dout, dout_scale, du, ddelta, states, dbc[0], dbc_sum);
   OptTensor dz;
   if (p.has_z) {
     dz = output_like(dz_out, u);
@@ -382,10 +407,11 @@ ScanParams dir_params(const at::Tensor& u, const at::Tensor& delta, const at::Te
                      std::nullopt, bk, std::nullopt, std::nullopt, softplus, reverse[k], rows[k]);
 }
 
-at::Tensor scan_dirs_fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                         const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
-                         const OptTensor& bias, bool softplus, const std::vector<bool>& reverse,
-                         const std::vector<int64_t>& rows, const OptTensor& out_buf) {
+std::tuple<at::Tensor, OptTensor> scan_dirs_fwd(
+    const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+    const at::Tensor& C, const OptTensor& D, const OptTensor& bias, bool softplus,
+    const std::vector<bool>& reverse, const std::vector<int64_t>& rows, const OptTensor& out_buf,
+    bool save_states) {
   const char* op = "memba_vision scan_dirs_fwd";
   const int64_t K = check_dirs_inputs(op, u, delta, A, B, C, D, bias, reverse, rows);
   if (present(out_buf)) {  // u's dtype, or fp32
@@ -401,21 +427,22 @@ at::Tensor scan_dirs_fwd(const at::Tensor& u, const at::Tensor& delta, const at:
     ps.dir[k] = dir_params(u, delta, A, B, C, D, bias, softplus, reverse, rows, k);
     set_out(ps.dir[k], out.select(2, k), 1.0, false);
   }
-  check_cuda(scan_forward(ps, dtype_of(u), false, at::cuda::getCurrentCUDAStream()),
-             "scan_dirs_fwd");
-  return out;
+  const OptTensor states = forward_states(ps, u, save_states, /*single=*/false);
+  check_cuda(scan_forward(ps, dtype_of(u), at::cuda::getCurrentCUDAStream()), "scan_dirs_fwd");
+  return {out, states};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_dirs_bwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const OptTensor& D, const OptTensor& bias, const at::Tensor& dout,
-    bool softplus, const std::vector<bool>& reverse, const std::vector<int64_t>& rows,
-    const OptTensor& du_out, const OptTensor& dBC_out, const OptTensor& dA_out,
-    const OptTensor& dD_out) {
+    const at::Tensor& states, bool softplus, const std::vector<bool>& reverse,
+    const std::vector<int64_t>& rows, const OptTensor& du_out, const OptTensor& dBC_out,
+    const OptTensor& dA_out, const OptTensor& dD_out) {
   const char* op = "memba_vision scan_dirs_bwd";
   const int64_t K = check_dirs_inputs(op, u, delta, A, B, C, D, bias, reverse, rows);
   const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2);
   check_tokens(op, "dout", dout, u, dim);
+  check_states(op, states, u, K, /*single=*/false);
   if (present(du_out)) {  // u's dtype, or fp32
     const at::ScalarType dtypes[] = {u.scalar_type(), at::kFloat};
     check_tensor(op, "du_out", *du_out, u.device(), dtypes, {batch, L, K, dim},
@@ -428,7 +455,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_dirs_bwd(
   }
   check_param_grads(op, u, K, false, dA_out, dD_out);
   const c10::cuda::CUDAGuard guard(u.device());
-  const auto [ckpt, dbc] = bwd_scratch(u, K);
+  const at::Tensor dbc = bwd_scratch(u, K);
   at::Tensor dbc_sum = present(dBC_out)
       ? *dBC_out : at::empty({batch, L, K, 2 * kStates}, u.options().dtype(at::kFloat));
   at::Tensor du = output_like(du_out, u, {batch, L, K, dim});
@@ -437,7 +464,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_dirs_bwd(
   ps.ndir = static_cast<int>(K);
   for (int64_t k = 0; k < K; ++k) {
     ps.dir[k] = dir_params(u, delta, A, B, C, D, bias, softplus, reverse, rows, k);
-    set_bwd(ps.dir[k], dout, 1.0, du.select(2, k), ddelta.select(2, k), ckpt[k], dbc[k],
+    set_bwd(ps.dir[k], dout, 1.0, du.select(2, k), ddelta.select(2, k), states[k], dbc[k],
             dbc_sum.select(2, k));
   }
   const auto items = param_grad_items(ps, u, dA_out, dD_out);
@@ -605,7 +632,7 @@ std::tuple<at::Tensor, OptTensor, OptTensor> lim_pair_bwd(
 // norm_gate inputs: z (B, L, D) (checked like u) whose rows (b, t) are equally spaced and
 // 4-element aligned; y (B, L, D) fp32 contiguous; weight and bias (D,) fp32 contiguous.
 void check_norm_gate_inputs(const char* op, const at::Tensor& y, const at::Tensor& weight,
-                            const at::Tensor& bias, const at::Tensor& z) {
+                            const at::Tensor& bias, const at::Tensor& z, const OptTensor& c) {
   check_leading(op, "z", z);
   const int64_t D = z.size(2);
   MEMBA_CHECK(D % 4 == 0 && D <= kNormGateMaxDim, op, ": the channel count must be a multiple "
@@ -620,10 +647,13 @@ void check_norm_gate_inputs(const char* op, const at::Tensor& y, const at::Tenso
                Strides::kContiguous);
   check_param(op, "weight", weight, z, {D});
   check_param(op, "bias", bias, z, {D});
+  if (present(c)) check_tensor(op, "c", *c, z.device(), z.scalar_type(), z.sizes(),
+                               Strides::kContiguous);
 }
 
 NormGateParams make_norm_gate(const at::Tensor& y, const at::Tensor& weight,
-                              const at::Tensor& bias, double eps, const at::Tensor& z) {
+                              const at::Tensor& bias, double eps, const at::Tensor& z,
+                              const OptTensor& c) {
   NormGateParams p{};
   p.rows = z.size(0) * z.size(1);
   p.dim = static_cast<int>(z.size(2));
@@ -633,14 +663,15 @@ NormGateParams make_norm_gate(const at::Tensor& y, const at::Tensor& weight,
   p.bias = bias.data_ptr<float>();
   p.z = z.data_ptr();
   p.z_sr = z.stride(1);
+  p.c = present(c) ? c->data_ptr() : nullptr;
   return p;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_gate_fwd(
     const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias, double eps,
-    const at::Tensor& z) {
-  check_norm_gate_inputs("memba_vision norm_gate_fwd", y, weight, bias, z);
-  NormGateParams p = make_norm_gate(y, weight, bias, eps, z);
+    const at::Tensor& z, const OptTensor& c) {
+  check_norm_gate_inputs("memba_vision norm_gate_fwd", y, weight, bias, z, c);
+  NormGateParams p = make_norm_gate(y, weight, bias, eps, z, c);
   const c10::cuda::CUDAGuard guard(z.device());
   at::Tensor out = at::empty(z.sizes(), z.options());
   at::Tensor mean = at::empty({z.size(0), z.size(1)}, y.options());
@@ -655,15 +686,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> norm_gate_fwd(
 
 std::tuple<at::Tensor, at::Tensor> norm_gate_bwd(
     const at::Tensor& y, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& z,
-    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& dout) {
+    const at::Tensor& mean, const at::Tensor& rstd, const at::Tensor& dout, const OptTensor& c) {
   const char* op = "memba_vision norm_gate_bwd";
-  check_norm_gate_inputs(op, y, weight, bias, z);
+  check_norm_gate_inputs(op, y, weight, bias, z, c);
   check_tensor(op, "mean", mean, z.device(), at::kFloat, {z.size(0), z.size(1)},
                Strides::kContiguous);
   check_tensor(op, "rstd", rstd, z.device(), at::kFloat, {z.size(0), z.size(1)},
                Strides::kContiguous);
   check_tensor(op, "dout", dout, z.device(), z.scalar_type(), z.sizes(), Strides::kContiguous);
-  NormGateParams p = make_norm_gate(y, weight, bias, 0.0, z);
+  NormGateParams p = make_norm_gate(y, weight, bias, 0.0, z, c);
   const c10::cuda::CUDAGuard guard(z.device());
   at::Tensor dy = at::empty(z.sizes(), y.options());
   at::Tensor dz = at::empty(z.sizes(), z.options());
@@ -699,21 +730,23 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
         py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("softplus"),
         py::arg("reverse"), py::arg("out") = py::none(), py::arg("out_scale") = 1.0,
-        py::arg("accumulate") = false);
+        py::arg("accumulate") = false, py::arg("save_states") = false);
   m.def("scan_bwd", &memba_scan::scan_bwd, "selective scan backward", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
-        py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("dout"), py::arg("softplus"),
-        py::arg("reverse"), py::arg("dout_scale") = 1.0, py::arg("dz_out") = py::none(),
-        py::arg("dz_accumulate") = false, py::arg("dBC_out") = py::none(),
-        py::arg("dA_out") = py::none(), py::arg("dD_out") = py::none());
+        py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("dout"), py::arg("states"),
+        py::arg("softplus"), py::arg("reverse"), py::arg("dout_scale") = 1.0,
+        py::arg("dz_out") = py::none(), py::arg("dz_accumulate") = false,
+        py::arg("dBC_out") = py::none(), py::arg("dA_out") = py::none(),
+        py::arg("dD_out") = py::none());
   m.def("scan_dirs_fwd", &memba_scan::scan_dirs_fwd, "selective scans of one input in up to "
         "four directions, one launch", py::arg("u"), py::arg("delta"), py::arg("A"), py::arg("B"),
         py::arg("C"), py::arg("D"), py::arg("delta_bias"), py::arg("softplus"),
-        py::arg("reverse"), py::arg("rows"), py::arg("out") = py::none());
+        py::arg("reverse"), py::arg("rows"), py::arg("out") = py::none(),
+        py::arg("save_states") = false);
   m.def("scan_dirs_bwd", &memba_scan::scan_dirs_bwd, "backward of scan_dirs_fwd", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"),
-        py::arg("D"), py::arg("delta_bias"), py::arg("dout"), py::arg("softplus"),
-        py::arg("reverse"), py::arg("rows"), py::arg("du_out") = py::none(),
+        py::arg("D"), py::arg("delta_bias"), py::arg("dout"), py::arg("states"),
+        py::arg("softplus"), py::arg("reverse"), py::arg("rows"), py::arg("du_out") = py::none(),
         py::arg("dBC_out") = py::none(), py::arg("dA_out") = py::none(),
         py::arg("dD_out") = py::none());
   m.def("conv_fwd", &memba_scan::conv_fwd, "depthwise causal conv + SiLU forward");
@@ -723,8 +756,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lim_pair_fwd", &memba_scan::lim_pair_fwd, "LIM of both scan directions, forward");
   m.def("lim_pair_bwd", &memba_scan::lim_pair_bwd, "LIM of both scan directions, backward");
   m.def("norm_gate_fwd", &memba_scan::norm_gate_fwd, "LayerNorm(y) * silu(z), forward",
-        py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("z"));
+        py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("z"),
+        py::arg("c") = py::none());
   m.def("norm_gate_bwd", &memba_scan::norm_gate_bwd, "LayerNorm(y) * silu(z), backward",
         py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("z"), py::arg("mean"),
-        py::arg("rstd"), py::arg("dout"));
+        py::arg("rstd"), py::arg("dout"), py::arg("c") = py::none());
 }

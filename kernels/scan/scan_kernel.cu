@@ -16,8 +16,10 @@
 // are short so that the backward's per-step states fit in registers with 3 blocks per
 // multiprocessor (the forward runs 4).
 //
-// Backward, per chunk from last to first: the chunk's states are recomputed from
-// the checkpoint stored at its start (kept in registers), then the adjoint
+// Backward, per pair of chunks from last to first: the forward stored the state at the start
+// of every pair (every kStateEvery = 16 steps); the second chunk's start state is recomputed
+// from it over the first chunk's steps. Per chunk, the chunk's states are recomputed from its
+// start state into registers, then the adjoint
 //   dh[s] = C[s] dy[s] + exp(dt[s+1] A) dh[s+1]
 // runs backwards. dB[s] and dC[s] are sums over channels: 7 shuffles reduce a
 // warp's 8 channels (each lane ends with one of the 32 sums), shared memory the
@@ -42,6 +44,8 @@ constexpr int kCh = 64;                       // channels per block
 constexpr int kThreads = kCh * kLanesPerCh;   // 256
 constexpr int kWarps = kThreads / 32;
 constexpr int kK = 8;                         // steps per chunk
+constexpr int kPair = 2;                      // chunks per state stored by the forward
+constexpr int kStateEvery = kPair * kK;       // steps between stored states
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFull = 0xffffffffu;
 static_assert(kGateRank == kStates, "B, C and S are staged together");
@@ -66,6 +70,14 @@ __device__ __forceinline__ float sum4lanes(float v) {
 __device__ __forceinline__ int time_of(const ScanParams& p, int s) {
   const int t = p.reverse ? p.seqlen - 1 - s : s;
   return p.rows > 0 ? (t % p.rows) * (p.seqlen / p.rows) + t / p.rows : t;
+}
+
+// Offset of thread (channel d, lane group sg)'s 4 states in the stored states
+// (B, npairs, D, N) at pair q, i.e. before scan step q * kStateEvery.
+__device__ __forceinline__ int64_t state_offset(const ScanParams& p, int b, int q, int d,
+                                                int sg) {
+  const int npairs = (p.nchunks + kPair - 1) / kPair;
+  return ((static_cast<int64_t>(b) * npairs + q) * p.dim + d) * kStates + sg * kSPT;
 }
 
 // Shared-memory staging of one chunk (steps k0 .. k0+nk-1 in scan order).
@@ -125,15 +137,14 @@ struct Needs {
 };
 
 // One chunk's inputs as copied from global memory, in each thread's own slots: a token-channel
-// pair (step k = tid / 32, channels 2 (tid % 32) + 0..1) of u, delta, z and dout, a step-state
-// pair of B (threads 0-63), C (64-127) or S (128-191), and (backward) the thread's states at
-// the chunk's start. The copies of chunk c+1 (c-1 backwards) are in flight while the block
-// scans chunk c, and every thread reads back only what it copied itself, so only
-// ``cp_async_wait_all`` separates a copy from its use.
+// pair (step k = tid / 32, channels 2 (tid % 32) + 0..1) of u, delta, z and dout, and a
+// step-state pair of B (threads 0-63), C (64-127) or S (128-191). The copies of chunk c+1
+// (the previous pair backwards) are in flight while the block scans chunk c, and every
+// thread reads back only what it copied itself, so only ``cp_async_wait_all`` separates a
+// copy from its use.
 template <typename T>
 struct RawChunk {
   Two<T> u[kThreads], dt[kThreads], z[kThreads], dout[kThreads], bcs[kThreads];
-  float4 h0[kThreads];
 
   // Per tensor: whether pairs can be copied in one access.
   struct Aligned {
@@ -148,10 +159,8 @@ struct RawChunk {
           S(pairs_aligned<T>(p.S, p.S_sb, p.S_sl)) {}
   };
 
-  // Starts the copies of chunk c (steps k0 .. k0+nk-1); ``h0_from`` (or null) holds the
-  // thread's checkpointed states of the chunk.
-  __device__ void copy(const ScanParams& p, Needs need, int b, int d0, int k0, int nk,
-                       const float* h0_from) {
+  // Starts the copies of the chunk of steps k0 .. k0+nk-1 (and commits them).
+  __device__ void copy(const ScanParams& p, Needs need, int b, int d0, int k0, int nk) {
     const int tid = threadIdx.x;
     const Aligned al(p);
     {
@@ -174,7 +183,6 @@ struct RawChunk {
     } else if (which == 2 && need.z) {
       copy2<T>(bcs[tid], p.S, b * p.S_sb + t * p.S_sl + q, p.has_gate ? n : 0, al.S);
     }
-    if (h0_from != nullptr) cp_async<16>(&h0[tid], h0_from, 16);
     cp_async_commit();
   }
 
@@ -245,7 +253,7 @@ __device__ void store_tile(const ScanParams& p, const float (*tile)[kCh], void* 
   }
 }
 
-template <typename T, bool kOut>
+template <typename T>
 __global__ void __launch_bounds__(kThreads, 4)
 scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
   const ScanParams& p = ps.dir[blockIdx.z];
@@ -264,8 +272,8 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
   const float Dd = (p.has_D && dvalid) ? p.Dv[d] : 0.f;
   using Raw = RawChunk<T>;
   __shared__ Raw raw;
-  const Needs need{kOut, kOut, false};
-  raw.copy(p, need, b, d0, 0, min(kK, p.seqlen), nullptr);
+  const Needs need{true, true, false};
+  raw.copy(p, need, b, d0, 0, min(kK, p.seqlen));
 
   for (int c = 0; c < p.nchunks; ++c) {
     const int k0 = c * kK, nk = min(kK, p.seqlen - k0);
@@ -274,12 +282,11 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
     raw.stage(p, st, need, d0, nk, nullptr, nullptr);
     __syncthreads();
     if (c + 1 < p.nchunks) {
-      raw.copy(p, need, b, d0, k0 + kK, min(kK, p.seqlen - k0 - kK), nullptr);
+      raw.copy(p, need, b, d0, k0 + kK, min(kK, p.seqlen - k0 - kK));
     }
-    if (p.ckpt != nullptr && dvalid) {
-      float4 v = make_float4(h[0], h[1], h[2], h[3]);
-      *reinterpret_cast<float4*>(
-          p.ckpt + ((static_cast<int64_t>(b) * p.nchunks + c) * p.dim + d) * kStates + sg * kSPT) = v;
+    if (p.states != nullptr && dvalid && c % kPair == 0) {
+      *reinterpret_cast<float4*>(p.states + state_offset(p, b, c / kPair, d, sg)) =
+          make_float4(h[0], h[1], h[2], h[3]);
     }
     // Steps past the end (k >= nk, last chunk only) were staged as zeros: dt = 0
     // leaves h unchanged and their outputs are not stored, so no guard is needed
@@ -291,41 +298,48 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
       const float Bj[kSPT] = {Bv.x, Bv.y, Bv.z, Bv.w};
 #pragma unroll
       for (int j = 0; j < kSPT; ++j) h[j] = fmaf(exp2f(dt * A2[j]), h[j], dtu * Bj[j]);
-      if (kOut) {
-        const float4 Cv = *reinterpret_cast<const float4*>(&st.C[k][sg * kSPT]);
-        const float y = sum4lanes(Cv.x * h[0] + Cv.y * h[1] + Cv.z * h[2] + Cv.w * h[3]);
-        float corr = 0.f;
-        if (p.has_gate) {
-          const float4 Sv = *reinterpret_cast<const float4*>(&st.S[k][sg * kSPT]);
-          corr = sum4lanes(Sv.x * W4[0] + Sv.y * W4[1] + Sv.z * W4[2] + Sv.w * W4[3]);
-        }
-        float o = y + Dd * u;
-        if (p.has_z) {
-          const float zz = st.z[k][cl] + corr;
-          o *= zz * sigmoid(zz);
-        }
-        if (sg == 0) s_y[k][cl] = o;
+      const float4 Cv = *reinterpret_cast<const float4*>(&st.C[k][sg * kSPT]);
+      const float y = sum4lanes(Cv.x * h[0] + Cv.y * h[1] + Cv.z * h[2] + Cv.w * h[3]);
+      float corr = 0.f;
+      if (p.has_gate) {
+        const float4 Sv = *reinterpret_cast<const float4*>(&st.S[k][sg * kSPT]);
+        corr = sum4lanes(Sv.x * W4[0] + Sv.y * W4[1] + Sv.z * W4[2] + Sv.w * W4[3]);
       }
+      float o = y + Dd * u;
+      if (p.has_z) {
+        const float zz = st.z[k][cl] + corr;
+        o *= zz * sigmoid(zz);
+      }
+      if (sg == 0) s_y[k][cl] = o;
     }
     __syncthreads();
-    if (kOut) {
-      if (p.out_f32)
-        store_tile<float>(p, s_y, p.out, p.out_sb, p.out_sl, p.out_scale, p.out_accum, b, d0, k0,
-                          nk);
-      else
-        store_tile<T>(p, s_y, p.out, p.out_sb, p.out_sl, p.out_scale, p.out_accum, b, d0, k0, nk);
-    }
+    if (p.out_f32)
+      store_tile<float>(p, s_y, p.out, p.out_sb, p.out_sl, p.out_scale, p.out_accum, b, d0, k0,
+                        nk);
+    else
+      store_tile<T>(p, s_y, p.out, p.out_sb, p.out_sl, p.out_scale, p.out_accum, b, d0, k0, nk);
   }
 }
+
+// The backward's shared memory (dynamic: it exceeds the 48 KB of static shared memory): the
+// staged inputs of a pair of chunks, the thread's states at the pair's start, the chunk's
+// output tiles and dB/dC reduction slots, and the raw copies of the next pair.
+template <typename T>
+struct BwdShared {
+  Stage st[kPair];
+  float s_do[kPair][kK][kCh], s_dsp[kPair][kK][kCh];
+  float s_du[kK][kCh], s_ddt[kK][kCh], s_dz[kK][kCh], s_dy[kK][kCh];
+  float s_red[kWarps][kK][2 * kStates];
+  float4 h0[kThreads];
+  RawChunk<T> raw[kPair];
+};
 
 template <typename T, bool kParamGrads>
 __global__ void __launch_bounds__(kThreads, 3)
 scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
   const ScanParams& p = ps.dir[blockIdx.z];
-  __shared__ Stage st;
-  __shared__ float s_do[kK][kCh], s_dsp[kK][kCh];
-  __shared__ float s_du[kK][kCh], s_ddt[kK][kCh], s_dz[kK][kCh], s_dy[kK][kCh];
-  __shared__ float s_red[kWarps][kK][2 * kStates];
+  extern __shared__ __align__(16) unsigned char smem[];
+  BwdShared<T>& sh = *reinterpret_cast<BwdShared<T>*>(smem);
   const int tid = threadIdx.x, cl = tid / kLanesPerCh, sg = tid % kLanesPerCh;
   const int lane = tid % 32, warp = tid / 32;
   const int b = blockIdx.y, d0 = blockIdx.x * kCh, d = d0 + cl;
@@ -342,30 +356,24 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
   // Reduced dB/dC slot of this lane after the transposing reduction (see below).
   const int red_ch = lane >> 2;
   const int red_slot = (red_ch >> 2) * kStates + sg * kSPT + (red_ch & 3);
-  using Raw = RawChunk<T>;
-  __shared__ Raw raw;
   const Needs need{true, true, true};
-  // This thread's states at the start of chunk c (the forward's checkpoint), or null.
-  auto checkpoint = [&](int c) -> const float* {
-    return dvalid
-        ? p.ckpt + ((static_cast<int64_t>(b) * p.nchunks + c) * p.dim + d) * kStates + sg * kSPT
-        : nullptr;
+  const int npairs = (p.nchunks + kPair - 1) / kPair;
+  // Starts the copies of pair q: the thread's stored states at its start and its chunks.
+  auto copy_pair = [&](int q) {
+    if (dvalid) cp_async<16>(&sh.h0[tid], p.states + state_offset(p, b, q, d, sg), 16);
+    for (int i = 0; i < kPair && kPair * q + i < p.nchunks; ++i) {
+      const int k0 = (kPair * q + i) * kK;
+      sh.raw[i].copy(p, need, b, d0, k0, min(kK, p.seqlen - k0));
+    }
   };
-  const int c_last = p.nchunks - 1;
-  raw.copy(p, need, b, d0, c_last * kK, p.seqlen - c_last * kK, checkpoint(c_last));
 
-  for (int c = c_last; c >= 0; --c) {
+  // Chunk c's gradients from its start state h (two steps, one barrier, the stores); its
+  // inputs are staged in st, s_do and s_dsp.
+  auto chunk_backward = [&](const Stage& st, const float (*s_do)[kCh],
+                            const float (*s_dsp)[kCh], float (&h)[kSPT], int c) {
     const int k0 = c * kK, nk = min(kK, p.seqlen - k0);
-    // st, s_do and s_dsp are free: every thread is past the barrier that follows the last
-    // chunk's steps (the stores after it read only s_du, s_ddt, s_dz and s_red, which are
-    // written after the next barrier)
-    raw.stage(p, st, need, d0, nk, s_dsp, s_do);
-    const float4 h0 = dvalid ? raw.h0[tid] : make_float4(0.f, 0.f, 0.f, 0.f);
-    float h[kSPT] = {h0.x, h0.y, h0.z, h0.w}, hist[kK][kSPT];
-    __syncthreads();
-    if (c > 0) raw.copy(p, need, b, d0, k0 - kK, kK, checkpoint(c - 1));
-
-    // 1. recompute the chunk's states from its checkpoint; dy and dz' per step
+    float hist[kK][kSPT];
+    // 1. recompute the chunk's states from its start state; dy and dz' per step
     // As in the forward kernel, padded steps (k >= nk) are harmless: dt = 0 and
     // dout = 0 there, and in the adjoint below they come first, while g is still 0.
 #pragma unroll
@@ -391,81 +399,115 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
         const float zz = st.z[k][cl] + corr, sz = sigmoid(zz);
         const float o = y + Dd * u;
         dy = go * zz * sz;
-        if (sg == 0) s_dz[k][cl] = go * o * sz * (1.f + zz * (1.f - sz));
+        if (sg == 0) sh.s_dz[k][cl] = go * o * sz * (1.f + zz * (1.f - sz));
       }
-      if (sg == 0) s_dy[k][cl] = dy;
+      if (sg == 0) sh.s_dy[k][cl] = dy;
     }
     __syncwarp();  // s_dy: a channel's 4 lanes are in one warp
 
     // 2. adjoint recurrence, last step of the chunk first
 #pragma unroll
     for (int k = kK - 1; k >= 0; --k) {
-      {
-        const float u = st.u[k][cl], dt = st.dt[k][cl], dtu = dt * u, dy = s_dy[k][cl];
-        const float4 Bv = *reinterpret_cast<const float4*>(&st.B[k][sg * kSPT]);
-        const float4 Cv = *reinterpret_cast<const float4*>(&st.C[k][sg * kSPT]);
-        const float Bj[kSPT] = {Bv.x, Bv.y, Bv.z, Bv.w};
-        const float Cj[kSPT] = {Cv.x, Cv.y, Cv.z, Cv.w};
-        float ddt = 0.f, du = 0.f, v[2 * kSPT];
+      const float u = st.u[k][cl], dt = st.dt[k][cl], dtu = dt * u, dy = sh.s_dy[k][cl];
+      const float4 Bv = *reinterpret_cast<const float4*>(&st.B[k][sg * kSPT]);
+      const float4 Cv = *reinterpret_cast<const float4*>(&st.C[k][sg * kSPT]);
+      const float Bj[kSPT] = {Bv.x, Bv.y, Bv.z, Bv.w};
+      const float Cj[kSPT] = {Cv.x, Cv.y, Cv.z, Cv.w};
+      float ddt = 0.f, du = 0.f, v[2 * kSPT];
 #pragma unroll
-        for (int j = 0; j < kSPT; ++j) {
-          const float dh = fmaf(Cj[j], dy, g[j]);
-          const float decayed = hist[k][j] - dtu * Bj[j];  // exp(dt A) h[s-1] = h[s] - dt B u
-          // d h[s] / d dt[s] = A exp(dt A) h[s-1] + B u
-          ddt = fmaf(dh, fmaf(A2[j] * (1.f / kLog2e), decayed, Bj[j] * u), ddt);
-          if (kParamGrads) dA[j] = fmaf(dh * dt, decayed, dA[j]);  // d h[s] / d A
-          du = fmaf(dh, Bj[j], du);
-          v[j] = dh * dtu;              // dB partial
-          v[kSPT + j] = dy * hist[k][j];  // dC partial
-          g[j] = exp2f(dt * A2[j]) * dh;
-        }
-        if (kParamGrads) dD = fmaf(dy, u, dD);
-        ddt = sum4lanes(ddt);
-        du = sum4lanes(du);
-        if (sg == 0) {
-          s_du[k][cl] = fmaf(du, dt, Dd * dy);
-          s_ddt[k][cl] = ddt * s_dsp[k][cl];
-        }
-        // Sum v over the warp's 8 channels (lanes with equal sg): halve the values held
-        // per lane at each of the 3 levels; lane (ch, sg) ends with slot red_slot.
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const bool up = lane & 16;
-          const float send = up ? v[i] : v[i + 4], keep = up ? v[i + 4] : v[i];
-          v[i] = keep + __shfl_xor_sync(kFull, send, 16);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const bool up = lane & 8;
-          const float send = up ? v[i] : v[i + 2], keep = up ? v[i + 2] : v[i];
-          v[i] = keep + __shfl_xor_sync(kFull, send, 8);
-        }
-        {
-          const bool up = lane & 4;
-          const float send = up ? v[0] : v[1], keep = up ? v[1] : v[0];
-          v[0] = keep + __shfl_xor_sync(kFull, send, 4);
-        }
-        s_red[warp][k][red_slot] = v[0];
+      for (int j = 0; j < kSPT; ++j) {
+        const float dh = fmaf(Cj[j], dy, g[j]);
+        const float decayed = hist[k][j] - dtu * Bj[j];  // exp(dt A) h[s-1] = h[s] - dt B u
+        // d h[s] / d dt[s] = A exp(dt A) h[s-1] + B u
+        ddt = fmaf(dh, fmaf(A2[j] * (1.f / kLog2e), decayed, Bj[j] * u), ddt);
+        if (kParamGrads) dA[j] = fmaf(dh * dt, decayed, dA[j]);  // d h[s] / d A
+        du = fmaf(dh, Bj[j], du);
+        v[j] = dh * dtu;              // dB partial
+        v[kSPT + j] = dy * hist[k][j];  // dC partial
+        g[j] = exp2f(dt * A2[j]) * dh;
       }
+      if (kParamGrads) dD = fmaf(dy, u, dD);
+      ddt = sum4lanes(ddt);
+      du = sum4lanes(du);
+      if (sg == 0) {
+        sh.s_du[k][cl] = fmaf(du, dt, Dd * dy);
+        sh.s_ddt[k][cl] = ddt * s_dsp[k][cl];
+      }
+      // Sum v over the warp's 8 channels (lanes with equal sg): halve the values held
+      // per lane at each of the 3 levels; lane (ch, sg) ends with slot red_slot.
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const bool up = lane & 16;
+        const float send = up ? v[i] : v[i + 4], keep = up ? v[i + 4] : v[i];
+        v[i] = keep + __shfl_xor_sync(kFull, send, 16);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const bool up = lane & 8;
+        const float send = up ? v[i] : v[i + 2], keep = up ? v[i + 2] : v[i];
+        v[i] = keep + __shfl_xor_sync(kFull, send, 8);
+      }
+      {
+        const bool up = lane & 4;
+        const float send = up ? v[0] : v[1], keep = up ? v[1] : v[0];
+        v[0] = keep + __shfl_xor_sync(kFull, send, 4);
+      }
+      sh.s_red[warp][k][red_slot] = v[0];
     }
     __syncthreads();
 
     // 3. write the chunk's gradients and dB/dC partials
     if (p.du_f32)
-      store_tile<float>(p, s_du, p.du, p.du_sb, p.du_sl, 1.f, false, b, d0, k0, nk);
+      store_tile<float>(p, sh.s_du, p.du, p.du_sb, p.du_sl, 1.f, false, b, d0, k0, nk);
     else
-      store_tile<T>(p, s_du, p.du, p.du_sb, p.du_sl, 1.f, false, b, d0, k0, nk);
-    store_tile<T>(p, s_ddt, p.ddelta, p.dd_sb, p.dd_sl, 1.f, false, b, d0, k0, nk);
-    if (p.has_z) store_tile<T>(p, s_dz, p.dz, p.dz_sb, p.dz_sl, 1.f, p.dz_accum, b, d0, k0, nk);
+      store_tile<T>(p, sh.s_du, p.du, p.du_sb, p.du_sl, 1.f, false, b, d0, k0, nk);
+    store_tile<T>(p, sh.s_ddt, p.ddelta, p.dd_sb, p.dd_sl, 1.f, false, b, d0, k0, nk);
+    if (p.has_z) {
+      store_tile<T>(p, sh.s_dz, p.dz, p.dz_sb, p.dz_sl, 1.f, p.dz_accum, b, d0, k0, nk);
+    }
     for (int i = tid; i < kK * 2 * kStates; i += kThreads) {
       const int k = i / (2 * kStates), q = i % (2 * kStates);
       if (k < nk) {
         float s = 0.f;
 #pragma unroll
-        for (int w = 0; w < kWarps; ++w) s += s_red[w][k][q];
+        for (int w = 0; w < kWarps; ++w) s += sh.s_red[w][k][q];
         const int t = time_of(p, k0 + k);
-        p.dbc[((static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * p.seqlen + t) * 2 * kStates + q] = s;
+        p.dbc[((static_cast<int64_t>(b) * gridDim.x + blockIdx.x) * p.seqlen + t) * 2 * kStates
+              + q] = s;
       }
+    }
+  };
+
+  copy_pair(npairs - 1);
+  for (int q = npairs - 1; q >= 0; --q) {
+    const int c0 = kPair * q, n = min(kPair, p.nchunks - c0);
+    // st, s_do and s_dsp are free: every thread is past the barrier that follows the last
+    // chunk's steps (the stores after it read only s_du, s_ddt, s_dz and s_red)
+    for (int i = 0; i < n; ++i) {
+      sh.raw[i].stage(p, sh.st[i], need, d0, min(kK, p.seqlen - (c0 + i) * kK), sh.s_dsp[i],
+                      sh.s_do[i]);
+    }
+    const float4 h0 = dvalid ? sh.h0[tid] : make_float4(0.f, 0.f, 0.f, 0.f);
+    __syncthreads();
+    if (q > 0) copy_pair(q - 1);
+#pragma unroll 1
+    for (int i = n - 1; i >= 0; --i) {
+      float h[kSPT] = {h0.x, h0.y, h0.z, h0.w};
+      // a later chunk's start state: the earlier chunks' steps from the pair's stored state
+#pragma unroll 1
+      for (int e = 0; e < i; ++e) {
+#pragma unroll
+        for (int k = 0; k < kK; ++k) {
+          const float dt = sh.st[e].dt[k][cl], dtu = dt * sh.st[e].u[k][cl];
+          const float4 Bv = *reinterpret_cast<const float4*>(&sh.st[e].B[k][sg * kSPT]);
+          const float Bj[kSPT] = {Bv.x, Bv.y, Bv.z, Bv.w};
+#pragma unroll
+          for (int j = 0; j < kSPT; ++j) h[j] = fmaf(exp2f(dt * A2[j]), h[j], dtu * Bj[j]);
+        }
+      }
+      chunk_backward(sh.st[i], sh.s_do[i], sh.s_dsp[i], h, c0 + i);
+      // the stores read the tiles that the next chunk's steps write
+      if (i > 0) __syncthreads();
     }
   }
   if (kParamGrads && dvalid) {
@@ -613,9 +655,8 @@ dim3 scan_grid(const ScanDirs& ps) {
 }
 
 template <typename T> struct ScanFwd {
-  static cudaError_t run(const ScanDirs& ps, bool ckpt_only, cudaStream_t s) {
-    if (ckpt_only) scan_fwd_kernel<T, false><<<scan_grid(ps), kThreads, 0, s>>>(ps);
-    else scan_fwd_kernel<T, true><<<scan_grid(ps), kThreads, 0, s>>>(ps);
+  static cudaError_t run(const ScanDirs& ps, cudaStream_t s) {
+    scan_fwd_kernel<T><<<scan_grid(ps), kThreads, 0, s>>>(ps);
     return cudaGetLastError();
   }
 };
@@ -624,8 +665,12 @@ template <typename T> struct ScanBwd {
     const dim3 grid = scan_grid(ps);
     const ScanParams& p = ps.dir[0];
     // every direction has dA set or none has (the binding sets them together)
-    if (p.dA != nullptr) scan_bwd_kernel<T, true><<<grid, kThreads, 0, s>>>(ps);
-    else scan_bwd_kernel<T, false><<<grid, kThreads, 0, s>>>(ps);
+    const auto kernel = p.dA != nullptr ? scan_bwd_kernel<T, true> : scan_bwd_kernel<T, false>;
+    constexpr int smem = sizeof(BwdShared<T>);
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, kThreads, smem, s>>>(ps);
     const int64_t n = static_cast<int64_t>(p.batch) * p.seqlen * 2 * kStates;
     const dim3 blocks(static_cast<unsigned>((n + kReduceThreads - 1) / kReduceThreads), ps.ndir);
     // every direction's dB | dC output has the same dtype (the binding checks it)
@@ -658,10 +703,11 @@ template <typename T> struct ConvBwd {
 }  // namespace
 
 int scan_chunk_len() { return kK; }
+int scan_state_interval() { return kStateEvery; }
 int scan_channels_per_block() { return kCh; }
 
-cudaError_t scan_forward(const ScanDirs& ps, DType dtype, bool ckpt_only, cudaStream_t stream) {
-  return dispatch_dtype<ScanFwd>(dtype, ps, ckpt_only, stream);
+cudaError_t scan_forward(const ScanDirs& ps, DType dtype, cudaStream_t stream) {
+  return dispatch_dtype<ScanFwd>(dtype, ps, stream);
 }
 cudaError_t scan_backward(const ScanDirs& ps, DType dtype, cudaStream_t stream) {
   return dispatch_dtype<ScanBwd>(dtype, ps, stream);

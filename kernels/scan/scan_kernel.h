@@ -43,7 +43,8 @@ struct ScanParams {
   float out_scale;    // 1 unless the caller folds a scale into the store
   bool out_accum;     // add to what ``out`` holds instead of overwriting it
   float dout_scale;   // the backward reads dout_scale * dout
-  float *ckpt;        // (B, nchunks, D, N): state at the start of every chunk
+  float *states;      // (B, ceil(L / scan_state_interval()), D, N): the state before every
+                      // scan_state_interval()-th step (the forward stores it when set)
   void *du, *ddelta;  // (B, L, D) with strides du_sb, du_sl and dd_sb, dd_sl
   int64_t du_sb, du_sl, dd_sb, dd_sl;
   bool du_f32;        // du is fp32 whatever u's dtype
@@ -68,14 +69,16 @@ struct ScanDirs {
   int ndir;
 };
 
-// Steps per chunk and channels per block, fixed by the kernels.
+// Steps per chunk, steps between the states the forward stores, and channels per block,
+// fixed by the kernels.
 int scan_chunk_len();
+int scan_state_interval();
 int scan_channels_per_block();
 
-// y = scan (out); with ckpt set, also the chunk-start states. ckpt_only skips y.
-cudaError_t scan_forward(const ScanDirs& ps, DType dtype, bool ckpt_only, cudaStream_t stream);
-// du, ddelta, dz and dB | dC into dbc_out (and dA, dD when set); needs ckpt from scan_forward
-// and the dbc buffer for the per-block partials, which a second kernel sums.
+// y = scan (out); with states set, also the state before every scan_state_interval()-th step.
+cudaError_t scan_forward(const ScanDirs& ps, DType dtype, cudaStream_t stream);
+// du, ddelta, dz and dB | dC into dbc_out (and dA, dD when set); needs the states stored by
+// scan_forward and the dbc buffer for the per-block partials, which a second kernel sums.
 cudaError_t scan_backward(const ScanDirs& ps, DType dtype, cudaStream_t stream);
 
 struct ConvParams {
@@ -123,11 +126,12 @@ cudaError_t lim_pair_backward(const LimPairParams& p, DType dtype, cudaStream_t 
 
 // VMamba's output gate, out = LayerNorm(y) * silu(z) over the D channels of each token row,
 // in one pass (norm_gate_kernel.cu). y (rows, D) fp32 contiguous (the merged cross scan);
-// z (rows, D) in the storage dtype with row stride z_sr (e.g. the z half of in_proj's output);
+// z (rows, D) in the storage dtype with row stride z_sr (e.g. the z half of in_proj's output),
+// plus c (rows, D) contiguous in z's dtype when given (Memba's z' = z + S W^T, added in fp32);
 // LayerNorm weight and bias (D,) fp32. Forward: out (rows, D) in z's dtype, and the rows'
 // mean and 1 / std (rows,) fp32 for the backward. Backward, from dout (rows, D) in z's
-// dtype: dy (rows, D) fp32, like y, and dz (rows, D) in z's dtype (the weight and bias get
-// no gradient here).
+// dtype: dy (rows, D) fp32, like y, and dz (rows, D) in z's dtype, the gradient of z (and of
+// c) (the weight and bias get no gradient here).
 // D is a multiple of 4 and at most kNormGateMaxDim; z's rows are 4-element aligned.
 struct NormGateParams {
   int64_t rows;
@@ -136,6 +140,7 @@ struct NormGateParams {
   const float *y, *weight, *bias;
   const void* z;
   int64_t z_sr;
+  const void* c;      // or null
   void* out;          // forward
   float *mean, *rstd;  // written by the forward, read by the backward
   const void* dout;   // backward

@@ -40,8 +40,8 @@ from ..conv import causal_conv1d_tokens
 from ..dispatch import ENV, cuda_unavailable, extension, reference_forced
 
 __all__ = ['SSMDirection', 'MembaGateParams', 'bidirectional_ssm', 'bidirectional_ssm_reason',
-           'scan_extension', 'scan_kernels_reason', 'mm_f32', 'D_STATE', 'GATE_RANK', 'CONV_WIDTH',
-           'LIM_PAIR_MAX_CHUNKS']
+           'scan_extension', 'scan_kernels_reason', 'mm_f32', 'grad_wanted', 'D_STATE',
+           'GATE_RANK', 'CONV_WIDTH', 'LIM_PAIR_MAX_CHUNKS']
 
 D_STATE = 16     # the kernels' state size (N)
 GATE_RANK = 16   # rank of the fused gate correction
@@ -124,6 +124,12 @@ class _SideStream:
             self.main.wait_stream(self.side)
 
 
+def grad_wanted(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd will run the backward of a node with these inputs: the scan's forward
+    then stores its states for it (``save_states``); inference stores none."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def mm_f32(a: Tensor, b: Tensor) -> Tensor:
     """a @ b with an fp32 (or fp64) result: one kernel on CUDA for half-precision inputs."""
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
@@ -134,16 +140,17 @@ def mm_f32(a: Tensor, b: Tensor) -> Tensor:
 class _BidirectionalSSM(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, xz, w_in, w_out, u_prev_f, u_prev_b, gate, kernels, *dir_params):
+    def forward(ctx, xz, w_in, w_out, u_prev_f, u_prev_b, gate, kernels, save_states,
+                *dir_params):
         # dir_params: both directions' SSMDirection fields, flat, so that each gets a gradient
         dirs = (SSMDirection(*dir_params[:_FIELDS]), SSMDirection(*dir_params[_FIELDS:]))
         ctx.set_materialize_grads(False)
         with torch.autocast(xz.device.type, enabled=False):  # dtypes are chosen here
             return _BidirectionalSSM._forward(ctx, xz, w_in, w_out, u_prev_f, u_prev_b, dirs,
-                                              gate, kernels)
+                                              gate, kernels, save_states)
 
     @staticmethod
-    def _forward(ctx, xz, w_in, w_out, u_prev_f, u_prev_b, dirs, gate, kernels):
+    def _forward(ctx, xz, w_in, w_out, u_prev_f, u_prev_b, dirs, gate, kernels, save_states):
         Bsz, L, D2 = xz.shape
         D = D2 // 2
         dt = xz.dtype
@@ -167,12 +174,15 @@ class _BidirectionalSSM(torch.autograd.Function):
             Bm, Cm = xdbl[..., rank:].chunk(2, dim=-1)
             if d == 0 and side is not None:
                 side.join()
+            states = []  # per group of 16 states, for the backward
             for i, (A, Bp, Cp, _) in enumerate(_state_groups(p.A, Bm, Cm)):
                 # the gate multiplies the sum over states: it applies to each group's part
-                kernels.scan_fwd(u, delta, A, Bp, Cp, p.D if i == 0 else None, z_scan, p.dt_bias,
-                                 None if S is None else S[d], w_out, True, bool(d),
-                                 out=y, out_scale=0.5, accumulate=bool(d) or i > 0)
-            saved += [u, xdbl, delta, wx, wdt]
+                states.append(kernels.scan_fwd(
+                    u, delta, A, Bp, Cp, p.D if i == 0 else None, z_scan, p.dt_bias,
+                    None if S is None else S[d], w_out, True, bool(d), out=y, out_scale=0.5,
+                    accumulate=bool(d) or i > 0, save_states=save_states)[1])
+            saved += [u, xdbl, delta, wx, wdt, *states]
+        ctx.per_dir = len(saved) // 2
         ctx.save_for_backward(xz, w_in_lp, w_out, v, S, u_prev_f, u_prev_b, *saved)
         ctx.dirs, ctx.gate, ctx.kernels = dirs, gate, kernels
         ctx.param_needs = ctx.needs_input_grad[_PARAMS_AT:]
@@ -201,7 +211,7 @@ class _BidirectionalSSM(torch.autograd.Function):
         dz_dirs = None if gate is None else xz.new_empty(2, Bsz, L, D)
         dparams = [None] * (2 * _FIELDS)
         for d, p in enumerate(dirs):
-            u, xdbl, delta, wx, wdt = saved[5 * d:5 * d + 5]
+            u, xdbl, delta, wx, wdt, *states = saved[ctx.per_dir * d:ctx.per_dir * (d + 1)]
             needs = SSMDirection(*ctx.param_needs[_FIELDS * d:_FIELDS * (d + 1)])
             rank = p.dt_proj_weight.shape[1]
             Bm, Cm = xdbl[..., rank:].chunk(2, dim=-1)
@@ -213,12 +223,12 @@ class _BidirectionalSSM(torch.autograd.Function):
             if p.A.shape[1] == D_STATE:  # dB | dC straight into their slice of dxdbl
                 du, ddelta, _, _, _ = kernels.scan_bwd(
                     u, delta, p.A, Bm, Cm, p.D, z_scan, p.dt_bias,
-                    None if S is None else S[d], w_out, dy, True, bool(d), **scan_bwd,
-                    dBC_out=dxdbl[..., rank:], dA_out=dA, dD_out=dD)
+                    None if S is None else S[d], w_out, dy, states[0], True, bool(d),
+                    **scan_bwd, dBC_out=dxdbl[..., rank:], dA_out=dA, dD_out=dD)
             else:
                 du, ddelta = _grouped_scan_bwd(kernels, p, u, delta, Bm, Cm, z_scan,
-                                               None if S is None else S[d], w_out, dy, bool(d),
-                                               dxdbl[..., rank:], dA, dD, scan_bwd)
+                                               None if S is None else S[d], w_out, dy, states,
+                                               bool(d), dxdbl[..., rank:], dA, dD, scan_bwd)
             torch.mm(ddelta.view(-1, D), wdt, out=dxdbl.view(-1, dxdbl.shape[-1])[:, :rank])
             grads = _param_grads(p, needs, u, xdbl, ddelta, dxdbl, dA, dD)
             du.view(-1, D).addmm_(dxdbl.view(-1, dxdbl.shape[-1]), wx)     # du += dxdbl @ Wx
@@ -228,7 +238,7 @@ class _BidirectionalSSM(torch.autograd.Function):
                              out=dx, accumulate=d == 1)
             dparams[_FIELDS * d:_FIELDS * (d + 1)] = grads
         if gate is None:
-            return (dxz, None, None, None, None, None, None, *dparams)
+            return (dxz, None, None, None, None, None, None, None, *dparams)
         R = S.shape[-1]
         dz_flat = dz_dirs.view(-1, D)                                      # (2BL, D)
         dS = torch.mm(dz_flat, w_out.to(dz_flat.dtype)).view(2, Bsz, L, R)
@@ -244,7 +254,7 @@ class _BidirectionalSSM(torch.autograd.Function):
         else:
             torch.mm(dv, w_in_lp, out=dz2)
         dw_in = mm_f32(dv.t(), z.reshape(-1, D)) if ctx.needs_input_grad[1] else None
-        return (dxz, dw_in, dw_out, du_prev_f, du_prev_b, None, None, *dparams)
+        return (dxz, dw_in, dw_out, du_prev_f, du_prev_b, None, None, None, *dparams)
 
 
 def _state_groups(A: Tensor, Bm: Tensor, Cm: Tensor):
@@ -266,18 +276,20 @@ def _state_groups(A: Tensor, Bm: Tensor, Cm: Tensor):
     return groups
 
 
-def _grouped_scan_bwd(kernels, p: SSMDirection, u, delta, Bm, Cm, z, S, w_out, dy,
+def _grouped_scan_bwd(kernels, p: SSMDirection, u, delta, Bm, Cm, z, S, w_out, dy, states,
                       reverse: bool, dBC: Tensor, dA, dD, scan_bwd: dict):
-    """scan_bwd of a scan with N != 16 states, group by group (``_state_groups``): du and
-    ddelta summed in fp32 (fp64 for fp64), dB | dC into ``dBC`` (B, L, 2N), A's and D's
-    gradients into dA (D, N) and dD (D,) when given. Returns (du, ddelta) in u's dtype."""
+    """scan_bwd of a scan with N != 16 states, group by group (``_state_groups``; ``states``:
+    the forward's, one per group): du and ddelta summed in fp32 (fp64 for fp64), dB | dC into
+    ``dBC`` (B, L, 2N), A's and D's gradients into dA (D, N) and dD (D,) when given. Returns
+    (du, ddelta) in u's dtype."""
     N = p.A.shape[1]
     du = ddelta = None
     for i, (A, Bp, Cp, n) in enumerate(_state_groups(p.A, Bm, Cm)):
         dA_g = torch.empty_like(A) if dA is not None else None
         gdu, gdd, _, dB, dC = kernels.scan_bwd(
-            u, delta, A, Bp, Cp, p.D if i == 0 else None, z, p.dt_bias, S, w_out, dy, True,
-            reverse, **dict(scan_bwd, dz_accumulate=scan_bwd['dz_accumulate'] or i > 0),
+            u, delta, A, Bp, Cp, p.D if i == 0 else None, z, p.dt_bias, S, w_out, dy,
+            states[i], True, reverse,
+            **dict(scan_bwd, dz_accumulate=scan_bwd['dz_accumulate'] or i > 0),
             dA_out=dA_g, dD_out=dD if i == 0 else None)
         s = i * D_STATE
         dBC[..., s:s + n] = dB[..., :n]
@@ -291,7 +303,7 @@ def _grouped_scan_bwd(kernels, p: SSMDirection, u, delta, Bm, Cm, z, S, w_out, d
 
 
 _FIELDS = len(SSMDirection._fields)
-_PARAMS_AT = 7  # the position of the first SSM parameter among forward's inputs
+_PARAMS_AT = 8  # the position of the first SSM parameter among forward's inputs
 
 
 def _param_grads(p: SSMDirection, needs: SSMDirection, u, xdbl, ddelta, dxdbl, dA,
@@ -374,6 +386,7 @@ def bidirectional_ssm(xz: Tensor, dirs: Tuple[SSMDirection, SSMDirection],
     u_prev_f, u_prev_b = membrane if membrane is not None else (None, None)
     if w_out is not None:
         w_out = wide(w_out)
+    save_states = grad_wanted(xz, w_in, w_out, u_prev_f, u_prev_b, *dirs[0], *dirs[1])
     y, m_f, m_b = _BidirectionalSSM.apply(xz, w_in, w_out, u_prev_f, u_prev_b, gate, kernels,
-                                          *dirs[0], *dirs[1])
+                                          save_states, *dirs[0], *dirs[1])
     return y, (None if gate is None else (m_f, m_b))

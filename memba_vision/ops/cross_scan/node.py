@@ -7,10 +7,11 @@ the column-major ones walk the grid by columns (``rows=H``), so there are no sta
 or transposed copies, and the bf16 inputs are not copied to fp32 (the states, the four outputs
 and their sum are fp32, as in the official v0 scan). x_proj of all four directions is one
 matrix product, dt_proj one product per direction on the strided slices (no permuted copies).
-x's gradient is kept per direction in fp32 and summed. The SSM parameters get gradients when
-they require them (full fine-tuning): A's and D's from the backward kernel (per batch item,
-then summed), x_proj's, dt_proj's and the delta bias's from ddelta, dB and dC with matrix
-products.
+x's gradient is kept per direction in fp32 and summed. When a backward will run, the forward
+keeps the scans' states every 16 steps (fp32) for it (``save_states``). The SSM parameters get
+gradients when they require them (full fine-tuning): A's and D's from the backward kernel (per
+batch item, then summed), x_proj's, dt_proj's and the delta bias's from ddelta, dB and dC with
+matrix products.
 
 ``kernels`` is the extension (``memba_vision._scan_cuda``) or a stand-in with the same
 functions (the tests' CPU reference).
@@ -20,7 +21,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ..bidirectional_ssm.node import D_STATE, mm_f32, scan_extension, scan_kernels_reason
+from ..bidirectional_ssm.node import (D_STATE, grad_wanted, mm_f32, scan_extension,
+                                      scan_kernels_reason)
 
 __all__ = ['cross_scan_fused', 'cross_scan_fused_reason']
 
@@ -49,7 +51,8 @@ class _CrossScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, H: int, x_proj_weight: Tensor, dt_projs_weight: Tensor,
-                dt_projs_bias: Tensor, A: Tensor, Ds: Tensor, kernels) -> Tensor:
+                dt_projs_bias: Tensor, A: Tensor, Ds: Tensor, kernels,
+                save_states: bool) -> Tensor:
         B, L, D = x.shape
         R, N = dt_projs_weight.shape[2], A.shape[-1]
         w_all = x_proj_weight.to(x.dtype).reshape(-1, D)                # (4 (R + 2N), D)
@@ -59,28 +62,29 @@ class _CrossScan(torch.autograd.Function):
         Bm, Cm = x_dbl[..., R:R + N], x_dbl[..., R + N:]
         acc = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 for fp64 tests)
         y4 = torch.empty(B, L, K_DIRECTIONS, D, device=x.device, dtype=acc)
-        kernels.scan_dirs_fwd(x, delta, A, Bm, Cm, Ds, dt_projs_bias, True, REVERSE, _rows(H),
-                              out=y4)
+        _, states = kernels.scan_dirs_fwd(x, delta, A, Bm, Cm, Ds, dt_projs_bias, True, REVERSE,
+                                          _rows(H), out=y4, save_states=save_states)
         ctx.save_for_backward(x, x_dbl, delta, x_proj_weight, dt_projs_weight, dt_projs_bias,
-                              A, Ds)
+                              A, Ds, states)
         ctx.kernels, ctx.H = kernels, H
         return y4.sum(2)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, x_dbl, delta, x_proj_weight, dt_projs_weight, dt_projs_bias, A, Ds = ctx.saved_tensors
+        (x, x_dbl, delta, x_proj_weight, dt_projs_weight, dt_projs_bias, A, Ds,
+         states) = ctx.saved_tensors
         B, L, D = x.shape
         R, N = dt_projs_weight.shape[2], A.shape[-1]
         Bm, Cm = x_dbl[..., R:R + N], x_dbl[..., R + N:]  # (delta was saved)
         acc = torch.promote_types(x.dtype, torch.float32)
         du = torch.empty(B, L, K_DIRECTIONS, D, device=x.device, dtype=acc)
         d_dbl = torch.empty_like(x_dbl)                                 # (B, L, 4, R + 2N)
-        needs = ctx.needs_input_grad  # x, H, x_proj, dt_projs, dt bias, A, Ds, kernels
+        needs = ctx.needs_input_grad  # x, H, x_proj, dt_projs, dt bias, A, Ds, ...
         dA = torch.empty_like(A) if needs[5] else None
         dDs = torch.empty_like(Ds) if needs[6] else None
         _, ddelta, _, _ = ctx.kernels.scan_dirs_bwd(
-            x, delta, A, Bm, Cm, Ds, dt_projs_bias, dy.to(x.dtype).contiguous(), True, REVERSE,
-            _rows(ctx.H), du_out=du, dBC_out=d_dbl[..., R:], dA_out=dA, dD_out=dDs)
+            x, delta, A, Bm, Cm, Ds, dt_projs_bias, dy.to(x.dtype).contiguous(), states, True,
+            REVERSE, _rows(ctx.H), du_out=du, dBC_out=d_dbl[..., R:], dA_out=dA, dD_out=dDs)
         _per_direction_mm(ddelta, dt_projs_weight.to(x.dtype), d_dbl[..., :R])
         w_all = x_proj_weight.to(x.dtype).reshape(-1, D)
         dx = du.sum(2)
@@ -93,7 +97,7 @@ class _CrossScan(torch.autograd.Function):
             dw_dt = dw_dt.to(dt_projs_weight.dtype)
         if needs[4]:  # (4, D): the bias is added to delta inside the kernel
             d_bias = ddelta.to(acc).sum((0, 1)).to(dt_projs_bias.dtype)
-        return dx.to(x.dtype), None, dw_x, dw_dt, d_bias, dA, dDs, None
+        return dx.to(x.dtype), None, dw_x, dw_dt, d_bias, dA, dDs, None, None
 
 
 def cross_scan_fused_reason(x: Tensor, params: Tuple[Tensor, ...], kernels=None) -> str:
@@ -117,6 +121,7 @@ def cross_scan_fused(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor,
         tokens = tokens.contiguous()
     acc = torch.promote_types(x.dtype, torch.float32)  # the kernels' fp32 parameters
     K = K_DIRECTIONS
+    save_states = grad_wanted(tokens, x_proj_weight, dt_projs_weight, dt_projs_bias, A, Ds)
     return _CrossScan.apply(tokens, H, x_proj_weight, dt_projs_weight,
                             dt_projs_bias.to(acc).contiguous(), A.to(acc).reshape(K, D, -1),
-                            Ds.to(acc).reshape(K, D), kernels)
+                            Ds.to(acc).reshape(K, D), kernels, save_states)

@@ -3,11 +3,11 @@ extension's LIM pair and norm gate (``fused``).
 
 Forward: v = z W_in^T for both directions in one product (B, L, 2, R); both LIMs in one
 ``lim_pair_fwd`` launch on that layout, the reversed direction walking from the last token
-(nothing is flipped); z' = z + S (0.5 W_out)^T in one ``addmm``; ``norm_gate_fwd`` on y and z'.
-Saved: y, z, v, the spikes and the norm's two numbers per token; z' is recomputed in the
-backward (one ``addmm``) rather than kept. Backward: ``norm_gate_bwd`` (y's and z''s
-gradients), dS = dz' (0.5 W_out), one ``lim_pair_bwd`` launch, dz = dz' + dv W_in in one
-``addmm`` and one product per weight.
+(nothing is flipped); the correction c = S (0.5 W_out)^T in one product; ``norm_gate_fwd`` on
+y, z and c, which adds z' = z + c as it reads them (z' is never written). Saved: y, z, v, the
+spikes and the norm's two numbers per token; c is recomputed in the backward (one product)
+rather than kept. Backward: ``norm_gate_bwd`` (y's and z''s gradients), dS = dz' (0.5 W_out),
+one ``lim_pair_bwd`` launch, dz = dz' + dv W_in added in place, and one product per weight.
 
 ``kernels`` is the extension (``memba_vision._scan_cuda``) or a stand-in with the same
 functions (the tests' CPU reference).
@@ -24,11 +24,11 @@ from .norm_node import kernel_norm_inputs, norm_reason
 __all__ = ['memba_norm_silu_gate_fused', 'memba_norm_silu_gate_fused_reason']
 
 
-def _gate_input(zf: Tensor, spikes: Tensor, w_half: Tensor, residual: bool) -> Tensor:
-    """z' (BL, D) = z + S (0.5 W_out)^T, or S (0.5 W_out)^T; spikes (BL, 2R)."""
-    if residual:
-        return torch.addmm(zf, spikes, w_half.t())
-    return torch.mm(spikes, w_half.t())
+def _gate_input(z: Tensor, spikes: Tensor, w_half: Tensor, residual: bool):
+    """(z, c) for the norm gate kernels, z' = z + c with c = S (0.5 W_out)^T (B, L, D), or
+    (c, None) for z' = c (no residual); spikes (B, L, 2, R)."""
+    c = torch.mm(spikes.view(-1, w_half.shape[1]), w_half.t()).view(z.shape)
+    return (z, c) if residual else (c, None)
 
 
 class _MembaNormGate(torch.autograd.Function):
@@ -45,8 +45,8 @@ class _MembaNormGate(torch.autograd.Function):
             v = torch.mm(zf, w_in_lp.t()).view(B, L, 2, R)
             S, u_mean = kernels.lim_pair_fwd(v, u_prev_f, u_prev_b, gate.num_chunks, gate.leak,
                                              gate.threshold)                  # (B, L, 2, R)
-            zp = _gate_input(zf, S.view(-1, 2 * R), w_half, gate.residual)
-            out, mean, rstd = kernels.norm_gate_fwd(y, norm_w, norm_b, eps, zp.view(B, L, D))
+            out, mean, rstd = kernels.norm_gate_fwd(y, norm_w, norm_b, eps,
+                                                    *_gate_input(z, S, w_half, gate.residual))
         ctx.save_for_backward(y, z, w_in_lp, w_half, v, S, u_prev_f, u_prev_b, norm_w, norm_b,
                               mean, rstd)
         ctx.gate, ctx.kernels, ctx.dtypes = gate, kernels, (w_in.dtype, w_out.dtype)
@@ -65,9 +65,9 @@ class _MembaNormGate(torch.autograd.Function):
             if grad is None:  # only the membranes reach the loss
                 dzp = torch.zeros_like(zf)
             else:
-                zp = _gate_input(zf, Sf, w_half, gate.residual).view(B, L, D)
-                dy, dzp = ctx.kernels.norm_gate_bwd(y, norm_w, norm_b, zp, mean, rstd,
-                                                    grad.contiguous())
+                zc, c = _gate_input(z, S, w_half, gate.residual)
+                dy, dzp = ctx.kernels.norm_gate_bwd(y, norm_w, norm_b, zc, mean, rstd,
+                                                    grad.contiguous(), c)
                 dzp = dzp.view(-1, D)                                         # (BL, D)
             dS = torch.mm(dzp, w_half).view(S.shape)
             dw_out = (0.5 * mm_f32(dzp.t(), Sf)).to(ctx.dtypes[1]) if needs[3] else None
@@ -79,7 +79,8 @@ class _MembaNormGate(torch.autograd.Function):
             dvf = dv.view(-1, R2)
             dz = None
             if needs[1]:
-                dz = torch.addmm(dzp, dvf, w_in_lp) if gate.residual else torch.mm(dvf, w_in_lp)
+                # in place: dzp is this node's own buffer, and dS and dW_out are taken
+                dz = dzp.addmm_(dvf, w_in_lp) if gate.residual else torch.mm(dvf, w_in_lp)
                 dz = dz.view(B, L, D)
             dw_in = mm_f32(dvf.t(), zf).to(ctx.dtypes[0]) if needs[2] else None
         return (dy, dz, dw_in, dw_out, du_prev_f, du_prev_b, None, None, None, None, None)

@@ -46,9 +46,8 @@ def _scan_states(u, delta, A, B, delta_bias, softplus, reverse, rows=0):
     (fp64 for fp64): what the kernels' forward stores with ``save_states``."""
     ct = torch.promote_types(u.dtype, torch.float32)
     L = u.shape[1]
-    t = torch.arange(L, device=u.device)
-    t = t.flip(0) if reverse else t
-    order = (t % rows) * (L // rows) + t // rows if rows else t
+    order = _column_order(L, rows, u.device) if rows else torch.arange(L, device=u.device)
+    order = order.flip(0) if reverse else order
     dt = delta[:, order].to(ct) + (0 if delta_bias is None else delta_bias.to(ct))
     dt = F.softplus(dt) if softplus else dt
     dtu, Bs = dt * u[:, order].to(ct), B[:, order].to(ct)
@@ -67,13 +66,18 @@ def _check_states(op, states, expected):
         raise AssertionError(f'{op}: states are not those of this scan')
 
 
+def _column_order(L, rows, device):
+    """The tokens of a row-major (rows, L / rows) grid in the order a walk by columns visits
+    them."""
+    return torch.arange(L, device=device).view(rows, L // rows).t().reshape(-1)
+
+
 def _grid_scan(rows, u, delta, A, B, C, D, delta_bias, softplus, reverse):
     """selective_scan_tokens over a row-major (rows, L / rows) grid walked column by column
     (``rows=0``: in token order): the tokens are gathered in visit order and scattered back."""
     if not rows:
         return selective_scan_tokens(u, delta, A, B, C, D, None, delta_bias, softplus, reverse)
-    L = u.shape[1]
-    order = torch.arange(L, device=u.device).view(rows, L // rows).t().reshape(-1)
+    order = _column_order(u.shape[1], rows, u.device)
     y = selective_scan_tokens(u[:, order], delta[:, order], A, B[:, order], C[:, order], D,
                               None, delta_bias, softplus, reverse)
     return y[:, torch.argsort(order)]

@@ -125,10 +125,10 @@ def write_standin_pretrained(cfg, path):
 
 
 def measured_epoch(backbone_method, data_root, task, work_dir, epochs=3):
-    """The epochs of a short run of ``task`` through mmengine's Runner, each split by
-    ``_epoch_timer`` (the first one captures the graphs, the last one saves a
+    """The epochs of a short run of ``task`` through the Runner tools/train.py uses, each
+    split by ``_epoch_timer`` (the first one captures the graphs, the last one saves a
     checkpoint); and the config's checkpoint interval."""
-    from mmengine.runner import Runner
+    from memba_vision.engine import SafeLoadRunner
 
     from memba_vision.datasets.vtab1k_tasks import get_task
     from memba_vision.engine.runner_utils import load_config, set_precision
@@ -145,7 +145,7 @@ def measured_epoch(backbone_method, data_root, task, work_dir, epochs=3):
     cfg.train_cfg.max_epochs = epochs
     interval = cfg.default_hooks.checkpoint.interval
     set_precision(cfg)  # the config's bf16 autocast (fp32 on a CPU machine)
-    runner = Runner.from_cfg(cfg)
+    runner = SafeLoadRunner.from_cfg(cfg)
     timer = _epoch_timer()
     runner.register_hook(timer)
     runner.train()

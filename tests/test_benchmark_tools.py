@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, toy_runner
 
 from memba_vision.datasets.vtab1k_tasks import VTAB1K_TASKS
 
@@ -90,20 +90,9 @@ def test_benchmark_reads_both_official_timers_lines(tmp_path):
 def test_sweep_epoch_timer_counts_the_time_between_epochs(tmp_path):
     """The measured epochs run from one epoch's start to the next one's, so the host's work
     between two epochs (here a 0.3 s hook before each later epoch) is not lost."""
-    import torch
     from mmengine.hooks import Hook
-    from mmengine.model import BaseModel
-    from mmengine.runner import Runner
     sys.path.insert(0, os.path.join(ROOT, 'tools'))
     import benchmark_sweep
-
-    class Toy(BaseModel):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(2, 1)
-
-        def forward(self, inputs, mode='loss'):
-            return dict(loss=self.fc(inputs).pow(2).mean())
 
     class SlowEpochStart(Hook):
         def before_train_epoch(self, runner):
@@ -111,14 +100,7 @@ def test_sweep_epoch_timer_counts_the_time_between_epochs(tmp_path):
                 time.sleep(0.3)
 
     timer = benchmark_sweep._epoch_timer()
-    runner = Runner(model=Toy(), work_dir=str(tmp_path), default_scope='mmpretrain',
-                    train_dataloader=dict(dataset=[dict(inputs=torch.randn(2))] * 4,
-                                          batch_size=2, collate_fn=dict(type='default_collate'),
-                                          sampler=dict(type='DefaultSampler', shuffle=False)),
-                    optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-                    train_cfg=dict(by_epoch=True, max_epochs=3),
-                    default_hooks=dict(checkpoint=None, logger=None),
-                    custom_hooks=[SlowEpochStart()])
+    runner = toy_runner(tmp_path, hooks=[SlowEpochStart()])
     runner.register_hook(timer)
     runner.train()
     totals = [e['total'] for e in timer.epochs]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mmpretrain.registry import MODELS
 
-from conftest import ROOT, TINY_VIM
+from conftest import ROOT, TINY_VIM, toy_runner
 from memba_vision.engine import PEFTCheckpointHook, complete_trainable_checkpoint
 from memba_vision.engine.runner_utils import result_path, write_result
 from memba_vision.utils import load_checkpoint_file
@@ -324,33 +324,6 @@ def test_vtab_optim_wrapper_builds_from_the_config():
     assert wrapper.clip_grad_kwargs == dict(max_norm=5.0)
 
 
-
-def _toy_runner(work_dir, hooks=(), resume=False):
-    """A 3-epoch, 2-iteration-per-epoch CPU run saving every epoch, keeping one checkpoint."""
-    from mmengine.model import BaseModel
-    from memba_vision.engine import SafeLoadRunner as Runner  # what the tools run
-
-    class Toy(BaseModel):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(2, 1)
-
-        def forward(self, inputs, mode='loss'):
-            return dict(loss=self.fc(inputs).pow(2).mean())
-
-    data = [dict(inputs=torch.randn(2)) for _ in range(4)]
-    return Runner(model=Toy(), work_dir=str(work_dir), default_scope='mmpretrain',
-                  train_dataloader=dict(dataset=data, batch_size=2,
-                                        collate_fn=dict(type='default_collate'),
-                                        sampler=dict(type='DefaultSampler', shuffle=False)),
-                  optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-                  train_cfg=dict(by_epoch=True, max_epochs=3),
-                  default_hooks=dict(checkpoint=dict(type='AtomicCheckpointHook', interval=1,
-                                                     max_keep_ckpts=1)),
-                  custom_hooks=list(hooks), resume=resume,
-                  experiment_name='resumed' if resume else 'first')
-
-
 def test_checkpoint_marker_names_a_complete_file_when_killed_mid_save(tmp_path):
     from mmengine.hooks import Hook
 
@@ -366,13 +339,13 @@ def test_checkpoint_marker_names_a_complete_file_when_killed_mid_save(tmp_path):
             CountIters.count += 1
 
     with pytest.raises(KeyboardInterrupt):
-        _toy_runner(tmp_path, hooks=[KilledWhileSaving()]).train()
+        toy_runner(tmp_path, hooks=[KilledWhileSaving()]).train()
     # (the stock CheckpointHook deletes epoch_1.pth before it writes epoch_2.pth)
     marker = open(tmp_path / 'last_checkpoint').read().strip()
     assert marker == str(tmp_path / 'epoch_1.pth') and osp.isfile(marker)
     assert [f for f in os.listdir(tmp_path) if f.endswith('.pth')] == ['epoch_1.pth']
 
-    _toy_runner(tmp_path, hooks=[CountIters()], resume=True).train()
+    toy_runner(tmp_path, hooks=[CountIters()], resume=True).train()
     assert CountIters.count == 4  # epochs 2 and 3 only
     assert open(tmp_path / 'last_checkpoint').read().strip() == str(tmp_path / 'epoch_3.pth')
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.pth')) == ['epoch_3.pth']
@@ -388,7 +361,7 @@ def test_checkpoints_format_the_config_once(tmp_path, monkeypatch):
     real = config_module.FormatCode
     monkeypatch.setattr(config_module, 'FormatCode',
                         lambda *a, **k: formats.append(1) or real(*a, **k))
-    runner = _toy_runner(tmp_path)
+    runner = toy_runner(tmp_path)
     runner.cfg.merge_from_dict(dict(note='first'))
     before = len(formats)
     runner.train()  # three saves

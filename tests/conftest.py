@@ -72,3 +72,29 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs 
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def toy_runner(work_dir, hooks=(), resume=False):
+    """A 3-epoch, 2-iteration-per-epoch CPU run saving every epoch, keeping one checkpoint."""
+    from mmengine.model import BaseModel
+    from memba_vision.engine import SafeLoadRunner as Runner  # what the tools run
+
+    class Toy(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 1)
+
+        def forward(self, inputs, mode='loss'):
+            return dict(loss=self.fc(inputs).pow(2).mean())
+
+    data = [dict(inputs=torch.randn(2)) for _ in range(4)]
+    return Runner(model=Toy(), work_dir=str(work_dir), default_scope='mmpretrain',
+                  train_dataloader=dict(dataset=data, batch_size=2,
+                                        collate_fn=dict(type='default_collate'),
+                                        sampler=dict(type='DefaultSampler', shuffle=False)),
+                  optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+                  train_cfg=dict(by_epoch=True, max_epochs=3),
+                  default_hooks=dict(checkpoint=dict(type='AtomicCheckpointHook', interval=1,
+                                                     max_keep_ckpts=1)),
+                  custom_hooks=list(hooks), resume=resume,
+                  experiment_name='resumed' if resume else 'first')

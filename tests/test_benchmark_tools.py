@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, toy_runner
 
 from memba_vision.datasets.vtab1k_tasks import VTAB1K_TASKS
 
@@ -85,3 +85,24 @@ def test_benchmark_reads_both_official_timers_lines(tmp_path):
     assert parsed.keys() == {(32, True), (32, False)}
     assert parsed[32, True] == pytest.approx((0.0987, 856.0, None))
     assert parsed[32, False] == pytest.approx((0.2218, 436.0, 12.25))
+
+
+def test_sweep_epoch_timer_counts_the_time_between_epochs(tmp_path):
+    """The measured epochs run from one epoch's start to the next one's, so the host's work
+    between two epochs (here a 0.3 s hook before each later epoch) is not lost."""
+    from mmengine.hooks import Hook
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    import benchmark_sweep
+
+    class SlowEpochStart(Hook):
+        def before_train_epoch(self, runner):
+            if runner.epoch > 0:
+                time.sleep(0.3)
+
+    timer = benchmark_sweep._epoch_timer()
+    runner = toy_runner(tmp_path, hooks=[SlowEpochStart()])
+    runner.register_hook(timer)
+    runner.train()
+    totals = [e['total'] for e in timer.epochs]
+    assert len(totals) == 3 and all(t > 0 for t in totals)
+    assert totals[0] >= 0.3 and totals[1] >= 0.3 and totals[2] < 0.3

@@ -10,7 +10,7 @@ import pytest
 import torch
 from mmpretrain.registry import MODELS
 
-from conftest import ROOT, TINY_VIM
+from conftest import ROOT, TINY_VIM, toy_runner
 from memba_vision.engine import PEFTCheckpointHook, complete_trainable_checkpoint
 from memba_vision.engine.runner_utils import result_path, write_result
 from memba_vision.utils import load_checkpoint_file
@@ -102,7 +102,7 @@ def test_non_finite_loss_stops_training_before_a_checkpoint():
     from memba_vision.engine import DeferredRuntimeInfoHook
     runner = LoopRunner(log_interval=3)
     hook = DeferredRuntimeInfoHook()
-    hook._pending, hook._interval = [], 3  # what before_train sets up
+    hook._pending, hook._interval, hook._logs_epoch_end = [], 3, False  # (before_train)
     hook.after_train_iter(runner, 0, outputs={'loss': torch.tensor(1.0)})
     runner.iter = 1
     hook.after_train_iter(runner, 1, outputs={'loss': torch.tensor(float('nan'))})  # not read yet
@@ -116,31 +116,40 @@ def test_non_finite_loss_stops_training_before_a_checkpoint():
         hook.before_save_checkpoint(runner, {})
     hook.after_train_iter(runner, 4, outputs={'loss': torch.tensor(float('nan'))})
     with pytest.raises(FloatingPointError):
-        hook.after_train_epoch(runner)
+        hook.before_save_checkpoint(runner, {})
     hook.after_train_iter(runner, 4, outputs={'acc': torch.tensor(float('nan'))})
-    hook.after_train_epoch(runner)  # only losses stop training
+    hook.before_save_checkpoint(runner, {})  # only losses stop training
 
 
-def test_deferred_runtime_info_logs_the_same_values_in_batches():
+@pytest.mark.parametrize('ignore_last', [True, False])
+def test_deferred_runtime_info_logs_the_same_values_in_batches(ignore_last):
     from memba_vision.engine import DeferredRuntimeInfoHook
+    from memba_vision.engine.hooks import _logger_schedule
 
     class Wrapper:
         grad_norm = None
 
     wrapper = Wrapper()
     runner = LoopRunner(iters_per_epoch=7, log_interval=3, optim_wrapper=wrapper)
+    runner.hooks[0].ignore_last = ignore_last
     runner.cfg, runner.seed, runner.experiment_name = None, 0, 'x'
     hook = DeferredRuntimeInfoHook()
-    hook._pending, hook._interval = [], 3  # what before_train sets up
+    hook._pending = []  # what before_train sets up
+    hook._interval, hook._logs_epoch_end = _logger_schedule(runner)
     losses = [0.5, 0.25, 2.0, 4.0, 1.5, 3.0, 0.75]
     for i, loss in enumerate(losses):
         wrapper.grad_norm = torch.tensor(10.0 + i)
         hook.after_train_iter(runner, i, outputs={'loss': torch.tensor(loss)})
         logged = runner.message_hub.log_scalars.get('train/loss')
         n = 0 if logged is None else len(logged.data[0])
-        # read back only on the logger's iterations (3 and 6) and at the epoch's end (7)
-        assert n == {0: 0, 1: 0, 2: 3, 3: 3, 4: 3, 5: 6, 6: 7}[i]
+        # read back only on the logger's iterations (3 and 6), and at the epoch's end (7)
+        # only where the logger logs it: else the GPU keeps the epoch's last steps queued
+        assert n == {0: 0, 1: 0, 2: 3, 3: 3, 4: 3, 5: 6, 6: 6 if ignore_last else 7}[i]
         assert wrapper.grad_norm is None
+    hook.after_train_epoch(runner)
+    assert len(runner.message_hub.log_scalars['train/loss'].data[0]) == (6 if ignore_last
+                                                                          else 7)
+    hook.before_save_checkpoint(runner, {})
     assert list(runner.message_hub.log_scalars['train/loss'].data[0]) == losses
     assert list(runner.message_hub.log_scalars['train/grad_norm'].data[0]) == \
         [10.0 + i for i in range(7)]
@@ -155,7 +164,7 @@ def test_deferred_runtime_info_does_not_keep_the_steps_autograd_graph():
     from memba_vision.engine import DeferredRuntimeInfoHook
     runner = LoopRunner(iters_per_epoch=7, log_interval=3, optim_wrapper=object())
     hook = DeferredRuntimeInfoHook()
-    hook._pending, hook._interval = [], 3
+    hook._pending, hook._interval, hook._logs_epoch_end = [], 3, False
     w = torch.ones(3, requires_grad=True)
     activation = w * 2
     alive = weakref.ref(activation)
@@ -315,33 +324,6 @@ def test_vtab_optim_wrapper_builds_from_the_config():
     assert wrapper.clip_grad_kwargs == dict(max_norm=5.0)
 
 
-
-def _toy_runner(work_dir, hooks=(), resume=False):
-    """A 3-epoch, 2-iteration-per-epoch CPU run saving every epoch, keeping one checkpoint."""
-    from mmengine.model import BaseModel
-    from memba_vision.engine import SafeLoadRunner as Runner  # what the tools run
-
-    class Toy(BaseModel):
-        def __init__(self):
-            super().__init__()
-            self.fc = torch.nn.Linear(2, 1)
-
-        def forward(self, inputs, mode='loss'):
-            return dict(loss=self.fc(inputs).pow(2).mean())
-
-    data = [dict(inputs=torch.randn(2)) for _ in range(4)]
-    return Runner(model=Toy(), work_dir=str(work_dir), default_scope='mmpretrain',
-                  train_dataloader=dict(dataset=data, batch_size=2,
-                                        collate_fn=dict(type='default_collate'),
-                                        sampler=dict(type='DefaultSampler', shuffle=False)),
-                  optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
-                  train_cfg=dict(by_epoch=True, max_epochs=3),
-                  default_hooks=dict(checkpoint=dict(type='AtomicCheckpointHook', interval=1,
-                                                     max_keep_ckpts=1)),
-                  custom_hooks=list(hooks), resume=resume,
-                  experiment_name='resumed' if resume else 'first')
-
-
 def test_checkpoint_marker_names_a_complete_file_when_killed_mid_save(tmp_path):
     from mmengine.hooks import Hook
 
@@ -357,16 +339,37 @@ def test_checkpoint_marker_names_a_complete_file_when_killed_mid_save(tmp_path):
             CountIters.count += 1
 
     with pytest.raises(KeyboardInterrupt):
-        _toy_runner(tmp_path, hooks=[KilledWhileSaving()]).train()
+        toy_runner(tmp_path, hooks=[KilledWhileSaving()]).train()
     # (the stock CheckpointHook deletes epoch_1.pth before it writes epoch_2.pth)
     marker = open(tmp_path / 'last_checkpoint').read().strip()
     assert marker == str(tmp_path / 'epoch_1.pth') and osp.isfile(marker)
     assert [f for f in os.listdir(tmp_path) if f.endswith('.pth')] == ['epoch_1.pth']
 
-    _toy_runner(tmp_path, hooks=[CountIters()], resume=True).train()
+    toy_runner(tmp_path, hooks=[CountIters()], resume=True).train()
     assert CountIters.count == 4  # epochs 2 and 3 only
     assert open(tmp_path / 'last_checkpoint').read().strip() == str(tmp_path / 'epoch_3.pth')
     assert sorted(f for f in os.listdir(tmp_path) if f.endswith('.pth')) == ['epoch_3.pth']
+
+
+def test_checkpoints_format_the_config_once(tmp_path, monkeypatch):
+    """mmengine writes the config's yapf-formatted text into every checkpoint; the runner
+    formats it once (about 0.3 s a save on a VTAB config), and again when it changed."""
+    import mmengine.config.config as config_module
+    from mmengine.config import Config
+    from memba_vision.utils import load_checkpoint_file
+    formats = []
+    real = config_module.FormatCode
+    monkeypatch.setattr(config_module, 'FormatCode',
+                        lambda *a, **k: formats.append(1) or real(*a, **k))
+    runner = toy_runner(tmp_path)
+    runner.cfg.merge_from_dict(dict(note='first'))
+    before = len(formats)
+    runner.train()  # three saves
+    assert len(formats) - before == 1
+    runner.cfg.merge_from_dict(dict(note='changed'))
+    assert "'changed'" in runner.cfg.pretty_text and len(formats) - before == 2
+    meta = load_checkpoint_file(str(tmp_path / 'epoch_3.pth'))['meta']
+    assert meta['cfg'] == Config(dict(note='first')).pretty_text
 
 
 def test_resume_names_the_problem_when_the_marked_checkpoint_is_gone(tmp_path):

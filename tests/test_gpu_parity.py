@@ -13,9 +13,9 @@ MEMBA = {'vim_s': dict(lora=dict(in_proj=32, out_proj=96), gate=dict(rank=16)),
          'vmamba_s': dict(lora=dict(in_proj=64, out_proj=64), gate=dict(rank=16))}
 
 
-# (output, input gradient): about five times the values measured on an H200 (README table);
-# the kernels' backward sums with atomics, so the gradient varies a little run to run
-TOLERANCE = {('vim_s', 'plain'): (1.5e-6, 1.5e-4), ('vim_s', 'memba'): (3e-6, 4e-5),
+# (output, input gradient): about five times the values measured on an H200 without TF32
+# (docs/benchmarks.md: 3.5e-7 / 8.8e-7, 3.7e-7 / 9.6e-7, 4.3e-7 / 9.3e-7, 4.3e-7 / 1.1e-6)
+TOLERANCE = {('vim_s', 'plain'): (1.5e-6, 5e-6), ('vim_s', 'memba'): (2e-6, 5e-6),
              ('vmamba_s', 'plain'): (2.5e-6, 5e-6), ('vmamba_s', 'memba'): (2e-6, 5.5e-6)}
 
 
@@ -39,10 +39,20 @@ def run(model, x, g):
     return out.detach(), x.grad
 
 
+@pytest.fixture
+def no_tf32():
+    """fp32 on both paths: cuDNN's default TF32 convolutions would round the gradients that
+    reach the patch embedding to 10-bit mantissas, differently on the two paths."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @requires_cuda
 @pytest.mark.parametrize('kind', ['vim_s', 'vmamba_s'])
 @pytest.mark.parametrize('method', ['plain', 'memba'])
-def test_cuda_kernels_match_reference(kind, method, monkeypatch):
+def test_cuda_kernels_match_reference(kind, method, monkeypatch, no_tf32):
     if mamba_ssm_scan_fn()[0] is None:
         pytest.skip(mamba_ssm_scan_fn()[1])
     torch.manual_seed(0)

@@ -14,12 +14,13 @@ tools/sweep.py pays once per GPU (a GPU trains and tests its tasks in one
 runs it (one task per GPU, longest test set first) over the real sizes: 1,000
 training images x 100 epochs per task and the test sizes of the task table.
 
-With ``--data-root`` the tool also trains one task for three epochs through the
+With ``--data-root`` the tool also trains one task for four epochs through the
 real loop (``tools/train.py``'s Runner: data loading, hooks, logging, checkpoints)
-and times the second one; its excess over the bare steps is the GPU idle time of
-the loop, and the projection uses it instead of the bare epoch, plus one
-checkpoint save (timed at the end of the third, last epoch) per checkpoint
-interval.
+and times the second one on the GPU's timeline, from its start to the third's (no
+synchronisation of the tool's own in between); its excess over the bare steps is the
+GPU idle time of the loop, and the projection uses it instead of the bare epoch, plus
+one checkpoint save (the third epoch, which saves one, less the second) per
+checkpoint interval.
 """
 import argparse
 import math
@@ -71,30 +72,36 @@ def process_start_cost():
 
 
 def _epoch_timer():
-    """An mmengine hook splitting each training epoch's wall time.
+    """An mmengine hook splitting each training epoch's wall time, without synchronising
+    with the GPU inside the run.
 
-    ``total``: the epoch, from an idle GPU to an idle GPU (the only synchronisations
-    the hook adds, so the host runs ahead of the GPU as it does in training).
-    Host time inside it: ``iters`` from each before_train_iter hook to its
-    after_train_iter hook (preprocessing, queueing the step, logging, and any wait
-    the loop itself makes for the GPU); ``data`` between iterations (the next
-    batch); ``end``: the epoch-end hooks (checkpoint), after the GPU finished.
+    ``total``: the GPU's timeline from one epoch's start to the next one's (a CUDA event
+    recorded as the host starts each epoch, the last one after training, then one
+    synchronisation), so the GPU's idle time between two epochs counts as it does in a
+    sweep, and the epoch's own synchronisations are the loop's. Host time inside it:
+    ``iters`` from each before_train_iter hook to its after_train_iter hook (preprocessing,
+    queueing the step, logging, and any wait the loop itself makes for the GPU); ``data``
+    between iterations (the next batch); ``end``: the epoch-end hooks (checkpoint).
     """
     from mmengine.hooks import Hook
-
-    def now():
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter()
+    cuda = torch.cuda.is_available()
 
     class EpochTimer(Hook):
         priority = 'LOWEST'
 
         def __init__(self):
-            self.epochs = []
+            self.epochs, self._starts = [], []
+
+        def _mark(self):
+            if cuda:
+                self._starts.append(torch.cuda.Event(enable_timing=True))
+                self._starts[-1].record()
+            else:
+                self._starts.append(time.perf_counter())
 
         def before_train_epoch(self, runner):
-            self._start = self._last = now()
+            self._mark()
+            self._last = time.perf_counter()
             self._iters = self._data = 0.0
 
         def before_train_iter(self, runner, batch_idx, data_batch=None):
@@ -108,8 +115,14 @@ def _epoch_timer():
 
         def after_train_epoch(self, runner):
             t = time.perf_counter()  # hooks before this one (checkpoint) have run
-            self.epochs.append(dict(total=now() - self._start, iters=self._iters,
-                                    data=self._data, end=t - self._last))
+            self.epochs.append(dict(iters=self._iters, data=self._data, end=t - self._last))
+
+        def after_train(self, runner):
+            self._mark()
+            if cuda:
+                torch.cuda.synchronize()
+            for epoch, a, b in zip(self.epochs, self._starts, self._starts[1:]):
+                epoch['total'] = a.elapsed_time(b) / 1e3 if cuda else b - a
 
     return EpochTimer()
 
@@ -124,11 +137,11 @@ def write_standin_pretrained(cfg, path):
     return path
 
 
-def measured_epoch(backbone_method, data_root, task, work_dir, epochs=3):
-    """The epochs of a short run of ``task`` through mmengine's Runner, each split by
-    ``_epoch_timer`` (the first one captures the graphs, the last one saves a
-    checkpoint); and the config's checkpoint interval."""
-    from mmengine.runner import Runner
+def measured_epoch(backbone_method, data_root, task, work_dir, epochs=4):
+    """The epochs of a short run of ``task`` through the Runner tools/train.py uses, each
+    split by ``_epoch_timer`` (the first one captures the graphs; the third and the last
+    save a checkpoint); and the config's checkpoint interval."""
+    from memba_vision.engine import SafeLoadRunner
 
     from memba_vision.datasets.vtab1k_tasks import get_task
     from memba_vision.engine.runner_utils import load_config, set_precision
@@ -144,8 +157,9 @@ def measured_epoch(backbone_method, data_root, task, work_dir, epochs=3):
     cfg.model.head.num_classes = get_task(task).num_classes
     cfg.train_cfg.max_epochs = epochs
     interval = cfg.default_hooks.checkpoint.interval
+    cfg.default_hooks.checkpoint.interval = 3  # epoch 3 saves and is followed by another
     set_precision(cfg)  # the config's bf16 autocast (fp32 on a CPU machine)
-    runner = Runner.from_cfg(cfg)
+    runner = SafeLoadRunner.from_cfg(cfg)
     timer = _epoch_timer()
     runner.register_hook(timer)
     runner.train()
@@ -220,13 +234,13 @@ def main():
         with tempfile.TemporaryDirectory() as wd:
             epochs, interval, n = measured_epoch(args.backbone_method, args.data_root,
                                                  args.task, wd)
-        real, last = epochs[1], epochs[2]
+        real, saving = epochs[1], epochs[2]
         idle = 1 - epoch_bare / real['total']
         print(f'measured epoch ({args.task}, {n} images, real loop): {real["total"]:.2f} s vs '
               f'bare {epoch_bare:.2f} s, so the GPU idles {100 * idle:.0f}% of the loop; host '
               f'time in iterations {real["iters"]:.2f} s, between them (data) '
               f'{real["data"]:.2f} s, epoch-end hooks (checkpoint) {real["end"]:.2f} s')
-        save = max(0.0, last['end'] - real['end'])
+        save = max(0.0, saving['total'] - real['total'])
         print(f'checkpoint save: {save:.2f} s (trainable tensors), every {interval} epochs')
         epoch = real['total'] * TRAIN_IMAGES / n + save / interval
     else:

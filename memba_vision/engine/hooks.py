@@ -5,6 +5,7 @@ import math
 import os
 import os.path as osp
 from collections import OrderedDict
+from typing import Tuple
 
 import torch
 from mmengine.dist import is_main_process
@@ -138,9 +139,16 @@ class AtomicCheckpointHook(CheckpointHook):
                 os.remove(path)
 
 
-def _logger_interval(runner) -> int:
+def _logger_schedule(runner) -> Tuple[int, bool]:
+    """The LoggerHook's interval, and whether it also logs an epoch's last iteration
+    (mmengine's rule: when ``ignore_last`` is off or an epoch has at most ``interval``
+    iterations)."""
     loggers = [h for h in runner.hooks if isinstance(h, LoggerHook)]
-    return loggers[0].interval if loggers else 1
+    if not loggers:
+        return 1, False
+    logger = loggers[0]
+    return logger.interval, (not logger.ignore_last
+                             or len(runner.train_dataloader) <= logger.interval)
 
 
 @HOOKS.register_module()
@@ -153,17 +161,19 @@ class DeferredRuntimeInfoHook(RuntimeInfoHook):
     iteration instead of preparing the next step meanwhile. This hook keeps the
     values as tensors, together with the gradient norm that ``BF16OptimWrapper``
     leaves as a tensor, and hands them to the message hub on the iterations the
-    LoggerHook logs, at the end of each epoch and before every checkpoint: the
-    logged values are the same. A loss that is not finite raises FloatingPointError
-    naming its iteration, before any checkpoint of that state is written (the one
-    named in ``<work_dir>/last_checkpoint`` stays the last good one). Set it as
-    ``default_hooks.runtime_info``.
+    LoggerHook logs, before every checkpoint and at the end of training: the logged
+    values are the same. It does not read them back at an epoch's end (unless the
+    LoggerHook logs there), so the GPU still runs the epoch's last steps while the host
+    ends the epoch and loads the next one's first batch. A loss that is not finite
+    raises FloatingPointError naming its iteration, before any checkpoint of that state
+    is written (the one named in ``<work_dir>/last_checkpoint`` stays the last good
+    one). Set it as ``default_hooks.runtime_info``.
     """
 
     def before_train(self, runner) -> None:
         super().before_train(runner)
         self._pending = []  # (epoch, iteration, key, value)
-        self._interval = _logger_interval(runner)
+        self._interval, self._logs_epoch_end = _logger_schedule(runner)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
         step = (runner.epoch + 1, runner.iter + 1)
@@ -176,12 +186,10 @@ class DeferredRuntimeInfoHook(RuntimeInfoHook):
             self._pending.append(step + ('grad_norm', grad_norm))
             runner.optim_wrapper.grad_norm = None
         if self.every_n_inner_iters(batch_idx, self._interval) or \
-                self.end_of_epoch(runner.train_dataloader, batch_idx) or \
+                (self._logs_epoch_end and self.end_of_epoch(runner.train_dataloader,
+                                                            batch_idx)) or \
                 self.is_last_train_iter(runner):
             self.flush(runner)
-
-    def after_train_epoch(self, runner) -> None:
-        self.flush(runner)
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         self.flush(runner)

@@ -93,13 +93,17 @@ class LoRALinear(_FrozenWrapper, _MMPretrainLoRALinear):
             original_layer.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        update = self.lora_up(self.lora_dropout(self.lora_down(x))) * self.scaling
-        out = self.original_layer(x)
+        x2 = x.reshape(-1, self.in_features)                               # (N, in)
+        h = self.lora_dropout(self.lora_down(x2))                          # (N, rank)
+        out = self.original_layer(x2)                                      # (N, out)
+        # the scale goes on the (rows, rank) weight, and the up-projection adds its product to
+        # the base output in place (the base product's output is not saved): no temporary of
+        # the output's size and no elementwise pass over it, forwards or backwards
+        w_up = (self.lora_up.weight * self.scaling).to(out.dtype)
         start, stop = self.rows
-        if (start, stop) == (0, self.out_features):
-            return out + update
-        out[..., start:stop] += update.to(out.dtype)  # the product's output is not saved
-        return out
+        target = out if (start, stop) == (0, self.out_features) else out[:, start:stop]
+        target.addmm_(h.to(out.dtype), w_up.t())
+        return out.view(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

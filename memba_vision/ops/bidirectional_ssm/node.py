@@ -40,7 +40,7 @@ from ..conv import causal_conv1d_tokens
 from ..dispatch import ENV, cuda_unavailable, extension, reference_forced
 
 __all__ = ['SSMDirection', 'MembaGateParams', 'bidirectional_ssm', 'bidirectional_ssm_reason',
-           'scan_extension', 'scan_kernels_reason', 'mm_f32', 'grad_wanted', 'D_STATE',
+           'scan_extension', 'scan_kernels_reason', 'mm_f32', 'addmm_f32', 'grad_wanted', 'D_STATE',
            'GATE_RANK', 'CONV_WIDTH', 'LIM_PAIR_MAX_CHUNKS']
 
 D_STATE = 16     # the kernels' state size (N)
@@ -135,6 +135,14 @@ def mm_f32(a: Tensor, b: Tensor) -> Tensor:
     if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(a, b, out_dtype=torch.float32)
     return torch.mm(a, b).to(torch.promote_types(a.dtype, torch.float32))
+
+
+def addmm_f32(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """c + a @ b, c fp32 (or fp64), in c's dtype: one kernel on CUDA for half-precision a, b
+    (c added in the product's fp32 epilogue)."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.addmm(c, a, b, out_dtype=torch.float32)
+    return c + torch.mm(a, b).to(c.dtype)
 
 
 class _BidirectionalSSM(torch.autograd.Function):

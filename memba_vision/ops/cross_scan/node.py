@@ -21,7 +21,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-from ..bidirectional_ssm.node import (D_STATE, grad_wanted, mm_f32, scan_extension,
+from ..bidirectional_ssm.node import (D_STATE, addmm_f32, grad_wanted, scan_extension,
                                       scan_kernels_reason)
 
 __all__ = ['cross_scan_fused', 'cross_scan_fused_reason']
@@ -56,25 +56,26 @@ class _CrossScan(torch.autograd.Function):
         B, L, D = x.shape
         R, N = dt_projs_weight.shape[2], A.shape[-1]
         w_all = x_proj_weight.to(x.dtype).reshape(-1, D)                # (4 (R + 2N), D)
+        w_dt = dt_projs_weight.to(x.dtype)                                 # (4, D, R)
         x_dbl = (x @ w_all.t()).view(B, L, K_DIRECTIONS, R + 2 * N)
-        delta = _per_direction_mm(x_dbl[..., :R], dt_projs_weight.to(x.dtype).transpose(1, 2),
+        delta = _per_direction_mm(x_dbl[..., :R], w_dt.transpose(1, 2),
                                   x.new_empty(B, L, K_DIRECTIONS, D))          # (B, L, 4, D)
         Bm, Cm = x_dbl[..., R:R + N], x_dbl[..., R + N:]
         acc = torch.promote_types(x.dtype, torch.float32)  # fp32 (fp64 for fp64 tests)
         y4 = torch.empty(B, L, K_DIRECTIONS, D, device=x.device, dtype=acc)
         _, states = kernels.scan_dirs_fwd(x, delta, A, Bm, Cm, Ds, dt_projs_bias, True, REVERSE,
                                           _rows(H), out=y4, save_states=save_states)
-        ctx.save_for_backward(x, x_dbl, delta, x_proj_weight, dt_projs_weight, dt_projs_bias,
-                              A, Ds, states)
+        # the projections' weights are kept in x's dtype, as the products read them
+        ctx.save_for_backward(x, x_dbl, delta, w_all, w_dt, dt_projs_bias, A, Ds, states)
         ctx.kernels, ctx.H = kernels, H
+        ctx.weight_dtypes = x_proj_weight.dtype, dt_projs_weight.dtype
         return y4.sum(2)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        (x, x_dbl, delta, x_proj_weight, dt_projs_weight, dt_projs_bias, A, Ds,
-         states) = ctx.saved_tensors
+        x, x_dbl, delta, w_all, w_dt, dt_projs_bias, A, Ds, states = ctx.saved_tensors
         B, L, D = x.shape
-        R, N = dt_projs_weight.shape[2], A.shape[-1]
+        R, N = w_dt.shape[2], A.shape[-1]
         Bm, Cm = x_dbl[..., R:R + N], x_dbl[..., R + N:]  # (delta was saved)
         acc = torch.promote_types(x.dtype, torch.float32)
         du = torch.empty(B, L, K_DIRECTIONS, D, device=x.device, dtype=acc)
@@ -85,16 +86,15 @@ class _CrossScan(torch.autograd.Function):
         _, ddelta, _, _ = ctx.kernels.scan_dirs_bwd(
             x, delta, A, Bm, Cm, Ds, dt_projs_bias, dy.to(x.dtype).contiguous(), states, True,
             REVERSE, _rows(ctx.H), du_out=du, dBC_out=d_dbl[..., R:], dA_out=dA, dD_out=dDs)
-        _per_direction_mm(ddelta, dt_projs_weight.to(x.dtype), d_dbl[..., :R])
-        w_all = x_proj_weight.to(x.dtype).reshape(-1, D)
-        dx = du.sum(2)
-        dx.view(B * L, D).add_(mm_f32(d_dbl.view(B * L, -1), w_all))
+        _per_direction_mm(ddelta, w_dt, d_dbl[..., :R])
+        # x's gradient: the four directions' sum plus the x_proj product's, in one addmm
+        dx = addmm_f32(du.sum(2).view(B * L, D), d_dbl.view(B * L, -1), w_all).view(B, L, D)
         dw_x = dw_dt = d_bias = None
         if needs[2]:  # (4, R + 2N, D)
-            dw_x = torch.einsum('blkc,bld->kcd', d_dbl, x).to(x_proj_weight.dtype)
+            dw_x = torch.einsum('blkc,bld->kcd', d_dbl, x).to(ctx.weight_dtypes[0])
         if needs[3]:  # (4, D, R)
             dw_dt = torch.einsum('blkd,blkr->kdr', ddelta, x_dbl[..., :R])
-            dw_dt = dw_dt.to(dt_projs_weight.dtype)
+            dw_dt = dw_dt.to(ctx.weight_dtypes[1])
         if needs[4]:  # (4, D): the bias is added to delta inside the kernel
             d_bias = ddelta.to(acc).sum((0, 1)).to(dt_projs_bias.dtype)
         return dx.to(x.dtype), None, dw_x, dw_dt, d_bias, dA, dDs, None, None

@@ -141,9 +141,8 @@ def measured_epoch(backbone_method, data_root, task, work_dir, epochs=4):
     """The epochs of a short run of ``task`` through the Runner tools/train.py uses, each
     split by ``_epoch_timer`` (the first one captures the graphs; the third and the last
     save a checkpoint); and the config's checkpoint interval."""
-    from memba_vision.engine import SafeLoadRunner
-
     from memba_vision.datasets.vtab1k_tasks import get_task
+    from memba_vision.engine import SafeLoadRunner
     from memba_vision.engine.runner_utils import load_config, set_precision
     root = osp.dirname(osp.dirname(osp.abspath(__file__)))
     cfg = load_config(osp.join(root, 'configs', 'vtab1k', f'{backbone_method}_{task}.py'),

@@ -74,8 +74,10 @@ def _seed():
     yield
 
 
-def toy_runner(work_dir, hooks=(), resume=False):
-    """A 3-epoch, 2-iteration-per-epoch CPU run saving every epoch, keeping one checkpoint."""
+def toy_runner(work_dir, hooks=(), resume=False, frozen_backbone=False):
+    """A 3-epoch, 2-iteration-per-epoch CPU run saving every epoch, keeping one checkpoint.
+    ``frozen_backbone``: a frozen layer marked as loaded from a pretrained file before the
+    trained one, as a PEFT model's."""
     from mmengine.model import BaseModel
     from memba_vision.engine import SafeLoadRunner as Runner  # what the tools run
 
@@ -83,9 +85,13 @@ def toy_runner(work_dir, hooks=(), resume=False):
         def __init__(self):
             super().__init__()
             self.fc = torch.nn.Linear(2, 1)
+            self.backbone = torch.nn.Linear(2, 2) if frozen_backbone else torch.nn.Identity()
+            if frozen_backbone:
+                self.backbone.requires_grad_(False)
+                self.backbone.init_cfg = dict(type='Pretrained', checkpoint='backbone.pth')
 
         def forward(self, inputs, mode='loss'):
-            return dict(loss=self.fc(inputs).pow(2).mean())
+            return dict(loss=self.fc(self.backbone(inputs)).pow(2).mean())
 
     data = [dict(inputs=torch.randn(2)) for _ in range(4)]
     return Runner(model=Toy(), work_dir=str(work_dir), default_scope='mmpretrain',

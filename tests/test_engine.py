@@ -372,6 +372,35 @@ def test_checkpoints_format_the_config_once(tmp_path, monkeypatch):
     assert meta['cfg'] == Config(dict(note='first')).pretty_text
 
 
+def test_peft_saves_copy_only_the_tensors_they_write(tmp_path):
+    """mmengine copies the model's state dict to the host before PEFTCheckpointHook keeps
+    the trainable tensors; the runner leaves the frozen ones out before that copy, and the
+    file is the same. Without a PEFTCheckpointHook, the whole model is saved."""
+    from mmengine.hooks import Hook
+    from memba_vision.utils import load_checkpoint_file
+
+    class SeesTheCopy(Hook):  # runs before PEFTCheckpointHook (VERY_LOW)
+        priority = 'VERY_HIGH'
+        keys = []
+
+        def before_save_checkpoint(self, runner, checkpoint):
+            self.keys.append(sorted(checkpoint['state_dict']))
+
+    spy = SeesTheCopy()
+    runner = toy_runner(tmp_path / 'peft', hooks=[PEFTCheckpointHook(), spy],
+                        frozen_backbone=True)
+    runner.train()
+    assert spy.keys == [['fc.bias', 'fc.weight']] * 3
+    assert len(runner.model.state_dict()) == 4  # only while saving
+    saved = load_checkpoint_file(str(tmp_path / 'peft' / 'epoch_3.pth'))
+    assert sorted(saved['state_dict']) == ['fc.bias', 'fc.weight']
+    assert saved['meta']['memba_vision'] == dict(trainable_only=True)
+    spy.keys.clear()
+    runner = toy_runner(tmp_path / 'whole', hooks=[spy], frozen_backbone=True)
+    runner.train()
+    assert spy.keys == [sorted(runner.model.state_dict())] * 3 and len(spy.keys[0]) == 4
+
+
 def test_resume_names_the_problem_when_the_marked_checkpoint_is_gone(tmp_path):
     from memba_vision.engine.runner_utils import check_resumable
     check_resumable(str(tmp_path))  # no marker: a fresh run

@@ -5,7 +5,7 @@ import math
 import os
 import os.path as osp
 from collections import OrderedDict
-from typing import Tuple
+from typing import Optional, Set, Tuple
 
 import torch
 from mmengine.dist import is_main_process
@@ -17,7 +17,7 @@ from mmpretrain.registry import HOOKS
 from ..utils import write_text_atomically
 
 __all__ = ['PEFTCheckpointHook', 'AtomicCheckpointHook', 'DeferredRuntimeInfoHook',
-           'complete_trainable_checkpoint']
+           'complete_trainable_checkpoint', 'trainable_only_keys']
 
 _META_KEY = 'memba_vision'
 
@@ -30,6 +30,18 @@ def _restorable_from_pretrained(model) -> bool:
     """True when the frozen backbone comes from a pretrained file (can be reloaded)."""
     init = getattr(getattr(model, 'backbone', None), 'init_cfg', None)
     return isinstance(init, dict) and init.get('type') == 'Pretrained'
+
+
+def trainable_only_keys(model) -> Optional[Set[str]]:
+    """The state-dict keys a PEFT checkpoint keeps: the trainable parameters' names; None
+    when the whole model must be saved (full fine-tuning, or frozen weights that no
+    pretrained file can restore)."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    if len(trainable) == sum(1 for _ in model.parameters()):
+        return None  # full fine-tuning: keep everything
+    if not _restorable_from_pretrained(model):
+        return None  # randomly initialised frozen weights must be saved
+    return trainable
 
 
 @HOOKS.register_module()
@@ -48,14 +60,11 @@ class PEFTCheckpointHook(Hook):
     priority = 'VERY_LOW'
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        model = _unwrap(runner.model)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if len(trainable) == sum(1 for _ in model.parameters()):
-            return  # full fine-tuning: keep everything
-        if not _restorable_from_pretrained(model):
-            return  # randomly initialised frozen weights must be saved
+        keep = trainable_only_keys(_unwrap(runner.model))
+        if keep is None:
+            return
         state = checkpoint['state_dict']
-        checkpoint['state_dict'] = OrderedDict((k, v) for k, v in state.items() if k in trainable)
+        checkpoint['state_dict'] = OrderedDict((k, v) for k, v in state.items() if k in keep)
         checkpoint.setdefault('meta', {})[_META_KEY] = dict(trainable_only=True)
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:

@@ -1,5 +1,5 @@
-"""mmengine's Runner with memba_vision's checkpoint loading, and checkpoints that do not
-format the config again each time."""
+"""mmengine's Runner with memba_vision's checkpoint loading, and checkpoint saves that do
+not format the config again each time nor copy frozen PEFT tensors to the host."""
 from mmengine.config import Config
 from mmengine.model import is_model_wrapper
 from mmengine.registry import RUNNERS
@@ -7,6 +7,7 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
 from ..utils import load_checkpoint_file
+from .hooks import PEFTCheckpointHook, trainable_only_keys
 
 __all__ = ['SafeLoadRunner']
 
@@ -39,11 +40,33 @@ class SafeLoadRunner(Runner):
     ``load_checkpoint_file``: ``weights_only=True`` with the checkpoint allow-list for
     that load only, and a one-line ``CheckpointError`` for a bad file. URLs and other
     schemes go through mmengine's loaders unchanged. Its config formats its text for the
-    checkpoints' meta once, not at every save (``_FormatOnceConfig``)."""
+    checkpoints' meta once, not at every save (``_FormatOnceConfig``), and a PEFT save
+    copies only the tensors it writes to the host."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.cfg = _FormatOnceConfig.of(self.cfg)
+
+    def save_checkpoint(self, *args, **kwargs):
+        """mmengine's save, where a PEFTCheckpointHook is registered, without copying to the
+        host the frozen tensors that the hook leaves out of the file: mmengine copies the
+        model's whole state dict before the hook filters it (VMamba-S Memba on an H200
+        machine: 40-129 ms for its 710 tensors, 9 ms for the 266 trainable ones)."""
+        model = self.model.module if is_model_wrapper(self.model) else self.model
+        peft = any(isinstance(h, PEFTCheckpointHook) for h in self.hooks)
+        keep = trainable_only_keys(model) if peft else None
+        if keep is None:
+            return super().save_checkpoint(*args, **kwargs)
+
+        def drop_frozen(module, state_dict, prefix, local_metadata):
+            for key in [k for k in state_dict if k not in keep]:
+                del state_dict[key]
+
+        handle = model.register_state_dict_post_hook(drop_frozen)
+        try:
+            return super().save_checkpoint(*args, **kwargs)
+        finally:
+            handle.remove()
 
     def load_checkpoint(self, filename: str, map_location='cpu', strict: bool = False,
                         revise_keys: list = [(r'^module.', '')]):  # noqa: B006 (mmengine's)

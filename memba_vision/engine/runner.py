@@ -1,13 +1,12 @@
 """mmengine's Runner with memba_vision's checkpoint loading, and checkpoint saves that do
 not format the config again each time nor copy frozen PEFT tensors to the host."""
 from mmengine.config import Config
-from mmengine.model import is_model_wrapper
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 from mmengine.runner.checkpoint import _load_checkpoint_to_model
 
 from ..utils import load_checkpoint_file
-from .hooks import PEFTCheckpointHook, trainable_only_keys
+from .hooks import PEFTCheckpointHook, _unwrap, trainable_only_keys
 
 __all__ = ['SafeLoadRunner']
 
@@ -52,7 +51,7 @@ class SafeLoadRunner(Runner):
         host the frozen tensors that the hook leaves out of the file: mmengine copies the
         model's whole state dict before the hook filters it (VMamba-S Memba on an H200
         machine: 40-129 ms for its 710 tensors, 9 ms for the 266 trainable ones)."""
-        model = self.model.module if is_model_wrapper(self.model) else self.model
+        model = _unwrap(self.model)
         peft = any(isinstance(h, PEFTCheckpointHook) for h in self.hooks)
         keep = trainable_only_keys(model) if peft else None
         if keep is None:
@@ -74,7 +73,7 @@ class SafeLoadRunner(Runner):
             return super().load_checkpoint(filename, map_location, strict, revise_keys)
         checkpoint = load_checkpoint_file(filename, map_location=map_location)
         self.call_hook('after_load_checkpoint', checkpoint=checkpoint)
-        model = self.model.module if is_model_wrapper(self.model) else self.model
+        model = _unwrap(self.model)
         checkpoint = _load_checkpoint_to_model(model, checkpoint, strict,
                                                revise_keys=revise_keys)
         self._has_loaded = True

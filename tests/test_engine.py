@@ -466,7 +466,7 @@ def test_checkpoints_are_written_behind_the_training_loop(tmp_path, monkeypatch)
         priority = 'LOWEST'  # after the checkpoint hook
 
         def after_train_epoch(self, runner):
-            seen.append(runner.model.fc.weight.detach().clone())
+            seen.append(runner.model.fc.weight.detach().to('cpu', copy=True))  # a GPU's too
 
         def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
             if runner.epoch == 1 and batch_idx == 0:  # epoch 2 has stepped; epoch 1's write waits
@@ -516,6 +516,8 @@ def test_host_snapshots_of_gpu_tensors_are_taken_in_stream_order():
     returns once they are complete."""
     from memba_vision.engine.checkpoint_writer import host_snapshot
     x = torch.arange(1 << 22, device='cuda', dtype=torch.float32)
+    for n in (x.numel(), 1):  # cached pinned blocks: a new one (cudaHostAlloc) would synchronise
+        torch.empty(n, pin_memory=True)
     torch.cuda._sleep(200_000_000)  # the copy waits behind ~0.1 s of GPU work
     snapshot, wait = host_snapshot(dict(x=x, step=[x[:1]]))
     x.add_(1)

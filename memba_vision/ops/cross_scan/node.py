@@ -9,8 +9,9 @@ and their sum are fp32, as in the official v0 scan). x_proj of all four directio
 matrix product, its rows ordered so that the four directions' dt inputs come first
 (``_x_dbl_layout``), and dt_proj of all four is one more: those (B L, 4 R) columns times the
 block-diagonal (4 R, 4 D) matrix of the four dt_proj weights gives delta (B, L, 4, D) in one
-launch instead of four (and likewise the backward's dt gradient). x's gradient is kept per direction in fp32 and summed. When a backward will run, the forward
-keeps the scans' states every 16 steps (fp32) for it (``save_states``). The SSM parameters get
+launch instead of four (and likewise the backward's dt gradient). x's gradient is kept per
+direction in fp32 and summed. When a backward will run, the forward keeps the scans' states
+every 16 steps (fp32) for it (``save_states``). The SSM parameters get
 gradients when they require them (full fine-tuning): A's and D's from the backward kernel (per
 batch item, then summed), x_proj's, dt_proj's and the delta bias's from ddelta, dB and dC with
 matrix products.

@@ -87,6 +87,21 @@ def test_benchmark_reads_both_official_timers_lines(tmp_path):
     assert parsed[32, False] == pytest.approx((0.2218, 436.0, 12.25))
 
 
+def test_benchmark_steps_with_the_optimizer_the_configs_train_with():
+    """The timed step's optimizer is the VTAB configs' (fused AdamW, same settings)."""
+    import torch
+    from conftest import load_tool
+    from mmengine.config import Config
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import DefaultScope
+    cfg = Config.fromfile(os.path.join(ROOT, 'configs', 'vtab1k', 'vmamba_s_memba_eurosat.py'))
+    model = torch.nn.Linear(4, 2)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        configs = build_optim_wrapper(model, cfg.optim_wrapper).optimizer
+    timed = load_tool('benchmark').schedule_optimizer(list(model.parameters()))
+    assert type(timed) is type(configs) and timed.defaults == configs.defaults
+
+
 def test_sweep_epoch_timer_counts_the_time_between_epochs(tmp_path):
     """The measured epochs run from one epoch's start to the next one's, so the host's work
     between two epochs (here a 0.3 s hook before each later epoch) is not lost."""

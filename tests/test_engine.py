@@ -322,6 +322,9 @@ def test_vtab_optim_wrapper_builds_from_the_config():
         wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
     assert isinstance(wrapper, BF16OptimWrapper) and wrapper.cast_dtype == torch.bfloat16
     assert wrapper.clip_grad_kwargs == dict(max_norm=5.0)
+    # PyTorch's fused AdamW: one kernel per group instead of a chain of multi-tensor kernels
+    assert isinstance(wrapper.optimizer, torch.optim.AdamW)
+    assert wrapper.optimizer.defaults['fused'] is True
 
 
 def test_checkpoint_marker_names_a_complete_file_when_killed_mid_save(tmp_path):
@@ -399,6 +402,112 @@ def test_peft_saves_copy_only_the_tensors_they_write(tmp_path):
     runner = toy_runner(tmp_path / 'whole', hooks=[spy], frozen_backbone=True)
     runner.train()
     assert spy.keys == [sorted(runner.model.state_dict())] * 3 and len(spy.keys[0]) == 4
+
+
+def test_checkpoints_hold_what_mmengine_writes(tmp_path):
+    """The runner builds its checkpoints itself (host copies in one batch, written behind the
+    loop); the file holds what mmengine's own save writes, tensor for tensor."""
+    from mmengine.runner import Runner
+    runner = toy_runner(tmp_path / 'run')
+    runner.train()
+    runner.save_checkpoint(str(tmp_path), 'ours.pth')
+    Runner.save_checkpoint(runner, str(tmp_path), 'stock.pth')
+    ours, stock = (load_checkpoint_file(str(tmp_path / f)) for f in ('ours.pth', 'stock.pth'))
+    assert ours.keys() == stock.keys()
+    assert {k: v for k, v in ours['meta'].items() if k != 'time'} == \
+        {k: v for k, v in stock['meta'].items() if k != 'time'}
+    assert {'state_dict', 'optimizer', 'message_hub'} <= ours.keys()
+    for part in ours.keys() - {'meta'}:
+        assert _same(ours[part], stock[part]), part
+
+
+def _same(a, b) -> bool:
+    """Equal values, type for type: tensors element for element, mmengine's history buffers
+    by their data."""
+    from mmengine.logging import HistoryBuffer
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, HistoryBuffer):
+        return all((x == y).all() for x, y in zip(a.data, b.data))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _blocking_save(monkeypatch, saved):
+    """torch.save whose first call waits until the returned event is set (5 s at most) and
+    whose files are read back into ``saved`` as written."""
+    import threading
+    gate, real = threading.Event(), torch.save
+
+    def save(obj, path, *args, **kwargs):
+        if not saved and not gate.wait(5):
+            raise TimeoutError('the first write was not released: the loop waited for it')
+        real(obj, path, *args, **kwargs)
+        saved.append(load_checkpoint_file(str(path)))
+
+    monkeypatch.setattr(torch, 'save', save)
+    return gate
+
+
+def test_checkpoints_are_written_behind_the_training_loop(tmp_path, monkeypatch):
+    """Epoch 1's file is written while epoch 2 trains (its write waits for epoch 2's first
+    step here), and it holds the weights of epoch 1's end; the marker names it only once it is
+    complete, and training returns with every file published."""
+    from mmengine.hooks import Hook
+    saved, seen = [], []
+    gate = _blocking_save(monkeypatch, saved)
+
+    class Watch(Hook):
+        priority = 'LOWEST'  # after the checkpoint hook
+
+        def after_train_epoch(self, runner):
+            seen.append(runner.model.fc.weight.detach().to('cpu', copy=True))  # a GPU's too
+
+        def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+            if runner.epoch == 1 and batch_idx == 0:  # epoch 2 has stepped; epoch 1's write waits
+                seen.append(osp.exists(tmp_path / 'last_checkpoint'))
+                gate.set()
+
+    toy_runner(tmp_path, hooks=[Watch()]).train()
+    assert seen[1] is False  # epoch 1's file was not published while it was being written
+    assert len(saved) == 3
+    for state, weight in zip(saved, (seen[0], seen[2], seen[3])):
+        assert torch.equal(state['state_dict']['fc.weight'], weight)
+    assert not torch.equal(seen[0], seen[2])  # training went on meanwhile
+    assert open(tmp_path / 'last_checkpoint').read().strip() == str(tmp_path / 'epoch_3.pth')
+    assert sorted(f for f in os.listdir(tmp_path) if 'pth' in f) == ['epoch_3.pth']
+
+
+def test_a_failed_background_write_stops_training(tmp_path, monkeypatch):
+    def save(*args, **kwargs):
+        raise OSError('disk full')
+
+    monkeypatch.setattr(torch, 'save', save)
+    with pytest.raises(OSError, match='disk full'):
+        toy_runner(tmp_path).train()
+    assert not osp.exists(tmp_path / 'last_checkpoint')
+
+
+def test_host_snapshots_keep_the_values_of_their_moment():
+    """An optimizer's state_dict hands out its live tensors and per-parameter dicts; the
+    snapshot keeps the values of the moment it was taken, and its own dicts."""
+    from memba_vision.engine.checkpoint_writer import host_snapshot
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    p.grad = torch.ones(3)
+    opt.step()
+    snapshot, wait = host_snapshot(opt.state_dict())
+    wait()
+    before = {k: v.clone() for k, v in opt.state[p].items()}
+    opt.step()
+    for key, value in snapshot['state'][0].items():
+        assert torch.equal(value, before[key]) and not torch.equal(value, opt.state[p][key])
+    assert snapshot['state'][0] is not opt.state_dict()['state'][0]
 
 
 def test_resume_names_the_problem_when_the_marked_checkpoint_is_gone(tmp_path):

@@ -11,8 +11,8 @@
 For each backbone, method (any with a configs/_base_/models/<backbone>_<method>.py; ``all``:
 every one; default lora and memba), batch size, precision and mode (``graph``:
 the configs' setting, CUDA-graph replay of the backbone; ``eager``): the time of one training step
-(forward, backward and AdamW on the trainable tensors; CUDA events, median after
-warm-up), images/s, peak GPU memory, and evaluation images/s. No dataset or
+(forward, backward and the VTAB schedule's fused AdamW on the trainable tensors; CUDA events,
+median after warm-up), images/s, peak GPU memory, and evaluation images/s. No dataset or
 weights are needed. ``--profile`` adds, for every batch-32 bf16 row, the
 GPU busy time per step, the kernel launches per step and the top kernels.
 ``--baseline CMD`` runs a baseline script in the same run (one that prints
@@ -124,11 +124,20 @@ class Measured(NamedTuple):
     first_step: float       # wall seconds of the first step (CUDA-graph capture included)
 
 
+def schedule_optimizer(params):
+    """The optimizer of the VTAB schedule (configs/_base_/schedules/vtab1k_100e.py) on
+    ``params``, in one parameter group: the update the configs train with."""
+    from mmengine.config import Config
+    root = osp.dirname(osp.dirname(osp.abspath(__file__)))
+    kwargs = dict(Config.fromfile(osp.join(root, 'configs', '_base_', 'schedules',
+                                           'vtab1k_100e.py')).optim_wrapper.optimizer)
+    return getattr(torch.optim, kwargs.pop('type'))(params, **kwargs)
+
+
 def measure(model, batch, size, amp, device, warmup, reps, profile=False) -> Measured:
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, 100, (batch,), device=device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = schedule_optimizer([p for p in model.parameters() if p.requires_grad])
     ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if amp else \
         (lambda: torch.autocast(device, enabled=False))
     model.train()

@@ -106,8 +106,9 @@ class AtomicCheckpointHook(CheckpointHook):
     names a deleted file, and ``--resume`` fails. This hook writes the checkpoint
     under a temporary name and renames it, then replaces the marker the same way,
     and only then deletes the outdated checkpoints: at every moment the marker
-    names a complete checkpoint. Options and file names are the stock hook's;
-    ``out_dir`` must be a local folder.
+    names a complete checkpoint. With ``SafeLoadRunner`` all of that runs behind the
+    training loop, and training returns once it is done. Options and file names are the
+    stock hook's; ``out_dir`` must be a local folder.
     """
 
     def before_train(self, runner) -> None:
@@ -131,21 +132,33 @@ class AtomicCheckpointHook(CheckpointHook):
             runner.message_hub.update_info('keep_ckpt_ids', ids)
 
         filename = self.filename_tmpl.format(step)
-        self.last_ckpt = osp.join(self.out_dir, filename)
+        last = self.last_ckpt = osp.join(self.out_dir, filename)
         runner.message_hub.update_info('last_ckpt', self.last_ckpt)
         partial = f'.{filename}.part'
+        marker = osp.join(runner.work_dir, 'last_checkpoint')
+
+        def publish():  # once the file is complete
+            os.replace(osp.join(self.out_dir, partial), last)
+            write_text_atomically(marker, last)
+            for old in outdated:
+                path = osp.join(self.out_dir, self.filename_tmpl.format(old))
+                if osp.isfile(path):
+                    os.remove(path)
+
+        # SafeLoadRunner writes the file behind the training loop, then publishes it
+        background = hasattr(runner, 'wait_for_saves')
         runner.save_checkpoint(
             self.out_dir, partial, self.file_client_args, save_optimizer=self.save_optimizer,
             save_param_scheduler=self.save_param_scheduler, meta=meta, by_epoch=self.by_epoch,
-            backend_args=self.backend_args, **self.args)
-        if not is_main_process():
-            return
-        os.replace(osp.join(self.out_dir, partial), self.last_ckpt)
-        write_text_atomically(osp.join(runner.work_dir, 'last_checkpoint'), self.last_ckpt)
-        for old in outdated:
-            path = osp.join(self.out_dir, self.filename_tmpl.format(old))
-            if osp.isfile(path):
-                os.remove(path)
+            backend_args=self.backend_args, **self.args,
+            **(dict(finish=publish) if background else {}))
+        if is_main_process() and not background:
+            publish()
+
+    def after_train(self, runner) -> None:
+        if hasattr(runner, 'wait_for_saves'):
+            runner.wait_for_saves()  # the last checkpoint is on disk when training returns
+        super().after_train(runner)
 
 
 def _logger_schedule(runner) -> Tuple[int, bool]:

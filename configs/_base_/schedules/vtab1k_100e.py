@@ -5,14 +5,15 @@
 # bf16 autocast on a GPU (tools/train.py --fp32 for the fp32 reference; CPU runs
 # fall back to fp32 by themselves), without loss scaling and without reading values
 # back to the host every step (BF16OptimWrapper). Parameters with equal settings
-# share one parameter group (MergedParamGroupsConstructor), so AdamW launches few
-# kernels.
+# share one parameter group (MergedParamGroupsConstructor), and AdamW is PyTorch's fused
+# one (the same update in one kernel per group instead of a chain of multi-tensor kernels).
 no_decay = dict(decay_mult=0.0)
 optim_wrapper = dict(
     type='BF16OptimWrapper',
     constructor='MergedParamGroupsConstructor',
     dtype='bfloat16',
-    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4, eps=1e-8, betas=(0.9, 0.999)),
+    optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4, eps=1e-8, betas=(0.9, 0.999),
+                   fused=True),
     paramwise_cfg=dict(
         norm_decay_mult=0.0,
         bias_decay_mult=0.0,

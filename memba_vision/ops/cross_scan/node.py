@@ -11,10 +11,9 @@ matrix product, its rows ordered so that the four directions' dt inputs come fir
 block-diagonal (4 R, 4 D) matrix of the four dt_proj weights gives delta (B, L, 4, D) in one
 launch instead of four (and likewise the backward's dt gradient). x's gradient is kept per
 direction in fp32 and summed. When a backward will run, the forward keeps the scans' states
-every 16 steps (fp32) for it (``save_states``). The SSM parameters get
-gradients when they require them (full fine-tuning): A's and D's from the backward kernel (per
-batch item, then summed), x_proj's, dt_proj's and the delta bias's from ddelta, dB and dC with
-matrix products.
+every 16 steps (fp32) for it (``save_states``). The SSM parameters get gradients when they
+require them (full fine-tuning): A's and D's from the backward kernel (per batch item, then
+summed), x_proj's, dt_proj's and the delta bias's from ddelta, dB and dC with matrix products.
 
 ``kernels`` is the extension (``memba_vision._scan_cuda``) or a stand-in with the same
 functions (the tests' CPU reference).

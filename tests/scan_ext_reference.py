@@ -1,7 +1,7 @@
 """A pure-PyTorch stand-in for ``memba_vision._scan_cuda`` (same functions and arguments).
 
 Each function is the reference op (``ops.selective_scan_tokens``,
-``ops.causal_conv1d_tokens``, ``ops.lim_reference`` on flipped tokens) and its
+``ops.causal_conv1d_tokens``, ``ops.lim_reference`` on flipped tokens, ``F.conv2d``) and its
 autograd gradient, with the extension's output conventions (``out``/``dz_out``
 buffers, ``accumulate``, scales, stacked directions, grids walked by columns, the states the
 forward stores for the backward). It lets the tests run ``ops.bidirectional_ssm`` and
@@ -154,6 +154,26 @@ class ReferenceScanKernels:
                                      reverse)
             dx, = torch.autograd.grad(y, [x_], grad_y.to(y.dtype))
         return _store(out, dx, 1.0, accumulate)
+
+    @staticmethod
+    def _dwconv(x, weight, bias):
+        """silu(conv2d(x) + bias), x (B, H, W, D), in the kernels' precision."""
+        pre = F.conv2d(_wide(x).permute(0, 3, 1, 2), _wide(weight), _wide(bias), padding=1,
+                       groups=x.shape[-1])
+        return F.silu(pre).permute(0, 2, 3, 1)
+
+    @staticmethod
+    def dwconv_fwd(x, weight, bias):
+        with torch.no_grad():
+            return ReferenceScanKernels._dwconv(x, weight, bias).to(x.dtype).contiguous()
+
+    @staticmethod
+    def dwconv_bwd(x, weight, bias, grad_u):
+        x_ = _leaf(_wide(x))
+        with torch.enable_grad():
+            u = ReferenceScanKernels._dwconv(x_, weight, bias)
+            dx, = torch.autograd.grad(u, [x_], grad_u.to(u.dtype))
+        return dx.to(x.dtype).contiguous()
 
     @staticmethod
     def _lim_pair(xs, prev, num_chunks, leak, threshold):

@@ -152,4 +152,23 @@ constexpr int kNormGateMaxDim = 2048;
 cudaError_t norm_gate_forward(const NormGateParams& p, DType dtype, cudaStream_t stream);
 cudaError_t norm_gate_backward(const NormGateParams& p, DType dtype, cudaStream_t stream);
 
+// VMamba's depthwise 3 x 3 conv (padding 1) with its bias and SiLU, channels-last
+// (dwconv_kernel.cu): u[b, h, w, d] = silu(bias[d] + sum_{i,j < 3} W[d, i, j] x[b, h+i-1,
+// w+j-1, d]), zero outside the grid. x (B, H, W, D) in the storage dtype with pixel strides
+// x_sb, x_sh, x_sw (e.g. the x half of in_proj's output), channel stride 1; W (D, 3, 3) and
+// bias (D,) fp32. Forward: u, contiguous. Backward, from g = dL/du (contiguous): dx,
+// contiguous (W and bias get no gradient here). D, the pixel strides and x's address are
+// multiples of 4 elements.
+struct DwConvParams {
+  int batch, height, width, dim;
+  const void* x;
+  int64_t x_sb, x_sh, x_sw;
+  const float *w, *bias;
+  const void* g;  // backward
+  void* out;      // u (forward) or dx (backward)
+};
+
+cudaError_t dwconv_forward(const DwConvParams& p, DType dtype, cudaStream_t stream);
+cudaError_t dwconv_backward(const DwConvParams& p, DType dtype, cudaStream_t stream);
+
 }  // namespace memba_scan

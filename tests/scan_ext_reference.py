@@ -250,6 +250,30 @@ class ReferenceScanKernels:
         return du, ddelta, dB, dC
 
     @staticmethod
+    def _layer_norm(x, weight, bias, eps):
+        """LayerNorm over the last axis in the kernels' precision, written out by hand."""
+        x = _wide(x)
+        mean = x.mean(-1, keepdim=True)
+        rstd = ((x - mean) ** 2).mean(-1, keepdim=True).add(eps).rsqrt()
+        return (x - mean) * rstd * weight + bias, mean, rstd
+
+    @staticmethod
+    def layer_norm_fwd(x, weight, bias, eps):
+        with torch.no_grad():
+            out, mean, rstd = ReferenceScanKernels._layer_norm(x, weight, bias, eps)
+        return out.to(x.dtype), mean.reshape(-1), rstd.reshape(-1)
+
+    @staticmethod
+    def layer_norm_bwd(x, weight, bias, mean, rstd, dout):
+        x_ = _leaf(x)
+        eps = (rstd.double() ** -2 - x.double().reshape(-1, x.shape[-1]).var(-1, unbiased=False)
+               ).mean().item()
+        with torch.enable_grad():
+            out, _, _ = ReferenceScanKernels._layer_norm(x_, weight, bias, eps)
+            dx, = torch.autograd.grad(out, [x_], dout.to(out.dtype))
+        return dx.to(x.dtype).contiguous()
+
+    @staticmethod
     def _norm_gate(y, weight, bias, eps, z, c=None):
         """LayerNorm(y) * silu(z + c) in y's precision, written out by hand (no
         F.layer_norm)."""

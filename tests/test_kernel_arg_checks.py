@@ -90,6 +90,9 @@ def _cases(dev='cuda'):
     xc = rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., :D]
     dw = [xc, rnd(D, 1, 3, 3), rnd(D)]
     dw_bwd = dw + [rnd(B, Hc, Wc, D, dtype=bf16)]
+    # ops.layer_norm: a block norm's input, bf16 (B, H, W, C)
+    ln = [rnd(B, Hc, Wc, D, dtype=bf16), rnd(D), rnd(D), 1e-5]
+    ln_bwd = ln[:3] + [rnd(B * Hc * Wc), rnd(B * Hc * Wc), rnd(B, Hc, Wc, D, dtype=bf16)]
     lim = [strided_last(B, L, R), rnd(B, l, R), 4, 0.5, 1.0]  # the op copies strided inputs
     lim_bwd = [rnd(B, L, R), rnd(B, l, R), rnd(B, L, R), rnd(B, l, R), 4, 0.5, 1.0, True,
                True]
@@ -145,6 +148,10 @@ def _cases(dev='cuda'):
              ('dwconv_fwd accepts no bias', 'dwconv_fwd', pos(ext.dwconv_fwd, dw, 2, None),
               None),
              ('dwconv_bwd accepts', 'dwconv_bwd', lambda: ext.dwconv_bwd(*dw_bwd), None),
+             ('layer_norm_fwd accepts', 'layer_norm_fwd', lambda: ext.layer_norm_fwd(*ln),
+              None),
+             ('layer_norm_bwd accepts', 'layer_norm_bwd', lambda: ext.layer_norm_bwd(*ln_bwd),
+              None),
              ('lim accepts strided x', 'lim', lambda: lim_op(*lim), None),
              ('lim_backward accepts', 'lim_backward', lambda: lim_bwd_op(*lim_bwd), None)]
     bad_scan = {
@@ -297,6 +304,21 @@ def _cases(dev='cuda'):
             (3, 'grad_u', rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., :D])]):
         cases.append((f'dwconv_bwd {arg} #{i}', 'dwconv_bwd',
                       pos(ext.dwconv_bwd, dw_bwd, index, value), arg))
+    bad_ln = [
+        (0, 'x', rnd(B, Hc, Wc, D, dtype=f64)), (0, 'x', ln[0].cpu()),
+        (0, 'x', rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., :D]),         # rows not contiguous
+        (0, 'the channel count', rnd(B, Hc, 6, dtype=bf16)),
+        (0, 'the channel count', rnd(B, 2052, dtype=bf16)),
+        (1, 'weight', rnd(D + 4)), (1, 'weight', rnd(D, dtype=bf16)), (2, 'bias', rnd(D).cpu())]
+    for i, (index, arg, value) in enumerate(bad_ln):
+        cases.append((f'layer_norm_fwd {arg} #{i}', 'layer_norm_fwd',
+                      pos(ext.layer_norm_fwd, ln, index, value), arg))
+    for i, (index, arg, value) in enumerate(bad_ln[:3] + [
+            (3, 'mean', rnd(B * Hc * Wc + 1)), (4, 'rstd', rnd(B * Hc * Wc, dtype=bf16)),
+            (5, 'dout', rnd(B, Hc, Wc, D)),
+            (5, 'dout', rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., :D])]):
+        cases.append((f'layer_norm_bwd {arg} #{i}', 'layer_norm_bwd',
+                      pos(ext.layer_norm_bwd, ln_bwd, index, value), arg))
     for i, (index, arg, value) in enumerate([
             (0, 'x', lim[0].cpu()), (0, 'x', rnd(B * L, R)), (1, 'u_prev', rnd(B, l + 1, R)),
             (1, 'u_prev', rnd(B, l, R, dtype=f64)), (1, 'u_prev', rnd(B, l, R, dtype=f64).cpu()),

@@ -10,13 +10,13 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from mmpretrain.registry import MODELS
 from torch import Tensor
 
 from ...ops.cross_scan import cross_scan
 from ...ops.depthwise_conv2d import depthwise_conv2d_silu
+from ...ops.layer_norm import layer_norm_in_dtype
 from ...ops.bidirectional_ssm import MembaGateParams
 from ...ops.silu_gate import memba_norm_silu_gate, norm_silu_gate
 from ..peft import (PEFTConfig, build_gate, check_supported, freeze_all_but_peft, parse_peft,
@@ -99,13 +99,12 @@ class SS2D(nn.Module):
 
 
 def norm_in_input_dtype(norm: nn.LayerNorm, x: Tensor) -> Tensor:
-    """``norm(x)``, in x's dtype when autocast runs in half precision: LayerNorm's
-    mixed-precision kernel (fp32 statistics and affine, the output rounded once) gives what
-    autocast's fp32 LayerNorm gives the next matrix product, without an fp32 copy of x, an fp32
-    output and its cast, nor their twins in the backward."""
+    """``norm(x)``, in x's dtype when autocast runs in half precision (``ops.layer_norm``: fp32
+    statistics and affine, the output rounded once): what autocast's fp32 LayerNorm hands the
+    next matrix product, without an fp32 copy of x, an fp32 output and its cast, nor their
+    twins in the backward."""
     if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):
-            return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return layer_norm_in_dtype(x, norm.weight, norm.bias, norm.eps)
     return norm(x)
 
 

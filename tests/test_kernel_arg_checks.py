@@ -294,7 +294,7 @@ def _cases(dev='cuda'):
         (0, 'x', rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., 1:D + 1]),  # pixels not 4-aligned
         (0, 'x', rnd(B, Hc, Wc, 6, dtype=bf16)),                    # 6 channels
         (1, 'weight', rnd(D, 1, 5, 5)), (1, 'weight', rnd(D, 1, 3, 3, dtype=bf16)),
-        (1, 'weight', rnd(D, 3, 3, 1).permute(0, 3, 1, 2)), (2, 'bias', rnd(D + 1)),
+        (1, 'weight', rnd(D, 1, 3, 3).transpose(2, 3)), (2, 'bias', rnd(D + 1)),
         (2, 'bias', rnd(D).cpu())]
     for i, (index, arg, value) in enumerate(bad_dw):
         cases.append((f'dwconv_fwd {arg} #{i}', 'dwconv_fwd', pos(ext.dwconv_fwd, dw, index, value),

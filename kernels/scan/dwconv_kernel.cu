@@ -5,7 +5,7 @@
 // half of in_proj's output is read in place) and writes silu(pre). The block's weights sit
 // in shared memory, tap-major, so a tap's 4 weights are one read.
 //
-// Backward: a block owns 64 channels of a 4 x 8 tile of one image. It first recomputes
+// Backward: a block owns 64 channels of 4 x 8 tiles of one image. It first recomputes
 // pre = conv(x) + bias on the tile and its one-pixel border (6 x 10 pixels) and keeps
 // dpre = g silu'(pre) in shared memory (fp32), then each pixel's dx is the transposed conv,
 // dx[h, w] = sum_{i,j} W[i, j] dpre[h-i+1, w-j+1], read from there. Nothing but dx is
@@ -14,6 +14,8 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <algorithm>
 
 #include "float_convert.cuh"
 
@@ -95,22 +97,28 @@ __device__ __forceinline__ float4 conv_at(const DwConvParams& p, const BlockWeig
   return acc;
 }
 
+// Grids: blockIdx.x is the channel block, so that the blocks running side by side read whole
+// pixel rows of x (a block alone reads 128 bytes of each); blockIdx.y walks the pixel groups
+// (tiles), looping when there are more than a grid dimension holds.
 template <typename T>
 __global__ void __launch_bounds__(kFwdThreads) dwconv_fwd_kernel(const DwConvParams p) {
   __shared__ BlockWeights s;
-  const int c0 = blockIdx.y * 4 * kQuads;
+  const int c0 = blockIdx.x * 4 * kQuads;
   s.load(p, c0);
   __syncthreads();
   const int q = threadIdx.x % kQuads, c = c0 + 4 * q;
-  const int64_t pix = static_cast<int64_t>(blockIdx.x) * kFwdPixels + threadIdx.x / kQuads;
-  if (c >= p.dim || pix >= static_cast<int64_t>(p.batch) * p.height * p.width) return;
-  const int w = static_cast<int>(pix % p.width);
-  const int64_t bh = pix / p.width;
-  const int h = static_cast<int>(bh % p.height), b = static_cast<int>(bh / p.height);
-  float4 v = conv_at<T>(p, s, q, b, h, w, c);
-  v = make_float4(v.x * sigmoid(v.x), v.y * sigmoid(v.y), v.z * sigmoid(v.z),
-                  v.w * sigmoid(v.w));
-  store_quad<T>(p.out, pix * p.dim + c, v);
+  if (c >= p.dim) return;
+  const int64_t pixels = static_cast<int64_t>(p.batch) * p.height * p.width;
+  for (int64_t pix = static_cast<int64_t>(blockIdx.y) * kFwdPixels + threadIdx.x / kQuads;
+       pix < pixels; pix += static_cast<int64_t>(gridDim.y) * kFwdPixels) {
+    const int w = static_cast<int>(pix % p.width);
+    const int64_t bh = pix / p.width;
+    const int h = static_cast<int>(bh % p.height), b = static_cast<int>(bh / p.height);
+    float4 v = conv_at<T>(p, s, q, b, h, w, c);
+    v = make_float4(v.x * sigmoid(v.x), v.y * sigmoid(v.y), v.z * sigmoid(v.z),
+                    v.w * sigmoid(v.w));
+    store_quad<T>(p.out, pix * p.dim + c, v);
+  }
 }
 
 __device__ __forceinline__ float dsilu(float pre, float g) {
@@ -118,18 +126,10 @@ __device__ __forceinline__ float dsilu(float pre, float g) {
   return g * s * (1.f + pre * (1.f - s));
 }
 
+// One backward tile: image b, rows h0 .. h0 + 3, columns w0 .. w0 + 7, the block's channels.
 template <typename T>
-__global__ void __launch_bounds__(kBwdThreads) dwconv_bwd_kernel(const DwConvParams p) {
-  __shared__ BlockWeights s;
-  __shared__ float4 s_dp[kHaloH * kHaloW][kQuads];
-  const int c0 = blockIdx.y * 4 * kQuads;
-  const int tiles_w = (p.width + kTileW - 1) / kTileW;
-  const int tiles_h = (p.height + kTileH - 1) / kTileH;
-  const int tw = blockIdx.x % tiles_w, th = (blockIdx.x / tiles_w) % tiles_h;
-  const int b = blockIdx.x / (tiles_w * tiles_h);
-  const int h0 = th * kTileH, w0 = tw * kTileW;
-  s.load(p, c0);
-  __syncthreads();
+__device__ void backward_tile(const DwConvParams& p, const BlockWeights& s,
+                              float4 (*s_dp)[kQuads], int c0, int b, int h0, int w0) {
   // 1. dpre on the tile and its border (zero outside the grid and past the last channel)
   for (int i = threadIdx.x; i < kHaloH * kHaloW * kQuads; i += kBwdThreads) {
     const int hp = i / kQuads, q = i % kQuads, c = c0 + 4 * q;
@@ -162,18 +162,38 @@ __global__ void __launch_bounds__(kBwdThreads) dwconv_bwd_kernel(const DwConvPar
                 acc);
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kBwdThreads) dwconv_bwd_kernel(const DwConvParams p) {
+  __shared__ BlockWeights s;
+  __shared__ float4 s_dp[kHaloH * kHaloW][kQuads];
+  const int c0 = blockIdx.x * 4 * kQuads;
+  const int tiles_w = (p.width + kTileW - 1) / kTileW;
+  const int tiles_h = (p.height + kTileH - 1) / kTileH;
+  const int64_t tiles = static_cast<int64_t>(p.batch) * tiles_h * tiles_w;
+  s.load(p, c0);
+  for (int64_t tile = blockIdx.y; tile < tiles; tile += gridDim.y) {
+    __syncthreads();  // the weights are loaded; the last tile's reads of s_dp are done
+    const int tw = static_cast<int>(tile % tiles_w);
+    const int th = static_cast<int>(tile / tiles_w % tiles_h);
+    const int b = static_cast<int>(tile / (static_cast<int64_t>(tiles_w) * tiles_h));
+    backward_tile<T>(p, s, s_dp, c0, b, th * kTileH, tw * kTileW);
+  }
+}
+
 template <typename T, bool kBackward>
 cudaError_t dwconv_launch(const DwConvParams& p, cudaStream_t stream) {
   const unsigned ch_blocks = static_cast<unsigned>((p.dim + 4 * kQuads - 1) / (4 * kQuads));
+  constexpr int64_t kMaxGridY = 65535;
   if (kBackward) {
     const int64_t tiles = static_cast<int64_t>(p.batch) * ((p.height + kTileH - 1) / kTileH) *
                           ((p.width + kTileW - 1) / kTileW);
-    dwconv_bwd_kernel<T><<<dim3(static_cast<unsigned>(tiles), ch_blocks), kBwdThreads, 0,
-                           stream>>>(p);
+    const dim3 grid(ch_blocks, static_cast<unsigned>(std::min(tiles, kMaxGridY)));
+    dwconv_bwd_kernel<T><<<grid, kBwdThreads, 0, stream>>>(p);
   } else {
     const int64_t pixels = static_cast<int64_t>(p.batch) * p.height * p.width;
-    const unsigned blocks = static_cast<unsigned>((pixels + kFwdPixels - 1) / kFwdPixels);
-    dwconv_fwd_kernel<T><<<dim3(blocks, ch_blocks), kFwdThreads, 0, stream>>>(p);
+    const int64_t groups = (pixels + kFwdPixels - 1) / kFwdPixels;
+    const dim3 grid(ch_blocks, static_cast<unsigned>(std::min(groups, kMaxGridY)));
+    dwconv_fwd_kernel<T><<<grid, kFwdThreads, 0, stream>>>(p);
   }
   return cudaGetLastError();
 }

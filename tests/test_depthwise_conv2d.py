@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import requires_cuda
+from conftest import output_and_input_grad, requires_cuda
 from memba_vision.ops.depthwise_conv2d import (depthwise_conv2d_silu,
                                                depthwise_conv2d_silu_backend,
                                                depthwise_conv2d_silu_fused,
@@ -40,25 +40,15 @@ def conv_inputs(B=2, H=5, W=7, D=12, dtype=torch.float64, device='cpu', seed=0):
     return xz.to(device, dtype)[..., :D], w.to(device), b.to(device)
 
 
-def conv_grads(fn, x, w, b, seed=1):
-    """fn(x)'s output and x's gradient for a fixed cotangent."""
-    x = x.detach().clone().requires_grad_()
-    u = fn(x, w, b)
-    g = torch.Generator().manual_seed(seed)
-    cot = torch.randn(u.shape, generator=g, dtype=torch.float64).to(u)
-    dx, = torch.autograd.grad(u, [x], cot)
-    return u.detach(), dx
-
-
 def test_both_paths_are_the_conv_written_out():
     """fp64 on the CPU (the extension replaced by its stand-in), x the strided half of a wider
     tensor, odd H != W: output and x's gradient of the fused node and of the per-op path."""
     x, w, b = conv_inputs()
     assert not x.is_contiguous()
-    want = conv_grads(conv_by_shifts, x, w, b)
-    fused = conv_grads(lambda *a: depthwise_conv2d_silu_fused(*a, kernels=ReferenceScanKernels),
+    want = output_and_input_grad(conv_by_shifts, x, w, b)
+    fused = output_and_input_grad(lambda *a: depthwise_conv2d_silu_fused(*a, kernels=ReferenceScanKernels),
                        x, w, b)
-    per_op = conv_grads(depthwise_conv2d_silu_per_op, x, w, b)
+    per_op = output_and_input_grad(depthwise_conv2d_silu_per_op, x, w, b)
     for got in (fused, per_op):
         for a, c in zip(got, want):
             assert a.shape == c.shape and torch.allclose(a, c, rtol=1e-12, atol=1e-12)
@@ -110,12 +100,12 @@ def test_fused_depthwise_conv_on_gpu(shape, dtype):
     backward (4 x 8) and the 64-channel blocks do not divide H, W and D in every case."""
     B, H, W, D = shape
     x, w, b = conv_inputs(B, H, W, D)
-    want = conv_grads(conv_by_shifts, x, w, b)
+    want = output_and_input_grad(conv_by_shifts, x, w, b)
     xg, wg, bg = conv_inputs(B, H, W, D, dtype=dtype, device='cuda')
     assert depthwise_conv2d_silu_backend(xg, wg, bg) == 'fused'
-    got = conv_grads(depthwise_conv2d_silu, xg, wg, bg)
+    got = output_and_input_grad(depthwise_conv2d_silu, xg, wg, bg)
     with torch.autocast('cuda', dtype=dtype, enabled=dtype != torch.float32):
-        per_op = conv_grads(depthwise_conv2d_silu_per_op, xg, wg, bg)
+        per_op = output_and_input_grad(depthwise_conv2d_silu_per_op, xg, wg, bg)
     assert got[0].dtype == dtype and got[1].dtype == dtype
 
     def rel(a, c):

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import requires_cuda
+from conftest import output_and_input_grad, requires_cuda
 from memba_vision.models.backbones.vmamba import norm_in_input_dtype
 from memba_vision.ops.layer_norm import (layer_norm_backend, layer_norm_fused,
                                          layer_norm_in_dtype, layer_norm_per_op)
@@ -35,22 +35,13 @@ def norm_inputs(shape=(2, 5, 7, 12), dtype=torch.float64, device='cpu', seed=0):
     return x.to(device, dtype), w.to(device), b.to(device)
 
 
-def norm_grads(fn, x, w, b, seed=1):
-    x = x.detach().clone().requires_grad_()
-    out = fn(x, w, b)
-    g = torch.Generator().manual_seed(seed)
-    cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
-    dx, = torch.autograd.grad(out, [x], cot)
-    return out.detach(), dx
-
-
 def test_both_paths_are_the_norm_written_out():
     """fp64 on the CPU, the extension replaced by its stand-in."""
     x, w, b = norm_inputs()
-    want = norm_grads(norm_by_hand, x, w, b)
-    fused = norm_grads(lambda *a: layer_norm_fused(*a, 1e-5, kernels=ReferenceScanKernels),
+    want = output_and_input_grad(norm_by_hand, x, w, b)
+    fused = output_and_input_grad(lambda *a: layer_norm_fused(*a, 1e-5, kernels=ReferenceScanKernels),
                        x, w, b)
-    per_op = norm_grads(lambda *a: layer_norm_per_op(*a, 1e-5), x, w, b)
+    per_op = output_and_input_grad(lambda *a: layer_norm_per_op(*a, 1e-5), x, w, b)
     for got in (fused, per_op):
         for a, c in zip(got, want):
             assert a.dtype == x.dtype and torch.allclose(a, c, rtol=1e-10, atol=1e-12)
@@ -94,11 +85,11 @@ def test_fused_layer_norm_on_gpu(D, dtype):
     path (fp32 LayerNorm, then a cast) in bf16 on the GPU. Under autocast the model's block
     norm runs on the kernels and equals autocast's own fp32 LayerNorm, rounded to bf16."""
     x, w, b = norm_inputs((3, 37, D))
-    want = norm_grads(norm_by_hand, x, w, b)
+    want = output_and_input_grad(norm_by_hand, x, w, b)
     xg, wg, bg = norm_inputs((3, 37, D), dtype=dtype, device='cuda')
     assert layer_norm_backend(xg, wg, bg) == 'fused'
-    got = norm_grads(lambda *a: layer_norm_in_dtype(*a, 1e-5), xg, wg, bg)
-    per_op = norm_grads(lambda *a: layer_norm_per_op(*a, 1e-5), xg, wg, bg)
+    got = output_and_input_grad(lambda *a: layer_norm_in_dtype(*a, 1e-5), xg, wg, bg)
+    per_op = output_and_input_grad(lambda *a: layer_norm_per_op(*a, 1e-5), xg, wg, bg)
     assert got[0].dtype == dtype and got[1].dtype == dtype
 
     def rel(a, c):

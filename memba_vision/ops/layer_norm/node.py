@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..bidirectional_ssm.node import scan_extension, scan_kernels_reason
-from ..silu_gate.norm_node import NORM_GATE_MAX_DIM
+from ..bidirectional_ssm.node import scan_extension
+from ..silu_gate.norm_node import norm_kernels_reason
 
 __all__ = ['layer_norm_fused', 'layer_norm_fused_reason']
 
@@ -40,17 +40,7 @@ class _LayerNorm(torch.autograd.Function):
 def layer_norm_fused_reason(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                             kernels=None) -> str:
     """'' when ``layer_norm_fused`` can run on these inputs, else why not."""
-    reason = scan_kernels_reason(x, kernels)
-    if reason:
-        return reason
-    D = x.shape[-1]
-    if D % 4 or D > NORM_GATE_MAX_DIM:
-        return f'{D} channels (needs a multiple of 4, at most {NORM_GATE_MAX_DIM})'
-    if weight is None or bias is None:
-        return 'a LayerNorm without weight and bias'
-    if weight.requires_grad or bias.requires_grad:
-        return 'the LayerNorm trains'
-    return ''
+    return norm_kernels_reason(x, weight, bias, kernels)
 
 
 def layer_norm_fused(x: Tensor, weight: Tensor, bias: Tensor, eps: float,

@@ -18,6 +18,16 @@ TINY_VMAMBA = dict(dims=16, depths=[1, 2, 1], d_state=4)
 
 
 
+def output_and_input_grad(fn, x, *args, seed=1):
+    """fn(x, *args)'s output and x's gradient for a fixed random cotangent."""
+    x = x.detach().clone().requires_grad_()
+    out = fn(x, *args)
+    g = torch.Generator().manual_seed(seed)
+    cot = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
+    dx, = torch.autograd.grad(out, [x], cot)
+    return out.detach(), dx
+
+
 def load_tool(name):
     """The module of ``tools/<name>.py``, imported from its file (tools/ is no package)."""
     spec = importlib.util.spec_from_file_location(f'tool_{name}',

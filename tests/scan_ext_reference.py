@@ -1,7 +1,7 @@
 """A pure-PyTorch stand-in for ``memba_vision._scan_cuda`` (same functions and arguments).
 
 Each function is the reference op (``ops.selective_scan_tokens``,
-``ops.causal_conv1d_tokens``, ``ops.lim_reference`` on flipped tokens) and its
+``ops.causal_conv1d_tokens``, ``ops.lim_reference`` on flipped tokens, ``F.conv2d``) and its
 autograd gradient, with the extension's output conventions (``out``/``dz_out``
 buffers, ``accumulate``, scales, stacked directions, grids walked by columns, the states the
 forward stores for the backward). It lets the tests run ``ops.bidirectional_ssm`` and
@@ -156,6 +156,26 @@ class ReferenceScanKernels:
         return _store(out, dx, 1.0, accumulate)
 
     @staticmethod
+    def _dwconv(x, weight, bias):
+        """silu(conv2d(x) + bias), x (B, H, W, D), in the kernels' precision."""
+        pre = F.conv2d(_wide(x).permute(0, 3, 1, 2), _wide(weight), _wide(bias), padding=1,
+                       groups=x.shape[-1])
+        return F.silu(pre).permute(0, 2, 3, 1)
+
+    @staticmethod
+    def dwconv_fwd(x, weight, bias):
+        with torch.no_grad():
+            return ReferenceScanKernels._dwconv(x, weight, bias).to(x.dtype).contiguous()
+
+    @staticmethod
+    def dwconv_bwd(x, weight, bias, grad_u):
+        x_ = _leaf(_wide(x))
+        with torch.enable_grad():
+            u = ReferenceScanKernels._dwconv(x_, weight, bias)
+            dx, = torch.autograd.grad(u, [x_], grad_u.to(u.dtype))
+        return dx.to(x.dtype).contiguous()
+
+    @staticmethod
     def _lim_pair(xs, prev, num_chunks, leak, threshold):
         """Each direction's (out in input token order, u_mean); xs: its input (B, L, R)."""
         outs, means = [], []
@@ -228,6 +248,30 @@ class ReferenceScanKernels:
         if dBC_out is not None:
             dBC_out.copy_(torch.cat([dB, dC], dim=-1))
         return du, ddelta, dB, dC
+
+    @staticmethod
+    def _layer_norm(x, weight, bias, eps):
+        """LayerNorm over the last axis in the kernels' precision, written out by hand."""
+        x = _wide(x)
+        mean = x.mean(-1, keepdim=True)
+        rstd = ((x - mean) ** 2).mean(-1, keepdim=True).add(eps).rsqrt()
+        return (x - mean) * rstd * weight + bias, mean, rstd
+
+    @staticmethod
+    def layer_norm_fwd(x, weight, bias, eps):
+        with torch.no_grad():
+            out, mean, rstd = ReferenceScanKernels._layer_norm(x, weight, bias, eps)
+        return out.to(x.dtype), mean.reshape(-1), rstd.reshape(-1)
+
+    @staticmethod
+    def layer_norm_bwd(x, weight, bias, mean, rstd, dout):
+        x_ = _leaf(x)
+        eps = (rstd.double() ** -2 - x.double().reshape(-1, x.shape[-1]).var(-1, unbiased=False)
+               ).mean().item()
+        with torch.enable_grad():
+            out, _, _ = ReferenceScanKernels._layer_norm(x_, weight, bias, eps)
+            dx, = torch.autograd.grad(out, [x_], dout.to(out.dtype))
+        return dx.to(x.dtype).contiguous()
 
     @staticmethod
     def _norm_gate(y, weight, bias, eps, z, c=None):

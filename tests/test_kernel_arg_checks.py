@@ -85,6 +85,14 @@ def _cases(dev='cuda'):
     zb = rnd(B, L, 2 * D, dtype=bf16)[..., D:]
     norm = [rnd(B, L, D), rnd(D), rnd(D), 1e-5, zb]
     norm_bwd = norm[:3] + [zb, rnd(B, L), rnd(B, L), rnd(B, L, D, dtype=bf16)]
+    # ops.depthwise_conv2d: x the half of a (B, H, W, 2D) in_proj output, bf16
+    Hc, Wc = 5, 7
+    xc = rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., :D]
+    dw = [xc, rnd(D, 1, 3, 3), rnd(D)]
+    dw_bwd = dw + [rnd(B, Hc, Wc, D, dtype=bf16)]
+    # ops.layer_norm: a block norm's input, bf16 (B, H, W, C)
+    ln = [rnd(B, Hc, Wc, D, dtype=bf16), rnd(D), rnd(D), 1e-5]
+    ln_bwd = ln[:3] + [rnd(B * Hc * Wc), rnd(B * Hc * Wc), rnd(B, Hc, Wc, D, dtype=bf16)]
     lim = [strided_last(B, L, R), rnd(B, l, R), 4, 0.5, 1.0]  # the op copies strided inputs
     lim_bwd = [rnd(B, L, R), rnd(B, l, R), rnd(B, L, R), rnd(B, l, R), 4, 0.5, 1.0, True,
                True]
@@ -136,6 +144,14 @@ def _cases(dev='cuda'):
               lambda: ext.norm_gate_fwd(*norm, rnd(B, L, D, dtype=bf16)), None),
              ('norm_gate_bwd accepts c', 'norm_gate_bwd',
               lambda: ext.norm_gate_bwd(*norm_bwd, rnd(B, L, D, dtype=bf16)), None),
+             ('dwconv_fwd accepts', 'dwconv_fwd', lambda: ext.dwconv_fwd(*dw), None),
+             ('dwconv_fwd accepts no bias', 'dwconv_fwd', pos(ext.dwconv_fwd, dw, 2, None),
+              None),
+             ('dwconv_bwd accepts', 'dwconv_bwd', lambda: ext.dwconv_bwd(*dw_bwd), None),
+             ('layer_norm_fwd accepts', 'layer_norm_fwd', lambda: ext.layer_norm_fwd(*ln),
+              None),
+             ('layer_norm_bwd accepts', 'layer_norm_bwd', lambda: ext.layer_norm_bwd(*ln_bwd),
+              None),
              ('lim accepts strided x', 'lim', lambda: lim_op(*lim), None),
              ('lim_backward accepts', 'lim_backward', lambda: lim_bwd_op(*lim_bwd), None)]
     bad_scan = {
@@ -272,6 +288,37 @@ def _cases(dev='cuda'):
                       lambda value=value: ext.norm_gate_fwd(*norm, value), 'c'))
         cases.append((f'norm_gate_bwd c #{i}', 'norm_gate_bwd',
                       lambda value=value: ext.norm_gate_bwd(*norm_bwd, value), 'c'))
+    bad_dw = [
+        (0, 'x', rnd(B, Hc, Wc, D, dtype=f64)), (0, 'x', xc.cpu()), (0, 'x', rnd(B, Hc * Wc, D)),
+        (0, 'x', rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., ::2]),     # channels strided
+        (0, 'x', rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., 1:D + 1]),  # pixels not 4-aligned
+        (0, 'x', rnd(B, Hc, Wc, 6, dtype=bf16)),                    # 6 channels
+        (1, 'weight', rnd(D, 1, 5, 5)), (1, 'weight', rnd(D, 1, 3, 3, dtype=bf16)),
+        (1, 'weight', rnd(D, 1, 3, 3).transpose(2, 3)), (2, 'bias', rnd(D + 1)),
+        (2, 'bias', rnd(D).cpu())]
+    for i, (index, arg, value) in enumerate(bad_dw):
+        cases.append((f'dwconv_fwd {arg} #{i}', 'dwconv_fwd', pos(ext.dwconv_fwd, dw, index, value),
+                      arg))
+    for i, (index, arg, value) in enumerate(bad_dw[:2] + [
+            (3, 'grad_u', rnd(B, Hc, Wc, D)), (3, 'grad_u', rnd(B, Hc, Wc + 1, D, dtype=bf16)),
+            (3, 'grad_u', rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., :D])]):
+        cases.append((f'dwconv_bwd {arg} #{i}', 'dwconv_bwd',
+                      pos(ext.dwconv_bwd, dw_bwd, index, value), arg))
+    bad_ln = [
+        (0, 'x', rnd(B, Hc, Wc, D, dtype=f64)), (0, 'x', ln[0].cpu()),
+        (0, 'x', rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., :D]),         # rows not contiguous
+        (0, 'the channel count', rnd(B, Hc, 6, dtype=bf16)),
+        (0, 'the channel count', rnd(B, 2052, dtype=bf16)),
+        (1, 'weight', rnd(D + 4)), (1, 'weight', rnd(D, dtype=bf16)), (2, 'bias', rnd(D).cpu())]
+    for i, (index, arg, value) in enumerate(bad_ln):
+        cases.append((f'layer_norm_fwd {arg} #{i}', 'layer_norm_fwd',
+                      pos(ext.layer_norm_fwd, ln, index, value), arg))
+    for i, (index, arg, value) in enumerate(bad_ln[:3] + [
+            (3, 'mean', rnd(B * Hc * Wc + 1)), (4, 'rstd', rnd(B * Hc * Wc, dtype=bf16)),
+            (5, 'dout', rnd(B, Hc, Wc, D)),
+            (5, 'dout', rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., :D])]):
+        cases.append((f'layer_norm_bwd {arg} #{i}', 'layer_norm_bwd',
+                      pos(ext.layer_norm_bwd, ln_bwd, index, value), arg))
     for i, (index, arg, value) in enumerate([
             (0, 'x', lim[0].cpu()), (0, 'x', rnd(B * L, R)), (1, 'u_prev', rnd(B, l + 1, R)),
             (1, 'u_prev', rnd(B, l, R, dtype=f64)), (1, 'u_prev', rnd(B, l, R, dtype=f64).cpu()),

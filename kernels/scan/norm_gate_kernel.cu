@@ -1,5 +1,5 @@
-// VMamba's output gate LayerNorm(y) * silu(z), z = z + c with a correction c (see
-// NormGateParams).
+// VMamba's output gate LayerNorm(y) * silu(z), z = z + c with a correction c, and the plain
+// LayerNorm of a tensor in the storage dtype (kGate false; see NormGateParams).
 //
 // One warp per token row: lane l holds the channel quads l, l + 32, ... of the row in
 // registers (kVec quads at most, a template argument picked from D), so y is read once,
@@ -10,6 +10,8 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <type_traits>
 
 #include "float_convert.cuh"
 
@@ -76,7 +78,11 @@ struct Silu {
   }
 };
 
-template <typename T, int kVec>
+// y's dtype: fp32 under the gate (the merged cross scan), else the storage dtype.
+template <typename T, bool kGate>
+using YType = std::conditional_t<kGate, float, T>;
+
+template <typename T, int kVec, bool kGate>
 __global__ void __launch_bounds__(kNormThreads)
 norm_gate_fwd_kernel(const NormGateParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
@@ -87,7 +93,7 @@ norm_gate_fwd_kernel(const NormGateParams p) {
 #pragma unroll
   for (int i = 0; i < kVec; ++i) {
     const int q = lane + 32 * i;
-    v[i] = q < nq ? load4<float>(p.y, row * p.dim + 4 * q) : F4{};
+    v[i] = q < nq ? load4<YType<T, kGate>>(p.y, row * p.dim + 4 * q) : F4{};
 #pragma unroll
     for (int e = 0; e < 4; ++e) s += v[i].v[e];
   }
@@ -110,11 +116,13 @@ norm_gate_fwd_kernel(const NormGateParams p) {
     const int q = lane + 32 * i;
     if (q < nq) {
       const F4 w = load4<float>(p.weight, 4 * q), b = load4<float>(p.bias, 4 * q);
-      const F4 z = gate_input<T>(p, row, q);
       F4 o;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        o.v[e] = ((v[i].v[e] - mean) * rstd * w.v[e] + b.v[e]) * Silu(z.v[e]).g;
+      for (int e = 0; e < 4; ++e) o.v[e] = (v[i].v[e] - mean) * rstd * w.v[e] + b.v[e];
+      if (kGate) {
+        const F4 z = gate_input<T>(p, row, q);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o.v[e] *= Silu(z.v[e]).g;
       }
       store4<T>(p.out, row * p.dim + 4 * q, o);
     }
@@ -123,7 +131,8 @@ norm_gate_fwd_kernel(const NormGateParams p) {
 
 // Per channel: yn = x_hat w + b, out = yn silu(z); dL/dyn = g silu(z), dz = g yn silu'(z),
 // dL/dx_hat = w dL/dyn; dy = rstd (dx_hat - mean(dx_hat) - x_hat mean(dx_hat x_hat)).
-template <typename T, int kVec>
+// Without the gate: dL/dyn = g, dL/dx_hat = w g.
+template <typename T, int kVec, bool kGate>
 __global__ void __launch_bounds__(kNormThreads)
 norm_gate_bwd_kernel(const NormGateParams p) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / 32;
@@ -136,21 +145,26 @@ norm_gate_bwd_kernel(const NormGateParams p) {
   for (int i = 0; i < kVec; ++i) {
     const int q = lane + 32 * i;
     if (q < nq) {
-      const F4 y = load4<float>(p.y, row * p.dim + 4 * q);
+      const F4 y = load4<YType<T, kGate>>(p.y, row * p.dim + 4 * q);
       const F4 w = load4<float>(p.weight, 4 * q), b = load4<float>(p.bias, 4 * q);
-      const F4 z = gate_input<T>(p, row, q), g = load4<T>(p.dout, row * p.dim + 4 * q);
-      F4 dz;
+      const F4 g = load4<T>(p.dout, row * p.dim + 4 * q);
+      F4 z{}, dz;
+      if (kGate) z = gate_input<T>(p, row, q);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float x = (y.v[e] - mean) * rstd;
-        const Silu sl(z.v[e]);
-        dz.v[e] = g.v[e] * (x * w.v[e] + b.v[e]) * sl.dg;
+        float gy = g.v[e];  // dL/dyn
+        if (kGate) {
+          const Silu sl(z.v[e]);
+          dz.v[e] = g.v[e] * (x * w.v[e] + b.v[e]) * sl.dg;
+          gy *= sl.g;
+        }
         xh[i].v[e] = x;
-        dxh[i].v[e] = g.v[e] * sl.g * w.v[e];
+        dxh[i].v[e] = gy * w.v[e];
         a += dxh[i].v[e];
         c += dxh[i].v[e] * x;
       }
-      store4<T>(p.dz, row * p.dim + 4 * q, dz);
+      if (kGate) store4<T>(p.dz, row * p.dim + 4 * q, dz);
     }
   }
   const float ma = warp_sum(a) / p.dim, mc = warp_sum(c) / p.dim;
@@ -161,19 +175,19 @@ norm_gate_bwd_kernel(const NormGateParams p) {
       F4 dy;
 #pragma unroll
       for (int e = 0; e < 4; ++e) dy.v[e] = rstd * (dxh[i].v[e] - ma - xh[i].v[e] * mc);
-      store4<float>(p.dy, row * p.dim + 4 * q, dy);
+      store4<YType<T, kGate>>(p.dy, row * p.dim + 4 * q, dy);
     }
   }
 }
 
-template <typename T, bool kBackward>
+template <typename T, bool kBackward, bool kGate>
 cudaError_t norm_gate_launch(const NormGateParams& p, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>((p.rows + kRowsPerBlock - 1) / kRowsPerBlock));
   const int quads_per_lane = (p.dim / 4 + 31) / 32;
 #define MEMBA_NORM_GATE_CASE(V)                                                            \
   if (quads_per_lane <= V) {                                                               \
-    if (kBackward) norm_gate_bwd_kernel<T, V><<<grid, kNormThreads, 0, s>>>(p);           \
-    else norm_gate_fwd_kernel<T, V><<<grid, kNormThreads, 0, s>>>(p);                     \
+    if (kBackward) norm_gate_bwd_kernel<T, V, kGate><<<grid, kNormThreads, 0, s>>>(p);    \
+    else norm_gate_fwd_kernel<T, V, kGate><<<grid, kNormThreads, 0, s>>>(p);              \
     return cudaGetLastError();                                                             \
   }
   // the channel counts of VMamba's stages (192, 384, 768, 1536 for dims 96) fill whole quads
@@ -191,12 +205,22 @@ cudaError_t norm_gate_launch(const NormGateParams& p, cudaStream_t s) {
 
 template <typename T> struct NormGateFwd {
   static cudaError_t run(const NormGateParams& p, cudaStream_t s) {
-    return norm_gate_launch<T, false>(p, s);
+    return norm_gate_launch<T, false, true>(p, s);
   }
 };
 template <typename T> struct NormGateBwd {
   static cudaError_t run(const NormGateParams& p, cudaStream_t s) {
-    return norm_gate_launch<T, true>(p, s);
+    return norm_gate_launch<T, true, true>(p, s);
+  }
+};
+template <typename T> struct LayerNormFwd {
+  static cudaError_t run(const NormGateParams& p, cudaStream_t s) {
+    return norm_gate_launch<T, false, false>(p, s);
+  }
+};
+template <typename T> struct LayerNormBwd {
+  static cudaError_t run(const NormGateParams& p, cudaStream_t s) {
+    return norm_gate_launch<T, true, false>(p, s);
   }
 };
 
@@ -219,6 +243,12 @@ cudaError_t norm_gate_forward(const NormGateParams& p, DType dtype, cudaStream_t
 }
 cudaError_t norm_gate_backward(const NormGateParams& p, DType dtype, cudaStream_t stream) {
   return dispatch<NormGateBwd>(dtype, p, stream);
+}
+cudaError_t layer_norm_forward(const NormGateParams& p, DType dtype, cudaStream_t stream) {
+  return dispatch<LayerNormFwd>(dtype, p, stream);
+}
+cudaError_t layer_norm_backward(const NormGateParams& p, DType dtype, cudaStream_t stream) {
+  return dispatch<LayerNormBwd>(dtype, p, stream);
 }
 
 }  // namespace memba_scan

@@ -23,6 +23,18 @@
 //   lim_pair_fwd(x, u_prev_f, u_prev_b, num_chunks, leak, threshold) -> (out, u_mean)
 //   lim_pair_bwd(x, u_prev_f, u_prev_b, grad_out, grad_mean_f, grad_mean_b, num_chunks,
 //                leak, threshold) -> (grad_x, grad_u_prev_f or None, grad_u_prev_b or None)
+//   dwconv_fwd(x, weight, bias) -> u
+//   dwconv_bwd(x, weight, bias, grad_u) -> dx
+//       VMamba's depthwise 3 x 3 conv (padding 1) + bias + SiLU, channels-last: x (B, H, W,
+//       D) with D, its pixel strides and its address multiples of 4 elements (a half of
+//       in_proj's output is fine), weight (D, 1, 3, 3) and bias (D,) fp32 (or None); u, dx
+//       and grad_u (B, H, W, D) contiguous in x's dtype. The weight and bias get no gradient.
+//   layer_norm_fwd(x, weight, bias, eps) -> (out, mean, rstd)
+//   layer_norm_bwd(x, weight, bias, mean, rstd, dout) -> dx
+//       LayerNorm over the last axis of x (..., D) in x's dtype (VMamba's block norms under
+//       autocast): x, out, dout and dx contiguous in x's dtype, D % 4 == 0, D <= 2048; weight
+//       and bias (D,) fp32, which get no gradient here; the statistics and the affine in
+//       fp32; mean and rstd (rows,) fp32.
 //   norm_gate_fwd(y, weight, bias, eps, z, c=None) -> (out, mean, rstd)
 //   norm_gate_bwd(y, weight, bias, z, mean, rstd, dout, c=None) -> (dy, dz)
 //       VMamba's output gate LayerNorm(y) * silu(z + c), y (B, L, D) fp32 contiguous, z
@@ -629,6 +641,136 @@ std::tuple<at::Tensor, OptTensor, OptTensor> lim_pair_bwd(
   return {grad_x, grad_prev[0], grad_prev[1]};
 }
 
+// dwconv inputs: x (B, H, W, D) of a kernel dtype, channel axis contiguous, D, the pixel
+// strides and the address multiples of 4 elements; weight (D, 1, 3, 3), bias (D,) fp32.
+void check_dwconv_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                         const OptTensor& bias) {
+  MEMBA_CHECK(x.defined() && x.is_cuda(), op, ": x must be a CUDA tensor, got ",
+              x.defined() ? x.device().str() : std::string("an undefined tensor"));
+  check_tensor(op, "x", x, x.device(), kKernelDtypes, {kAny, kAny, kAny, kAny},
+               Strides::kLastAxis);
+  MEMBA_CHECK(x.numel() > 0, op, ": x must not be empty, got ", shape_text(x.sizes()));
+  MEMBA_CHECK(x.size(0) * x.size(1) * x.size(2) < (int64_t{1} << 31) && x.size(3) < (1 << 24),
+              op, ": x is too large: ", shape_text(x.sizes()));
+  MEMBA_CHECK(x.size(3) % 4 == 0 && x.stride(0) % 4 == 0 && x.stride(1) % 4 == 0 &&
+                  x.stride(2) % 4 == 0 &&
+                  reinterpret_cast<uintptr_t>(x.data_ptr()) % (4 * x.element_size()) == 0,
+              op, ": x's channels, pixel strides and address must be multiples of 4 elements, "
+              "got shape ", shape_text(x.sizes()), " and strides ", shape_text(x.strides()));
+  check_param(op, "weight", weight, x, {x.size(3), 1, 3, 3});
+  if (present(bias)) check_param(op, "bias", *bias, x, {x.size(3)});
+}
+
+DwConvParams make_dwconv(const at::Tensor& x, const at::Tensor& weight,
+                         const OptTensor& bias) {
+  DwConvParams p{};
+  p.batch = static_cast<int>(x.size(0));
+  p.height = static_cast<int>(x.size(1));
+  p.width = static_cast<int>(x.size(2));
+  p.dim = static_cast<int>(x.size(3));
+  p.x = x.data_ptr();
+  p.x_sb = x.stride(0); p.x_sh = x.stride(1); p.x_sw = x.stride(2);
+  p.w = weight.data_ptr<float>();
+  p.bias = present(bias) ? bias->data_ptr<float>() : nullptr;
+  return p;
+}
+
+at::Tensor dwconv_fwd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias) {
+  check_dwconv_inputs("memba_vision dwconv_fwd", x, weight, bias);
+  DwConvParams p = make_dwconv(x, weight, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor u = at::empty(x.sizes(), x.options());
+  p.out = u.data_ptr();
+  check_cuda(dwconv_forward(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), "dwconv_fwd");
+  return u;
+}
+
+at::Tensor dwconv_bwd(const at::Tensor& x, const at::Tensor& weight, const OptTensor& bias,
+                      const at::Tensor& grad_u) {
+  const char* op = "memba_vision dwconv_bwd";
+  check_dwconv_inputs(op, x, weight, bias);
+  check_tensor(op, "grad_u", grad_u, x.device(), x.scalar_type(), x.sizes(),
+               Strides::kContiguous);
+  MEMBA_CHECK(reinterpret_cast<uintptr_t>(grad_u.data_ptr()) % (4 * x.element_size()) == 0,
+              op, ": grad_u's address must be a multiple of 4 elements");
+  DwConvParams p = make_dwconv(x, weight, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  p.g = grad_u.data_ptr();
+  p.out = dx.data_ptr();
+  check_cuda(dwconv_backward(p, dtype_of(x), at::cuda::getCurrentCUDAStream()), "dwconv_bwd");
+  return dx;
+}
+
+// layer_norm inputs: x (..., D) contiguous of a kernel dtype, D % 4 == 0, D <= 2048, 4-element
+// aligned; weight and bias (D,) fp32 contiguous.
+void check_layer_norm_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
+                             const at::Tensor& bias) {
+  MEMBA_CHECK(x.defined() && x.is_cuda(), op, ": x must be a CUDA tensor, got ",
+              x.defined() ? x.device().str() : std::string("an undefined tensor"));
+  check_tensor(op, "x", x, x.device(), kKernelDtypes, x.sizes(), Strides::kContiguous);
+  MEMBA_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": x must not be empty, got ",
+              shape_text(x.sizes()));
+  const int64_t D = x.size(-1);
+  MEMBA_CHECK(D % 4 == 0 && D <= kNormGateMaxDim, op, ": the channel count must be a multiple "
+              "of 4 and at most ", kNormGateMaxDim, ", got ", D);
+  MEMBA_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % (4 * x.element_size()) == 0, op,
+              ": x's address must be a multiple of 4 elements");
+  check_param(op, "weight", weight, x, {D});
+  check_param(op, "bias", bias, x, {D});
+}
+
+NormGateParams make_layer_norm(const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& bias, double eps) {
+  NormGateParams p{};
+  p.dim = static_cast<int>(x.size(-1));
+  p.rows = x.numel() / p.dim;
+  p.eps = static_cast<float>(eps);
+  p.y = x.data_ptr();
+  p.weight = weight.data_ptr<float>();
+  p.bias = bias.data_ptr<float>();
+  return p;  // z null: the plain LayerNorm
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps) {
+  check_layer_norm_inputs("memba_vision layer_norm_fwd", x, weight, bias);
+  NormGateParams p = make_layer_norm(x, weight, bias, eps);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty(x.sizes(), x.options());
+  at::Tensor mean = at::empty({p.rows}, weight.options());
+  at::Tensor rstd = at::empty({p.rows}, weight.options());
+  p.out = out.data_ptr();
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  check_cuda(layer_norm_forward(p, dtype_of(x), at::cuda::getCurrentCUDAStream()),
+             "layer_norm_fwd");
+  return {out, mean, rstd};
+}
+
+at::Tensor layer_norm_bwd(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                          const at::Tensor& mean, const at::Tensor& rstd,
+                          const at::Tensor& dout) {
+  const char* op = "memba_vision layer_norm_bwd";
+  check_layer_norm_inputs(op, x, weight, bias);
+  const int64_t rows = x.numel() / x.size(-1);
+  check_tensor(op, "mean", mean, x.device(), at::kFloat, {rows}, Strides::kContiguous);
+  check_tensor(op, "rstd", rstd, x.device(), at::kFloat, {rows}, Strides::kContiguous);
+  check_tensor(op, "dout", dout, x.device(), x.scalar_type(), x.sizes(), Strides::kContiguous);
+  MEMBA_CHECK(reinterpret_cast<uintptr_t>(dout.data_ptr()) % (4 * x.element_size()) == 0, op,
+              ": dout's address must be a multiple of 4 elements");
+  NormGateParams p = make_layer_norm(x, weight, bias, 0.0);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  p.mean = mean.data_ptr<float>();
+  p.rstd = rstd.data_ptr<float>();
+  p.dout = dout.data_ptr();
+  p.dy = dx.data_ptr();
+  check_cuda(layer_norm_backward(p, dtype_of(x), at::cuda::getCurrentCUDAStream()),
+             "layer_norm_bwd");
+  return dx;
+}
+
 // norm_gate inputs: z (B, L, D) (checked like u) whose rows (b, t) are equally spaced and
 // 4-element aligned; y (B, L, D) fp32 contiguous; weight and bias (D,) fp32 contiguous.
 void check_norm_gate_inputs(const char* op, const at::Tensor& y, const at::Tensor& weight,
@@ -712,7 +854,7 @@ std::tuple<at::Tensor, at::Tensor> norm_gate_bwd(
 }  // namespace memba_scan
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Token-major selective scan and depthwise causal conv (frozen SSM parameters)";
+  m.doc() = "Token-major selective scan, depthwise convs and gates (frozen SSM parameters)";
   namespace py = pybind11;
   // A failed check becomes RuntimeError(message) here, without c10::Error::what(),
   // which would symbolise the C++ backtrace, and without depending on torch's own
@@ -755,6 +897,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("silu"), py::arg("out") = py::none(), py::arg("accumulate") = false);
   m.def("lim_pair_fwd", &memba_scan::lim_pair_fwd, "LIM of both scan directions, forward");
   m.def("lim_pair_bwd", &memba_scan::lim_pair_bwd, "LIM of both scan directions, backward");
+  m.def("dwconv_fwd", &memba_scan::dwconv_fwd, "depthwise 3x3 conv + bias + SiLU forward",
+        py::arg("x"), py::arg("weight"), py::arg("bias"));
+  m.def("dwconv_bwd", &memba_scan::dwconv_bwd,
+        "depthwise 3x3 conv + bias + SiLU backward (input grad)", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("grad_u"));
+  m.def("layer_norm_fwd", &memba_scan::layer_norm_fwd, "LayerNorm in the storage dtype, forward",
+        py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("eps"));
+  m.def("layer_norm_bwd", &memba_scan::layer_norm_bwd,
+        "LayerNorm in the storage dtype, backward (input grad)", py::arg("x"), py::arg("weight"),
+        py::arg("bias"), py::arg("mean"), py::arg("rstd"), py::arg("dout"));
   m.def("norm_gate_fwd", &memba_scan::norm_gate_fwd, "LayerNorm(y) * silu(z), forward",
         py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("eps"), py::arg("z"),
         py::arg("c") = py::none());

@@ -236,6 +236,36 @@ struct RawChunk {
   }
 };
 
+// Memba's gate folded into a staged chunk: z'[k] = z[k] + sum_r S[k, r] W[d, r] for the
+// thread's channel, written over st.z before the steps read it. Each of a channel's 4 lanes
+// sums its 4 of the 16 ranks for all 8 steps; 3 shuffles per level halve the values per lane
+// twice (as the backward's dB | dC sums do), so lane sg ends with the sums of steps
+// 4 (sg & 1) + 2 (sg >> 1) and the one after, and adds them to st.z. A channel's lanes are
+// one warp: __syncwarp() after this orders the writes before the steps' reads.
+__device__ __forceinline__ void fold_gate(Stage& st, const float (&W4)[kSPT], int cl, int sg) {
+  float v[kK];
+#pragma unroll
+  for (int k = 0; k < kK; ++k) {
+    const float4 Sv = *reinterpret_cast<const float4*>(&st.S[k][sg * kSPT]);
+    v[k] = Sv.x * W4[0] + Sv.y * W4[1] + Sv.z * W4[2] + Sv.w * W4[3];
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const bool up = sg & 1;
+    const float send = up ? v[i] : v[i + 4], keep = up ? v[i + 4] : v[i];
+    v[i] = keep + __shfl_xor_sync(kFull, send, 1);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const bool up = sg & 2;
+    const float send = up ? v[i] : v[i + 2], keep = up ? v[i + 2] : v[i];
+    v[i] = keep + __shfl_xor_sync(kFull, send, 2);
+  }
+  const int k0 = 4 * (sg & 1) + 2 * (sg >> 1);
+  st.z[k0][cl] += v[0];
+  st.z[k0 + 1][cl] += v[1];
+}
+
 // Writes a (kK, kCh) shared tile to a (B, L, D) tensor with strides (o_sb, o_sl, 1):
 // o = scale * tile, or o += scale * tile when ``accum``.
 template <typename T>
@@ -284,6 +314,10 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
     if (c + 1 < p.nchunks) {
       raw.copy(p, need, b, d0, k0 + kK, min(kK, p.seqlen - k0 - kK));
     }
+    if (p.has_gate) {
+      fold_gate(st, W4, cl, sg);
+      __syncwarp();
+    }
     if (p.states != nullptr && dvalid && c % kPair == 0) {
       *reinterpret_cast<float4*>(p.states + state_offset(p, b, c / kPair, d, sg)) =
           make_float4(h[0], h[1], h[2], h[3]);
@@ -300,14 +334,9 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
       for (int j = 0; j < kSPT; ++j) h[j] = fmaf(exp2f(dt * A2[j]), h[j], dtu * Bj[j]);
       const float4 Cv = *reinterpret_cast<const float4*>(&st.C[k][sg * kSPT]);
       const float y = sum4lanes(Cv.x * h[0] + Cv.y * h[1] + Cv.z * h[2] + Cv.w * h[3]);
-      float corr = 0.f;
-      if (p.has_gate) {
-        const float4 Sv = *reinterpret_cast<const float4*>(&st.S[k][sg * kSPT]);
-        corr = sum4lanes(Sv.x * W4[0] + Sv.y * W4[1] + Sv.z * W4[2] + Sv.w * W4[3]);
-      }
       float o = y + Dd * u;
       if (p.has_z) {
-        const float zz = st.z[k][cl] + corr;
+        const float zz = st.z[k][cl];  // z' (fold_gate)
         o *= zz * sigmoid(zz);
       }
       if (sg == 0) s_y[k][cl] = o;
@@ -388,15 +417,10 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
         hist[k][j] = h[j];
       }
       const float y = sum4lanes(Cv.x * h[0] + Cv.y * h[1] + Cv.z * h[2] + Cv.w * h[3]);
-      float corr = 0.f;
-      if (p.has_gate) {
-        const float4 Sv = *reinterpret_cast<const float4*>(&st.S[k][sg * kSPT]);
-        corr = sum4lanes(Sv.x * W4[0] + Sv.y * W4[1] + Sv.z * W4[2] + Sv.w * W4[3]);
-      }
       const float go = s_do[k][cl];
       float dy = go;
       if (p.has_z) {
-        const float zz = st.z[k][cl] + corr, sz = sigmoid(zz);
+        const float zz = st.z[k][cl], sz = sigmoid(zz);  // z' (fold_gate)
         const float o = y + Dd * u;
         dy = go * zz * sz;
         if (sg == 0) sh.s_dz[k][cl] = go * o * sz * (1.f + zz * (1.f - sz));
@@ -490,6 +514,10 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
     const float4 h0 = dvalid ? sh.h0[tid] : make_float4(0.f, 0.f, 0.f, 0.f);
     __syncthreads();
     if (q > 0) copy_pair(q - 1);
+    if (p.has_gate) {
+      for (int i = 0; i < n; ++i) fold_gate(sh.st[i], W4, cl, sg);
+      __syncwarp();
+    }
 #pragma unroll 1
     for (int i = n - 1; i >= 0; --i) {
       float h[kSPT] = {h0.x, h0.y, h0.z, h0.w};

@@ -133,23 +133,49 @@ cudaError_t lim_pair_backward(const LimPairParams& p, DType dtype, cudaStream_t 
 // dtype: dy (rows, D) fp32, like y, and dz (rows, D) in z's dtype, the gradient of z (and of
 // c) (the weight and bias get no gradient here).
 // D is a multiple of 4 and at most kNormGateMaxDim; z's rows are 4-element aligned.
+// Without z (null), the same kernels are a plain LayerNorm in the storage dtype: y, out, dout
+// and dy (rows, D) in that dtype, the statistics and the affine in fp32, out rounded once
+// (VMamba's block norms under autocast, layer_norm_forward / layer_norm_backward).
 struct NormGateParams {
   int64_t rows;
   int dim;
   float eps;
-  const float *y, *weight, *bias;
-  const void* z;
+  const void* y;      // fp32 (gate) or the storage dtype (plain LayerNorm)
+  const float *weight, *bias;
+  const void* z;      // or null: plain LayerNorm
   int64_t z_sr;
   const void* c;      // or null
   void* out;          // forward
   float *mean, *rstd;  // written by the forward, read by the backward
   const void* dout;   // backward
-  float* dy;          // backward, contiguous
+  void* dy;           // backward, contiguous, y's dtype
   void* dz;           // backward, contiguous
 };
 constexpr int kNormGateMaxDim = 2048;
 
 cudaError_t norm_gate_forward(const NormGateParams& p, DType dtype, cudaStream_t stream);
 cudaError_t norm_gate_backward(const NormGateParams& p, DType dtype, cudaStream_t stream);
+// The plain LayerNorm (z null, y in ``dtype``).
+cudaError_t layer_norm_forward(const NormGateParams& p, DType dtype, cudaStream_t stream);
+cudaError_t layer_norm_backward(const NormGateParams& p, DType dtype, cudaStream_t stream);
+
+// VMamba's depthwise 3 x 3 conv (padding 1) with its bias and SiLU, channels-last
+// (dwconv_kernel.cu): u[b, h, w, d] = silu(bias[d] + sum_{i,j < 3} W[d, i, j] x[b, h+i-1,
+// w+j-1, d]), zero outside the grid. x (B, H, W, D) in the storage dtype with pixel strides
+// x_sb, x_sh, x_sw (e.g. the x half of in_proj's output), channel stride 1; W (D, 3, 3) and
+// bias (D,) fp32. Forward: u, contiguous. Backward, from g = dL/du (contiguous): dx,
+// contiguous (W and bias get no gradient here). D, the pixel strides and x's address are
+// multiples of 4 elements.
+struct DwConvParams {
+  int batch, height, width, dim;
+  const void* x;
+  int64_t x_sb, x_sh, x_sw;
+  const float *w, *bias;
+  const void* g;  // backward
+  void* out;      // u (forward) or dx (backward)
+};
+
+cudaError_t dwconv_forward(const DwConvParams& p, DType dtype, cudaStream_t stream);
+cudaError_t dwconv_backward(const DwConvParams& p, DType dtype, cudaStream_t stream);
 
 }  // namespace memba_scan

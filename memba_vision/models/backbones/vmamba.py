@@ -10,12 +10,13 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from mmcv.cnn.bricks import DropPath
 from mmpretrain.registry import MODELS
 from torch import Tensor
 
 from ...ops.cross_scan import cross_scan
+from ...ops.depthwise_conv2d import depthwise_conv2d_silu
+from ...ops.layer_norm import layer_norm_in_dtype
 from ...ops.bidirectional_ssm import MembaGateParams
 from ...ops.silu_gate import memba_norm_silu_gate, norm_silu_gate
 from ..peft import (PEFTConfig, build_gate, check_supported, freeze_all_but_peft, parse_peft,
@@ -79,10 +80,9 @@ class SS2D(nn.Module):
     def forward(self, x: Tensor, membrane=None):
         B, H, W, _ = x.shape
         x, z = self.in_proj(x).chunk(2, dim=-1)               # (B, H, W, D)
-        # channels-last all the way: the conv reads and writes (B, H, W, D) memory
-        x = F.silu(self.conv2d(x.permute(0, 3, 1, 2).contiguous(
-            memory_format=torch.channels_last)))
-        y = self.cross_scan(x.permute(0, 2, 3, 1))           # (B, L, D) fp32
+        # channels-last all the way: the conv reads x where in_proj wrote it
+        x = depthwise_conv2d_silu(x, self.conv2d.weight, self.conv2d.bias)
+        y = self.cross_scan(x)                                # (B, L, D) fp32
         z = z.reshape(B, H * W, -1)
         norm = self.out_norm
         if self.gate is None:  # out_norm(y) * silu(z)
@@ -98,6 +98,16 @@ class SS2D(nn.Module):
         return self.out_proj(y).view(B, H, W, -1), membrane
 
 
+def norm_in_input_dtype(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """``norm(x)``, in x's dtype when autocast runs in half precision (``ops.layer_norm``: fp32
+    statistics and affine, the output rounded once): what autocast's fp32 LayerNorm hands the
+    next matrix product, without an fp32 copy of x, an fp32 output and its cast, nor their
+    twins in the backward."""
+    if x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        return layer_norm_in_dtype(x, norm.weight, norm.bias, norm.eps)
+    return norm(x)
+
+
 class VSSBlock(nn.Module):
     """x + drop_path(SS2D(LayerNorm(x))), x (B, H, W, C); carries the membrane."""
 
@@ -108,7 +118,7 @@ class VSSBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, membrane=None):
-        y, membrane = self.op(self.norm(x), membrane)
+        y, membrane = self.op(norm_in_input_dtype(self.norm, x), membrane)
         return x + self.drop_path(y), membrane
 
 
@@ -127,7 +137,7 @@ class PatchMerging2D(nn.Module):
             raise ValueError(f'VanillaVMamba: cannot merge patches of an odd {H}x{W} grid')
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
                       dim=-1)
-        return self.reduction(self.norm(x))
+        return self.reduction(norm_in_input_dtype(self.norm, x))
 
 
 class VMambaStage(nn.Module):

@@ -41,7 +41,8 @@ class _MembaNormGate(torch.autograd.Function):
             B, L, D = z.shape
             R = w_in.shape[0] // 2
             zf = z.reshape(-1, D)
-            w_in_lp, w_half = w_in.to(z.dtype), (0.5 * w_out).to(z.dtype)  # (2R, D), (D, 2R)
+            w_in_lp = w_in.to(z.dtype)                                            # (2R, D)
+            w_half = torch.mul(w_out, 0.5, out=w_out.new_empty(w_out.shape, dtype=z.dtype))
             v = torch.mm(zf, w_in_lp.t()).view(B, L, 2, R)
             S, u_mean = kernels.lim_pair_fwd(v, u_prev_f, u_prev_b, gate.num_chunks, gate.leak,
                                              gate.threshold)                  # (B, L, 2, R)

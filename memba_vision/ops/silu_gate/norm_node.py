@@ -17,7 +17,7 @@ from torch import Tensor
 from ..bidirectional_ssm.node import scan_extension, scan_kernels_reason
 
 __all__ = ['norm_silu_gate_fused', 'norm_silu_gate_fused_reason', 'norm_reason',
-           'kernel_norm_inputs', 'NORM_GATE_MAX_DIM']
+           'norm_kernels_reason', 'kernel_norm_inputs', 'NORM_GATE_MAX_DIM']
 
 NORM_GATE_MAX_DIM = 2048  # kNormGateMaxDim of kernels/scan/scan_kernel.h
 
@@ -38,20 +38,30 @@ class _NormSiluGate(torch.autograd.Function):
         return dy, dz, None, None, None, None
 
 
-def norm_reason(y: Tensor, z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                kernels=None) -> str:
-    """'' when the norm gate kernels can take y, the norm and a z' like ``z`` (contiguous or
-    not), else why not."""
-    reason = scan_kernels_reason(z, kernels)
+def norm_kernels_reason(t: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                        kernels=None) -> str:
+    """'' when the norm kernels can normalise rows like ``t``'s (..., D) with this norm (frozen,
+    with weight and bias), else why not."""
+    reason = scan_kernels_reason(t, kernels)
     if reason:
         return reason
-    D = z.shape[-1]
+    D = t.shape[-1]
     if D % 4 or D > NORM_GATE_MAX_DIM:
         return f'{D} channels (needs a multiple of 4, at most {NORM_GATE_MAX_DIM})'
     if weight is None or bias is None:
         return 'a LayerNorm without weight and bias'
     if weight.requires_grad or bias.requires_grad:
         return 'the LayerNorm trains'
+    return ''
+
+
+def norm_reason(y: Tensor, z: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                kernels=None) -> str:
+    """'' when the norm gate kernels can take y, the norm and a z' like ``z`` (contiguous or
+    not), else why not."""
+    reason = norm_kernels_reason(z, weight, bias, kernels)
+    if reason:
+        return reason
     if y.dtype != torch.promote_types(z.dtype, torch.float32):
         return f'y is {y.dtype}, z {z.dtype}'
     return ''

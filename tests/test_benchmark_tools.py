@@ -102,6 +102,18 @@ def test_benchmark_steps_with_the_optimizer_the_configs_train_with():
     assert type(timed) is type(configs) and timed.defaults == configs.defaults
 
 
+def test_sweep_save_cost_counts_the_epoch_after_a_save():
+    """A save costs its own epoch's excess over a plain epoch and the next epoch's, which
+    trains while the file is written behind it (hand-computed)."""
+    sys.path.insert(0, os.path.join(ROOT, 'tools'))
+    import benchmark_sweep
+    epochs = [dict(total=t) for t in (5.0, 2.0, 2.5, 2.3, 2.4)]
+    assert abs(benchmark_sweep.save_cost(epochs) - 0.8) < 1e-12
+    # a faster epoch is noise, not a negative cost
+    epochs = [dict(total=t) for t in (5.0, 2.0, 1.9, 2.1, 2.4)]
+    assert abs(benchmark_sweep.save_cost(epochs) - 0.1) < 1e-12
+
+
 def test_sweep_epoch_timer_counts_the_time_between_epochs(tmp_path):
     """The measured epochs run from one epoch's start to the next one's, so the host's work
     between two epochs (here a 0.3 s hook before each later epoch) is not lost."""

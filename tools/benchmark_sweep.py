@@ -14,13 +14,14 @@ tools/sweep.py pays once per GPU (a GPU trains and tests its tasks in one
 runs it (one task per GPU, longest test set first) over the real sizes: 1,000
 training images x 100 epochs per task and the test sizes of the task table.
 
-With ``--data-root`` the tool also trains one task for four epochs through the
+With ``--data-root`` the tool also trains one task for five epochs through the
 real loop (``tools/train.py``'s Runner: data loading, hooks, logging, checkpoints)
 and times the second one on the GPU's timeline, from its start to the third's (no
 synchronisation of the tool's own in between); its excess over the bare steps is the
 GPU idle time of the loop, and the projection uses it instead of the bare epoch, plus
-one checkpoint save (the third epoch, which saves one, less the second) per
-checkpoint interval.
+one checkpoint save per checkpoint interval (``save_cost``: the third epoch, which
+saves one, and the fourth, which trains while the file is written behind it, less
+two plain epochs).
 """
 import argparse
 import math
@@ -137,10 +138,18 @@ def write_standin_pretrained(cfg, path):
     return path
 
 
-def measured_epoch(backbone_method, data_root, task, work_dir, epochs=4):
+def save_cost(epochs):
+    """Seconds a checkpoint save adds to training, from the measured epochs (``total``): the
+    third epoch saves one, the fourth trains while it is written in the background; each
+    is compared with the second, a plain epoch (the first captures the graphs)."""
+    plain = epochs[1]['total']
+    return sum(max(0.0, e['total'] - plain) for e in epochs[2:4])
+
+
+def measured_epoch(backbone_method, data_root, task, work_dir, epochs=5):
     """The epochs of a short run of ``task`` through the Runner tools/train.py uses, each
     split by ``_epoch_timer`` (the first one captures the graphs; the third and the last
-    save a checkpoint); and the config's checkpoint interval."""
+    save a checkpoint, the fourth follows a save); and the config's checkpoint interval."""
     from memba_vision.datasets.vtab1k_tasks import get_task
     from memba_vision.engine import SafeLoadRunner
     from memba_vision.engine.runner_utils import load_config, set_precision
@@ -156,7 +165,7 @@ def measured_epoch(backbone_method, data_root, task, work_dir, epochs=4):
     cfg.model.head.num_classes = get_task(task).num_classes
     cfg.train_cfg.max_epochs = epochs
     interval = cfg.default_hooks.checkpoint.interval
-    cfg.default_hooks.checkpoint.interval = 3  # epoch 3 saves and is followed by another
+    cfg.default_hooks.checkpoint.interval = 3  # epoch 3 saves; epoch 4 trains during its write
     set_precision(cfg)  # the config's bf16 autocast (fp32 on a CPU machine)
     runner = SafeLoadRunner.from_cfg(cfg)
     timer = _epoch_timer()
@@ -233,14 +242,15 @@ def main():
         with tempfile.TemporaryDirectory() as wd:
             epochs, interval, n = measured_epoch(args.backbone_method, args.data_root,
                                                  args.task, wd)
-        real, saving = epochs[1], epochs[2]
+        real = epochs[1]
         idle = 1 - epoch_bare / real['total']
         print(f'measured epoch ({args.task}, {n} images, real loop): {real["total"]:.2f} s vs '
               f'bare {epoch_bare:.2f} s, so the GPU idles {100 * idle:.0f}% of the loop; host '
               f'time in iterations {real["iters"]:.2f} s, between them (data) '
               f'{real["data"]:.2f} s, epoch-end hooks (checkpoint) {real["end"]:.2f} s')
-        save = max(0.0, saving['total'] - real['total'])
-        print(f'checkpoint save: {save:.2f} s (trainable tensors), every {interval} epochs')
+        save = save_cost(epochs)
+        print(f'checkpoint save: {save:.2f} s (trainable tensors; the saving epoch and the next '
+              f'one against a plain one), every {interval} epochs')
         epoch = real['total'] * TRAIN_IMAGES / n + save / interval
     else:
         print('loop overhead not measured (no --data-root): bare steps only')

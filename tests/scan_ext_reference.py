@@ -264,10 +264,16 @@ class ReferenceScanKernels:
         return out.to(x.dtype), mean.reshape(-1), rstd.reshape(-1)
 
     @staticmethod
+    def _eps_of(x, rstd):
+        """The backward kernels take the forward's statistics instead of eps; the references
+        recover it: eps = 1 / rstd^2 - var(x) over the rows of x (..., D)."""
+        var = x.double().reshape(-1, x.shape[-1]).var(-1, unbiased=False)
+        return (rstd.double().reshape(-1) ** -2 - var).mean().item()
+
+    @staticmethod
     def layer_norm_bwd(x, weight, bias, mean, rstd, dout):
         x_ = _leaf(x)
-        eps = (rstd.double() ** -2 - x.double().reshape(-1, x.shape[-1]).var(-1, unbiased=False)
-               ).mean().item()
+        eps = ReferenceScanKernels._eps_of(x, rstd)
         with torch.enable_grad():
             out, _, _ = ReferenceScanKernels._layer_norm(x_, weight, bias, eps)
             dx, = torch.autograd.grad(out, [x_], dout.to(out.dtype))
@@ -277,10 +283,9 @@ class ReferenceScanKernels:
     def _norm_gate(y, weight, bias, eps, z, c=None):
         """LayerNorm(y) * silu(z + c) in y's precision, written out by hand (no
         F.layer_norm)."""
-        mean = y.mean(-1, keepdim=True)
-        rstd = ((y - mean) ** 2).mean(-1, keepdim=True).add(eps).rsqrt()
+        yn, mean, rstd = ReferenceScanKernels._layer_norm(y, weight, bias, eps)
         zw = z.to(y.dtype) + (0 if c is None else c.to(y.dtype))
-        return ((y - mean) * rstd * weight + bias) * (zw * torch.sigmoid(zw)), mean, rstd
+        return yn * (zw * torch.sigmoid(zw)), mean, rstd
 
     @staticmethod
     def norm_gate_fwd(y, weight, bias, eps, z, c=None):
@@ -291,8 +296,7 @@ class ReferenceScanKernels:
     @staticmethod
     def norm_gate_bwd(y, weight, bias, z, mean, rstd, dout, c=None):
         y_, z_ = _leaf(y), _leaf(z)
-        # the kernel takes the forward's statistics instead of eps; eps = 1 / rstd^2 - var(y)
-        eps = (rstd.double() ** -2 - y.double().var(-1, unbiased=False)).mean().item()
+        eps = ReferenceScanKernels._eps_of(y, rstd)
         with torch.enable_grad():
             out, _, _ = ReferenceScanKernels._norm_gate(y_, weight, bias, eps, z_, c)
             dy, dz = torch.autograd.grad(out, [y_, z_], dout.to(out.dtype))  # dz: z''s

@@ -103,42 +103,53 @@ class ReferenceScanKernels:
     """The extension's functions, computed by the reference ops."""
 
     @staticmethod
-    def scan_fwd(u, delta, A, B, C, D, z, delta_bias, S, W, softplus, reverse, out=None,
+    def scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, out=None,
                  out_scale=1.0, accumulate=False, save_states=False):
         with torch.no_grad():
-            y = selective_scan_tokens(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
-                                      gate=None if S is None else (S, W))
+            y = selective_scan_tokens(u, delta, A, B, C, D, z, delta_bias, softplus, reverse)
             states = (_scan_states(u, delta, A, B, delta_bias, softplus, reverse)
                       if save_states else None)
         return _store(out, y, out_scale, accumulate), states
 
     @staticmethod
-    def scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, states, softplus, reverse,
+    def scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, states, softplus, reverse,
                  dout_scale=1.0, dz_out=None, dz_accumulate=False, dBC_out=None, dA_out=None,
                  dD_out=None):
         _check_states('scan_bwd', states,
                       _scan_states(u, delta, A, B, delta_bias, softplus, reverse))
-        u_, delta_, B_, C_ = (_leaf(t) for t in (u, delta, B, C))
+        u_, delta_, B_, C_, z_ = (_leaf(t) for t in (u, delta, B, C, z))
         A, D = _leaf(A), _leaf(D if D is not None else torch.zeros_like(A[:, 0]))
-        zprime = None
-        if z is not None or S is not None:  # the kernel's dz is the gradient of z'
-            zp = torch.zeros_like(u) if z is None else z.detach().clone()
-            if S is not None:
-                zp = zp + torch.matmul(S, W.to(S.dtype).t()).to(zp.dtype)
-            zprime = _leaf(zp)
         with torch.enable_grad():
-            y = selective_scan_tokens(u_, delta_, A, B_, C_, D, zprime, delta_bias, softplus,
+            y = selective_scan_tokens(u_, delta_, A, B_, C_, D, z_, delta_bias, softplus,
                                       reverse)
-            leaves = [u_, delta_, B_, C_, A, D] + ([zprime] if zprime is not None else [])
+            leaves = [u_, delta_, B_, C_, A, D] + ([z_] if z_ is not None else [])
             grads = torch.autograd.grad(y, leaves, dout * dout_scale)
         du, ddelta, dB, dC = (g.contiguous() for g in grads[:4])  # as the kernels return them
         _store_params(dA_out, dD_out, grads[4], grads[5])
         dz = None
-        if zprime is not None:
+        if z_ is not None:
             dz = _store(dz_out, grads[6], 1.0, dz_accumulate)
         if dBC_out is not None:
             dBC_out.copy_(torch.cat([dB, dC], dim=-1))
         return du, ddelta, dz, dB, dC
+
+    @staticmethod
+    def gate_z_fwd(S, W, z=None):
+        with torch.no_grad():
+            zp = torch.matmul(_wide(S), _wide(W).t())                       # (2, B, L, D)
+            if z is not None:
+                zp = zp + _wide(z)
+        return zp.to(S.dtype).contiguous()
+
+    @staticmethod
+    def gate_z_bwd(dz, dv, W_in, out):
+        with torch.no_grad():
+            v_sum = _wide(dv).sum(0)                                        # (B, L, R)
+            g = torch.matmul(v_sum, _wide(W_in))
+            if dz is not None:
+                g = g + _wide(dz).sum(0)
+            out.copy_(g)
+        return v_sum.to(dv.dtype)
 
     @staticmethod
     def conv_fwd(x, weight, bias, reverse, silu):

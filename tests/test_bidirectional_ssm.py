@@ -198,38 +198,48 @@ def test_extension_outputs_match_the_reference_kernels(dtype, tol):
     delta = rnd(Bsz, L, D, scale=0.5)
     A = -torch.rand(D, 16, device='cuda', generator=g) - 0.1
     Dv, bias = torch.randn(D, device='cuda', generator=g), torch.randn(D, device='cuda', generator=g) * 0.1
-    S, W = rnd(Bsz, L, 16), torch.randn(D, 16, device='cuda', generator=g) * 0.3
     dout = rnd(Bsz, L, D)
     for reverse in (False, True):
-        for gate in (None, (S, W)):
-            Sg, Wg = gate if gate else (None, None)
-            base = rnd(Bsz, L, D)
-            got, want = base.clone(), base.clone()
-            _, states = ext.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, Sg, Wg, True, reverse,
-                                     out=got, out_scale=0.5, accumulate=True, save_states=True)
-            _, states_ref = ref.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, Sg, Wg, True,
-                                         reverse, out=want, out_scale=0.5, accumulate=True,
-                                         save_states=True)
-            assert rel(got, want) < tol and rel(states, states_ref) < tol
-            dz_got, dz_want = xz.clone(), xz.clone()  # accumulate into a strided half
-            dbc_got, dbc_want = torch.zeros_like(xdbl), torch.zeros_like(xdbl)
-            r_got = ext.scan_bwd(x, delta, A, Bm, Cm, Dv, z, bias, Sg, Wg, dout, states, True,
-                                 reverse, dout_scale=0.5, dz_out=dz_got[..., D:],
-                                 dz_accumulate=True, dBC_out=dbc_got[..., 3:])
-            r_want = ref.scan_bwd(x.float(), delta.float(), A, Bm.float(), Cm.float(), Dv,
-                                  z.float(), bias, None if Sg is None else Sg.float(), Wg,
-                                  dout.float(), states_ref, True, reverse, dout_scale=0.5,
-                                  dz_out=dz_want[..., D:], dz_accumulate=True,
-                                  dBC_out=dbc_want[..., 3:])
-            for a, b in zip(r_got[:2], r_want[:2]):
-                assert rel(a, b) < tol
-            assert rel(dz_got, dz_want) < tol and rel(dbc_got, dbc_want) < tol
-            assert torch.equal(dz_got[..., :D], xz[..., :D])  # the other half untouched
-    _, states = ext.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, None, None, True, False,
-                             save_states=True)
+        base = rnd(Bsz, L, D)
+        got, want = base.clone(), base.clone()
+        _, states = ext.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, True, reverse,
+                                 out=got, out_scale=0.5, accumulate=True, save_states=True)
+        _, states_ref = ref.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, True, reverse, out=want,
+                                     out_scale=0.5, accumulate=True, save_states=True)
+        assert rel(got, want) < tol and rel(states, states_ref) < tol
+        dz_got, dz_want = xz.clone(), xz.clone()  # accumulate into a strided half
+        dbc_got, dbc_want = torch.zeros_like(xdbl), torch.zeros_like(xdbl)
+        r_got = ext.scan_bwd(x, delta, A, Bm, Cm, Dv, z, bias, dout, states, True, reverse,
+                             dout_scale=0.5, dz_out=dz_got[..., D:], dz_accumulate=True,
+                             dBC_out=dbc_got[..., 3:])
+        r_want = ref.scan_bwd(x.float(), delta.float(), A, Bm.float(), Cm.float(), Dv,
+                              z.float(), bias, dout.float(), states_ref, True, reverse,
+                              dout_scale=0.5, dz_out=dz_want[..., D:], dz_accumulate=True,
+                              dBC_out=dbc_want[..., 3:])
+        for a, b in zip(r_got[:2], r_want[:2]):
+            assert rel(a, b) < tol
+        assert rel(dz_got, dz_want) < tol and rel(dbc_got, dbc_want) < tol
+        assert torch.equal(dz_got[..., :D], xz[..., :D])  # the other half untouched
+    _, states = ext.scan_fwd(x, delta, A, Bm, Cm, Dv, z, bias, True, False, save_states=True)
     with pytest.raises(RuntimeError, match="dBC_out must be"):  # neither fp32 nor u's dtype
-        ext.scan_bwd(x, delta, A, Bm, Cm, Dv, z, bias, None, None, dout, states, True, False,
+        ext.scan_bwd(x, delta, A, Bm, Cm, Dv, z, bias, dout, states, True, False,
                      dBC_out=torch.zeros(Bsz, L, 32, device='cuda', dtype=torch.float64))
+    # Memba's gate branch against fp64: both directions' z' (with z, and without: no
+    # residual), and z's gradient written into a strided half, the other half untouched
+    S, W = rnd(2, Bsz, L, 16), torch.randn(D, 16, device='cuda', generator=g) * 0.3
+    W_in = torch.randn(16, D, device='cuda', generator=g) * 0.3
+    for zz in (z, None):
+        got = ext.gate_z_fwd(S, W, zz)
+        want = ref.gate_z_fwd(S.double(), W.double(), None if zz is None else zz.double())
+        assert got.dtype == dtype and got.shape == (2, Bsz, L, D) and rel(got, want) < tol
+    dzp, dv = rnd(2, Bsz, L, D), rnd(2, Bsz, L, 16)
+    for dz_pair in (dzp, None):
+        got, want = xz.clone(), xz.double()
+        v_got = ext.gate_z_bwd(dz_pair, dv, W_in, got[..., D:])
+        v_want = ref.gate_z_bwd(None if dz_pair is None else dz_pair.double(), dv.double(),
+                                W_in.double(), want[..., D:])
+        assert rel(got, want) < tol and rel(v_got, v_want) < tol
+        assert torch.equal(got[..., :D], xz[..., :D])
     w, cb = torch.randn(D, 4, device='cuda', generator=g), torch.randn(D, device='cuda', generator=g)
     for reverse in (False, True):
         got, want = xz.clone(), xz.clone()

@@ -10,7 +10,7 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CU
 TINY_VIM = dict(arch=dict(embed_dims=64, depth=3, d_state=16), img_size=32, patch_size=8,
                 drop_path_rate=0.0)
 # no LoRA dropout: eager and graphed runs draw different random masks
-# d_state and gate rank 16: on a GPU the memba_vision scan kernels run (with the fused gate)
+# d_state and gate rank 16: on a GPU the memba_vision scan and gate kernels run
 MEMBA = dict(lora=dict(in_proj=8, out_proj=8, dropout=0.0), gate=dict(rank=16, num_chunks=4))
 
 

@@ -46,7 +46,7 @@ def _cases(dev='cuda'):
     xz, xdbl = rnd(B, L, 2 * D), rnd(B, L, 3 + 2 * N)
     scan = dict(u=xz[..., :D], delta=rnd(B, L, D), A=-torch.rand(D, N, device=dev, generator=g) - 0.1,
                 B=xdbl[..., 3:3 + N], C=xdbl[..., 3 + N:], D=rnd(D), z=xz[..., D:],
-                delta_bias=rnd(D), S=rnd(B, L, R), W=rnd(D, R), softplus=True, reverse=False)
+                delta_bias=rnd(D), softplus=True, reverse=False)
     out = rnd(B, L, 2 * D)[..., D:]
     dz_out, dbc_out = rnd(B, L, 2 * D)[..., D:], rnd(B, L, 3 + 2 * N)[..., 3:]
     fwd = dict(scan, out=out, out_scale=0.5, accumulate=True)
@@ -85,6 +85,11 @@ def _cases(dev='cuda'):
     zb = rnd(B, L, 2 * D, dtype=bf16)[..., D:]
     norm = [rnd(B, L, D), rnd(D), rnd(D), 1e-5, zb]
     norm_bwd = norm[:3] + [zb, rnd(B, L), rnd(B, L), rnd(B, L, D, dtype=bf16)]
+    # ops.bidirectional_ssm's Memba gate: z and dz the halves of (B, L, 2D) tensors, bf16
+    gz = [rnd(2, B, L, R, dtype=bf16), rnd(D, R), zb]
+    gz_bwd = [rnd(2, B, L, D, dtype=bf16), rnd(2, B, L, R, dtype=bf16), rnd(R, D),
+              rnd(B, L, 2 * D, dtype=bf16)[..., D:]]
+    buffers += (gz_bwd[3],)
     # ops.depthwise_conv2d: x the half of a (B, H, W, 2D) in_proj output, bf16
     Hc, Wc = 5, 7
     xc = rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., :D]
@@ -111,9 +116,14 @@ def _cases(dev='cuda'):
              ('scan_bwd accepts', 'scan_bwd', kw(ext.scan_bwd, bwd), None),
              ('scan_bwd accepts bf16 + fp32 dBC_out', 'scan_bwd',
               kw(ext.scan_bwd, dict(bwd, **{k: bwd[k].to(bf16) for k in
-                                            ('u', 'delta', 'B', 'C', 'z', 'S', 'dout')},
+                                            ('u', 'delta', 'B', 'C', 'z', 'dout')},
                                     dz_out=None, dz_accumulate=False)), None),
              ('conv_fwd accepts', 'conv_fwd', lambda: ext.conv_fwd(*conv), None),
+             ('gate_z_fwd accepts', 'gate_z_fwd', lambda: ext.gate_z_fwd(*gz), None),
+             ('gate_z_fwd accepts no z', 'gate_z_fwd', lambda: ext.gate_z_fwd(*gz[:2]), None),
+             ('gate_z_bwd accepts', 'gate_z_bwd', lambda: ext.gate_z_bwd(*gz_bwd), None),
+             ('gate_z_bwd accepts no dz', 'gate_z_bwd',
+              pos(ext.gate_z_bwd, gz_bwd, 0, None), None),
              ('conv_bwd accepts', 'conv_bwd', kw(ext.conv_bwd, conv_bwd), None),
              ('lim_pair_fwd accepts', 'lim_pair_fwd', lambda: ext.lim_pair_fwd(*pair), None),
              ('lim_pair_bwd accepts', 'lim_pair_bwd', lambda: ext.lim_pair_bwd(*pair_bwd),
@@ -165,15 +175,12 @@ def _cases(dev='cuda'):
         'D': [rnd(D + 1), rnd(D, dtype=bf16), rnd(D, 2)[:, 0]],
         'z': [rnd(B, L, D + 1), rnd(B, L, D, dtype=f64), strided_last(B, L, D)],
         'delta_bias': [rnd(D, dtype=f64), rnd(1)],
-        'S': [rnd(B, L, 8), rnd(B, L, R, dtype=bf16), strided_last(B, L, R)],
-        'W': [rnd(D, 8), transposed(D, R), rnd(D, R, dtype=bf16)],
     }
     for op_name, fn, base in (('scan_fwd', ext.scan_fwd, fwd), ('scan_bwd', ext.scan_bwd, bwd)):
         for arg, values in bad_scan.items():
             for i, value in enumerate(values):
                 cases.append((f'{op_name} {arg} #{i}', op_name, kw(fn, base, **{arg: value}),
                               'u' if arg == 'u' else arg))
-        cases.append((f'{op_name} S without W', op_name, kw(fn, base, W=None), 'the gate'))
     for i, value in enumerate([rnd(B, L, D, dtype=bf16), rnd(B, L - 1, D), expanded(B, L, D),
                                out.cpu()]):
         cases.append((f'scan_fwd out #{i}', 'scan_fwd', kw(ext.scan_fwd, fwd, out=value), 'out'))
@@ -288,6 +295,32 @@ def _cases(dev='cuda'):
                       lambda value=value: ext.norm_gate_fwd(*norm, value), 'c'))
         cases.append((f'norm_gate_bwd c #{i}', 'norm_gate_bwd',
                       lambda value=value: ext.norm_gate_bwd(*norm_bwd, value), 'c'))
+    for i, (index, arg, value) in enumerate([
+            (0, 'S', rnd(2, B, L, R, dtype=f64)), (0, 'S', gz[0].cpu()),
+            (0, 'S', rnd(2, B, L, 8, dtype=bf16)), (0, 'S', strided_last(2, B, L, R, dtype=bf16)),
+            (0, 'S', rnd(B, L, R, dtype=bf16)),
+            (0, 'S', rnd(2 * B * L * R + 1, dtype=bf16)[1:].view(2, B, L, R)),  # not 16-byte
+            (1, 'W', rnd(D, R, dtype=bf16)), (1, 'W', transposed(D, R)), (1, 'W', rnd(D, 8)),
+            (1, 'W', rnd(D * R + 1)[1:].view(D, R)),                     # not 16-byte aligned
+            (1, 'the channel count', rnd(6, R)),
+            (2, 'z', rnd(B, L, D)), (2, 'z', rnd(B, L, D + 4, dtype=bf16)), (2, 'z', zb.cpu()),
+            (2, 'z', rnd(B, L, 2 * D, dtype=bf16)[..., 1:D + 1]),      # rows not 4-aligned
+            (2, 'z', rnd(B, L + 1, D, dtype=bf16)[:, :L])]):           # rows not equally spaced
+        cases.append((f'gate_z_fwd {arg} #{i}', 'gate_z_fwd', pos(ext.gate_z_fwd, gz, index, value),
+                      arg))
+    for i, (index, arg, value) in enumerate([
+            (3, 'out', gz_bwd[3].cpu()), (3, 'out', rnd(B, L, D, dtype=f64)),
+            (3, 'out', expanded(B, L, D, dtype=bf16)), (3, 'out', strided_last(B, L, D, dtype=bf16)),
+            (3, 'the channel count', rnd(B, L, 6, dtype=bf16)),
+            (3, 'out', rnd(B, L, 2 * D, dtype=bf16)[..., 1:D + 1]),
+            (1, 'dv', rnd(2, B, L, R)), (1, 'dv', rnd(2, B, L + 1, R, dtype=bf16)),
+            (1, 'dv', strided_last(2, B, L, R, dtype=bf16)),
+            (0, 'dz', rnd(2, B, L, D)), (0, 'dz', rnd(B, L, D, dtype=bf16)),
+            (0, 'dz', rnd(2, B, L, 2 * D, dtype=bf16)[..., :D]),
+            (2, 'W_in', rnd(D, R)), (2, 'W_in', rnd(R, D, dtype=bf16)),
+            (2, 'W_in', transposed(R, D)), (2, 'W_in', rnd(R * D + 1)[1:].view(R, D))]):
+        cases.append((f'gate_z_bwd {arg} #{i}', 'gate_z_bwd',
+                      pos(ext.gate_z_bwd, gz_bwd, index, value), arg))
     bad_dw = [
         (0, 'x', rnd(B, Hc, Wc, D, dtype=f64)), (0, 'x', xc.cpu()), (0, 'x', rnd(B, Hc * Wc, D)),
         (0, 'x', rnd(B, Hc, Wc, 2 * D, dtype=bf16)[..., ::2]),     # channels strided

@@ -158,42 +158,57 @@ def _like(t, ref):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _gated_z(z, u, S=None, W=None):
+    """What the scan kernels take as the gate: z, or z' = z + S W^T (S W^T without z) in u's
+    dtype, computed here in fp32 (the gate kernels that compute it on the GPU,
+    ``gate_z_fwd`` / ``gate_z_bwd``, are tested in test_bidirectional_ssm)."""
+    if S is None:
+        return _like(z, u)
+    zp = torch.matmul(S.float(), W.float().t())
+    return (zp if z is None else zp + z.float()).to(u.dtype)
+
+
 class _KernelScan(torch.autograd.Function):
-    """The extension's scan_fwd / scan_bwd as one autograd node (frozen A, D, bias); the
-    gate's dS, dW from the kernel's dz' by the products ``ops.bidirectional_ssm`` uses."""
+    """The extension's scan_fwd / scan_bwd as one autograd node (frozen A, D, bias), on
+    z' = z + S W^T when a gate is given; z's, S's and W's gradients from the kernel's dz'."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, bias, S, W, softplus, reverse):
-        y, states = scan_extension()[0].scan_fwd(u, delta, A, B, C, D, z, bias, S, W, softplus,
+        zg = _gated_z(z, u, S, W)
+        y, states = scan_extension()[0].scan_fwd(u, delta, A, B, C, D, zg, bias, softplus,
                                                  reverse, save_states=True)
-        ctx.save_for_backward(u, delta, A, B, C, D, z, bias, S, W, states)
-        ctx.flags = (softplus, reverse)
+        ctx.save_for_backward(u, delta, A, B, C, D, zg, bias, S, W, states)
+        ctx.flags = (softplus, reverse, z is not None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        u, delta, A, B, C, D, z, bias, S, W, states = ctx.saved_tensors
-        du, ddelta, dz, dB, dC = scan_extension()[0].scan_bwd(
-            u, delta, A, B, C, D, z, bias, S, W, _like(dy, u), states, *ctx.flags)
+        u, delta, A, B, C, D, zg, bias, S, W, states = ctx.saved_tensors
+        softplus, reverse, has_z = ctx.flags
+        du, ddelta, dzg, dB, dC = scan_extension()[0].scan_bwd(
+            u, delta, A, B, C, D, zg, bias, _like(dy, u), states, softplus, reverse)
         dS = dW = None
         if S is not None:
-            dS = torch.matmul(dz, W.to(dz.dtype))
-            dW = torch.matmul(dz.flatten(0, 1).t(), S.flatten(0, 1)).float()
+            dS = torch.matmul(dzg.float(), W.float()).to(S.dtype)
+            dW = torch.matmul(dzg.flatten(0, 1).t().float(), S.flatten(0, 1).float())
         return (du, ddelta, None, dB.to(B.dtype), dC.to(C.dtype), None,
-                dz if z is not None else None, None, dS, dW, None, None)
+                dzg if has_z else None, None, dS, dW, None, None)
 
 
 def _kernel_inputs(u, delta, A, B, C, D, z, bias, gate):
-    """scan_fwd's tensor arguments (u .. W) as the kernels take them."""
+    """scan_fwd's tensor arguments (u .. delta_bias) as the kernels take them."""
     S, W = gate if gate is not None else (None, None)
     return (_like(u, u), _like(delta, u), _f32(A), _like(B, u), _like(C, u), _f32(D),
-            _like(z, u), _f32(bias), _like(S, u), None if W is None else W.float().contiguous())
+            _gated_z(z, u, S, W), _f32(bias))
 
 
 def kernel_api(u, delta, A, B, C, D, z, bias, softplus, reverse, gate):
     """``api`` on memba_vision's scan kernel."""
-    return _KernelScan.apply(*_kernel_inputs(u, delta, A, B, C, D, z, bias, gate),
-                             bool(softplus), bool(reverse))
+    S, W = gate if gate is not None else (None, None)
+    return _KernelScan.apply(_like(u, u), _like(delta, u), _f32(A), _like(B, u), _like(C, u),
+                             _f32(D), _like(z, u), _f32(bias), _like(S, u),
+                             None if W is None else W.float().contiguous(), bool(softplus),
+                             bool(reverse))
 
 
 def kernel_states(u, delta, A, B, C, D, z, bias, softplus, reverse, gate):
@@ -287,10 +302,8 @@ def test_scan_kernel_gradients_of_a_and_d(b, l, d, dtype, tol, reverse):
     y_ref = loop_scan(inp['u'], inp['delta'], leaves['A'], inp['B'], inp['C'], leaves['D'],
                       inp['z'], inp['bias'], True, reverse, (inp['S'], inp['W']))
     y_ref.backward(dy.double())
-    args = [_like(inp[k], inp['u']) for k in ('u', 'delta')] + [_f32(inp['A'])] + \
-        [_like(inp[k], inp['u']) for k in ('B', 'C')] + [_f32(inp['D']), inp['z'],
-                                                        _f32(inp['bias']), inp['S'],
-                                                        _f32(inp['W'])]
+    args = _kernel_inputs(*(inp[k] for k in ('u', 'delta', 'A', 'B', 'C', 'D', 'z', 'bias')),
+                          (inp['S'], inp['W']))
     dA, dD = torch.full((d, 16), float('nan'), device='cuda'), torch.zeros(d, device='cuda')
     _, states = ext.scan_fwd(*args, True, reverse, save_states=True)
     frozen = ext.scan_bwd(*args, dy, states, True, reverse)

@@ -5,8 +5,8 @@
 
 Times, side by side in one run (CUDA events, median of --reps after warm-up):
 the token-major kernels of memba_vision (``memba_vision._scan_cuda``'s scan and
-conv, which ``ops.bidirectional_ssm`` runs: one direction, with and without Memba's
-fused gate, the kernels alone) and mamba-ssm's ``selective_scan_fn`` on the same data
+conv, which ``ops.bidirectional_ssm`` runs: one direction's scan, the kernels alone, and
+Memba's gate branch for both directions) and mamba-ssm's ``selective_scan_fn`` on the same data
 in its (b, d, l) layout, forward and forward+backward (gradients for u, delta, B, C
 and z, as in PEFT). memba_vision's forward is timed as training runs it: saving the
 scan's states every 16 steps, which its backward reads.
@@ -74,8 +74,8 @@ def main():
     delta = (rnd(b, l, d, scale=0.5) - 1).requires_grad_()
     A = -torch.exp(rnd(d, n, scale=0.5, dtype=torch.float32))
     Dp, bias = rnd(d, dtype=torch.float32), rnd(d, scale=0.3, dtype=torch.float32)
-    S, W = rnd(b, l, r, scale=0.5).requires_grad_(), rnd(d, r, scale=0.2, dtype=torch.float32)
-    W.requires_grad_()
+    S, W = rnd(2, b, l, r, scale=0.5), rnd(d, r, scale=0.2, dtype=torch.float32)
+    dz_pair, dv, W_in = rnd(2, b, l, d), rnd(2, b, l, r), rnd(r, d, dtype=torch.float32)
     conv_w, conv_b = rnd(d, 4, dtype=torch.float32), rnd(d, dtype=torch.float32)
     dy = rnd(b, l, d)
     u, z = xz[..., :d], xz[..., d:]
@@ -88,22 +88,19 @@ def main():
         fb = time_ms(lambda: (fwd(), bwd()), args.warmup, args.reps)
         rows.append((name, f * 1e3, fb * 1e3, nbytes))
 
-    def ours(gate):  # (forward, backward) of the reversed direction's scan
-        inputs = [t.detach() for t in (u, delta)] + [A, Bm.detach(), Cm.detach(), Dp,
-                                                     z.detach(), bias]
-        inputs += [S.detach(), W.detach()] if gate else [None, None]
-        _, states = ext.scan_fwd(*inputs, True, True, save_states=True)  # the backward's input
-        return (lambda: ext.scan_fwd(*inputs, True, True, save_states=True),
-                lambda: ext.scan_bwd(*inputs, dy, states, True, True))
+    # the reversed direction's scan
+    inputs = [t.detach() for t in (u, delta)] + [A, Bm.detach(), Cm.detach(), Dp, z.detach(),
+                                                 bias]
+    _, states = ext.scan_fwd(*inputs, True, True, save_states=True)  # the backward's input
 
     elt = torch.finfo(dt).bits // 8
     tok = b * l * d * elt
     states_bytes = b * -(-l // 16) * d * n * 4  # fp32 states before every 16th step
-    # forward floor: read u, delta, z, write y (B, C, S are small); backward also reads
+    # forward floor: read u, delta, z, write y (B and C are small); backward also reads
     # dy and writes du, ddelta, dz; memba_vision's forward writes the states, its backward
     # reads them
-    add('memba_vision scan', *ours(False), (4 + 7) * tok + 2 * states_bytes)
-    add('memba_vision scan + gate', *ours(True), (4 + 7) * tok + 2 * states_bytes)
+    add('memba_vision scan', lambda: ext.scan_fwd(*inputs, True, True, save_states=True),
+        lambda: ext.scan_bwd(*inputs, dy, states, True, True), (4 + 7) * tok + 2 * states_bytes)
     fn, why = mamba_ssm_scan_fn()
     if fn is not None:
         u_t = u.detach().transpose(1, 2).contiguous().requires_grad_()
@@ -123,6 +120,11 @@ def main():
     x = u.detach()
     add('memba_vision conv (reversed)', lambda: ext.conv_fwd(x, conv_w, conv_b, True, True),
         lambda: ext.conv_bwd(x, conv_w, conv_b, dy, True, True), (2 + 3) * tok)
+    # Memba's gate branch, both directions: z' = z + S_k W^T (read z, write two z'), and
+    # dz = dz'_0 + dz'_1 + dv W_in (read two dz', write dz)
+    dz_half = torch.empty_like(xz)[..., d:]
+    add('memba_vision gate_z (2 dirs)', lambda: ext.gate_z_fwd(S, W, z.detach()),
+        lambda: ext.gate_z_bwd(dz_pair, dv, W_in, dz_half), 6 * tok)
 
     bw = copy_bandwidth()
     print(f'device: {torch.cuda.get_device_name()}, shape (b, l, d) = ({b}, {l}, {d}), {args.dtype}, '
@@ -131,7 +133,8 @@ def main():
     for name, f, fb, nbytes in rows:
         print(f'{name:32s} {f:9.1f} {fb:11.1f} {nbytes / bw * 1e6:9.1f}')
     if fn is not None:
-        print(f'ratio mamba-ssm/memba_vision scan (fwd+bwd): {rows[2][2] / rows[0][2]:.2f}')
+        mamba = next(row for row in rows if row[0].startswith('mamba-ssm'))
+        print(f'ratio mamba-ssm/memba_vision scan (fwd+bwd): {mamba[2] / rows[0][2]:.2f}')
 
 
 if __name__ == '__main__':

@@ -1,8 +1,8 @@
 // Python bindings of the token-major scan and conv kernels (module memba_vision._scan_cuda).
 //
-//   scan_fwd(u, delta, A, B, C, D, z, delta_bias, S, W, softplus, reverse,
+//   scan_fwd(u, delta, A, B, C, D, z, delta_bias, softplus, reverse,
 //            out=None, out_scale=1, accumulate=False, save_states=False) -> (y, states)
-//   scan_bwd(u, delta, A, B, C, D, z, delta_bias, S, W, dout, states, softplus, reverse,
+//   scan_bwd(u, delta, A, B, C, D, z, delta_bias, dout, states, softplus, reverse,
 //            dout_scale=1, dz_out=None, dz_accumulate=False, dBC_out=None, dA_out=None,
 //            dD_out=None) -> (du, ddelta, dz or None, dB, dC)
 //   scan_dirs_fwd(u, delta, A, B, C, D, delta_bias, softplus, reverse, rows, out=None,
@@ -20,6 +20,15 @@
 //       takes (None without save_states: inference).
 //   conv_fwd(x, weight, bias, reverse, silu) -> y
 //   conv_bwd(x, weight, bias, grad_y, reverse, silu, out=None, accumulate=False) -> dx
+//   gate_z_fwd(S, W, z=None) -> z' (2, B, L, D)
+//   gate_z_bwd(dz, dv, W_in, out) -> dv_sum (B, L, 16)
+//       Memba's gate branch on Vim: z'_k = z + S_k W^T for both scan directions (S (2, B, L,
+//       16), W (D, 16)); the backward writes dz'_0 + dz'_1 + (dv_0 + dv_1) W_in into ``out``
+//       (B, L, D) (dz (2, B, L, D) the scans' z' gradients, or None: z' = S W^T without the
+//       residual; dv (2, B, L, 16); W_in (16, D)) and returns dv_0 + dv_1. S, dv, dz and z'
+//       contiguous in z's dtype; z and out (B, L, D) with equally spaced 4-element-aligned rows
+//       (a half of in_proj's output or of its gradient is fine); W, W_in fp32 contiguous;
+//       S, dv, dz, W and W_in 16-byte aligned.
 //   lim_pair_fwd(x, u_prev_f, u_prev_b, num_chunks, leak, threshold) -> (out, u_mean)
 //   lim_pair_bwd(x, u_prev_f, u_prev_b, grad_out, grad_mean_f, grad_mean_b, num_chunks,
 //                leak, threshold) -> (grad_x, grad_u_prev_f or None, grad_u_prev_b or None)
@@ -55,12 +64,11 @@
 // returns out and grad_x in x's layout.
 //
 // u, delta, z, dout, x, grad_y: (B, L, D) with the channel axis contiguous;
-// B, C: (B, L, 16) and the gate spikes S: (B, L, 16), state axis contiguous (slices
-// of a wider tensor are fine); A (D, 16), D and delta_bias (D,), the gate weight
-// W (D, 16), conv weight (D, 4) and bias (D,): fp32. Optional arguments may be
+// B, C: (B, L, 16), state axis contiguous (slices of a wider tensor are fine); A (D, 16),
+// D and delta_bias (D,), conv weight (D, 4) and bias (D,): fp32. Optional arguments may be
 // None. Results are contiguous, in u's (x's) dtype; dB and dC are fp32.
-// W's and S's gradients are computed by the autograd wrappers in memba_vision.ops from dz
-// with two small matrix products; the conv weight and bias get no gradient here.
+// The gate weights' gradients are computed by the autograd wrappers in memba_vision.ops with
+// small matrix products; the conv weight and bias get no gradient here.
 //
 // Every op checks the device, dtype, shape and strides of all its tensor arguments
 // before it reads a pointer or allocates (kernels/common/tensor_checks.h); a wrong one
@@ -134,8 +142,7 @@ void check_cuda(cudaError_t err, const char* what) {
 // Every input of the scan (both directions of the op share them).
 void check_scan_inputs(const char* op, const at::Tensor& u, const at::Tensor& delta,
                        const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-                       const OptTensor& D, const OptTensor& z, const OptTensor& bias,
-                       const OptTensor& S, const OptTensor& W) {
+                       const OptTensor& D, const OptTensor& z, const OptTensor& bias) {
   check_leading(op, "u", u);
   const int64_t dim = u.size(2);
   check_tokens(op, "delta", delta, u, dim);
@@ -145,11 +152,17 @@ void check_scan_inputs(const char* op, const at::Tensor& u, const at::Tensor& de
   if (present(D)) check_param(op, "D", *D, u, {dim});
   if (present(z)) check_tokens(op, "z", *z, u, dim);
   if (present(bias)) check_param(op, "delta_bias", *bias, u, {dim});
-  MEMBA_CHECK(present(S) == present(W), op, ": the gate spikes S and weight W go together");
-  if (present(S)) {
-    check_tokens(op, "S", *S, u, kGateRank);
-    check_param(op, "W", *W, u, {dim, kGateRank});
-  }
+}
+
+// A (B, L, D) tensor read or written a channel quad at a time: its token rows (b, t) equally
+// spaced and starting at multiples of 4 elements (e.g. a half of in_proj's output).
+void check_quad_rows(const char* op, const char* arg, const at::Tensor& t) {
+  MEMBA_CHECK(t.size(0) == 1 || t.stride(0) == t.size(1) * t.stride(1), op, ": ", arg,
+              "'s token rows must be equally spaced, got strides ", shape_text(t.strides()));
+  MEMBA_CHECK(t.stride(1) % 4 == 0 &&
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % (4 * t.element_size()) == 0,
+              op, ": ", arg, "'s rows must start at multiples of 4 elements, got strides ",
+              shape_text(t.strides()));
 }
 
 // rows > 0 (a grid scanned by columns) must divide the sequence length.
@@ -161,8 +174,8 @@ void check_rows(const char* op, const at::Tensor& u, int64_t rows) {
 // Call only after the inputs are checked: reads pointers and strides, touches no memory.
 ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                        const at::Tensor& B, const at::Tensor& C, const OptTensor& D,
-                       const OptTensor& z, const OptTensor& bias, const OptTensor& S,
-                       const OptTensor& W, bool softplus, bool reverse, int64_t rows = 0) {
+                       const OptTensor& z, const OptTensor& bias, bool softplus, bool reverse,
+                       int64_t rows = 0) {
   const int64_t batch = u.size(0), L = u.size(1), dim = u.size(2);
   ScanParams p{};
   p.rows = static_cast<int>(rows);
@@ -172,19 +185,14 @@ ScanParams make_params(const at::Tensor& u, const at::Tensor& delta, const at::T
   p.nchunks = static_cast<int>((L + scan_chunk_len() - 1) / scan_chunk_len());
   p.reverse = reverse;
   p.softplus = softplus;
-  p.has_z = present(z) || present(S);  // gate z' = (z or 0) + S W^T
+  p.has_z = present(z);
   p.has_D = present(D);
   p.has_bias = present(bias);
-  p.has_gate = present(S);
   p.u = u.data_ptr(); p.u_sb = u.stride(0); p.u_sl = u.stride(1);
   p.delta = delta.data_ptr(); p.dl_sb = delta.stride(0); p.dl_sl = delta.stride(1);
   p.Bm = B.data_ptr(); p.B_sb = B.stride(0); p.B_sl = B.stride(1);
   p.Cm = C.data_ptr(); p.C_sb = C.stride(0); p.C_sl = C.stride(1);
   if (present(z)) { p.z = z->data_ptr(); p.z_sb = z->stride(0); p.z_sl = z->stride(1); }
-  if (p.has_gate) {
-    p.S = S->data_ptr(); p.S_sb = S->stride(0); p.S_sl = S->stride(1);
-    p.W = W->data_ptr<float>();
-  }
   p.A = A.data_ptr<float>();
   p.Dv = p.has_D ? D->data_ptr<float>() : nullptr;
   p.bias = p.has_bias ? bias->data_ptr<float>() : nullptr;
@@ -321,13 +329,13 @@ ScanDirs one_direction(const ScanParams& p) {
 std::tuple<at::Tensor, OptTensor> scan_fwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& bias,
-    const OptTensor& S, const OptTensor& W, bool softplus, bool reverse,
-    const OptTensor& out_buf, double out_scale, bool accumulate, bool save_states) {
+    bool softplus, bool reverse, const OptTensor& out_buf, double out_scale, bool accumulate,
+    bool save_states) {
   const char* op = "memba_vision scan_fwd";
-  check_scan_inputs(op, u, delta, A, B, C, D, z, bias, S, W);
+  check_scan_inputs(op, u, delta, A, B, C, D, z, bias);
   if (present(out_buf)) check_tokens(op, "out", *out_buf, u, u.size(2), /*output=*/true);
   MEMBA_CHECK(!accumulate || present(out_buf), op, ": accumulate needs out");
-  ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
+  ScanParams p = make_params(u, delta, A, B, C, D, z, bias, softplus, reverse);
   const c10::cuda::CUDAGuard guard(u.device());
   at::Tensor out = output_like(out_buf, u);
   set_out(p, out, out_scale, accumulate);
@@ -340,16 +348,15 @@ std::tuple<at::Tensor, OptTensor> scan_fwd(
 std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
     const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
     const at::Tensor& C, const OptTensor& D, const OptTensor& z, const OptTensor& bias,
-    const OptTensor& S, const OptTensor& W, const at::Tensor& dout, const at::Tensor& states,
-    bool softplus, bool reverse, double dout_scale, const OptTensor& dz_out, bool dz_accumulate,
-    const OptTensor& dBC_out, const OptTensor& dA_out, const OptTensor& dD_out) {
+    const at::Tensor& dout, const at::Tensor& states, bool softplus, bool reverse,
+    double dout_scale, const OptTensor& dz_out, bool dz_accumulate, const OptTensor& dBC_out,
+    const OptTensor& dA_out, const OptTensor& dD_out) {
   const char* op = "memba_vision scan_bwd";
-  check_scan_inputs(op, u, delta, A, B, C, D, z, bias, S, W);
+  check_scan_inputs(op, u, delta, A, B, C, D, z, bias);
   check_tokens(op, "dout", dout, u, u.size(2));
   check_states(op, states, u, 1, /*single=*/true);
-  const bool has_z = present(z) || present(S);
   MEMBA_CHECK(!dz_accumulate || present(dz_out), op, ": dz_accumulate needs dz_out");
-  MEMBA_CHECK(!present(dz_out) || has_z, op, ": dz_out without z or a gate");
+  MEMBA_CHECK(!present(dz_out) || present(z), op, ": dz_out without z");
   if (present(dz_out)) check_tokens(op, "dz_out", *dz_out, u, u.size(2), /*output=*/true);
   if (present(dBC_out)) {  // fp32 or u's dtype
     const at::ScalarType dtypes[] = {at::kFloat, u.scalar_type()};
@@ -357,7 +364,7 @@ std::tuple<at::Tensor, at::Tensor, OptTensor, at::Tensor, at::Tensor> scan_bwd(
                  Strides::kLastAxis, /*output=*/true);
   }
   check_param_grads(op, u, 1, true, dA_out, dD_out);
-  ScanParams p = make_params(u, delta, A, B, C, D, z, bias, S, W, softplus, reverse);
+  ScanParams p = make_params(u, delta, A, B, C, D, z, bias, softplus, reverse);
   const c10::cuda::CUDAGuard guard(u.device());
   const at::Tensor dbc = bwd_scratch(u, 1);
   at::Tensor dbc_sum = present(dBC_out)
@@ -416,7 +423,7 @@ ScanParams dir_params(const at::Tensor& u, const at::Tensor& delta, const at::Te
   const OptTensor Dk = present(D) ? OptTensor(D->select(0, k)) : std::nullopt;
   const OptTensor bk = present(bias) ? OptTensor(bias->select(0, k)) : std::nullopt;
   return make_params(u, delta.select(2, k), A.select(0, k), B.select(2, k), C.select(2, k), Dk,
-                     std::nullopt, bk, std::nullopt, std::nullopt, softplus, reverse[k], rows[k]);
+                     std::nullopt, bk, softplus, reverse[k], rows[k]);
 }
 
 std::tuple<at::Tensor, OptTensor> scan_dirs_fwd(
@@ -641,6 +648,108 @@ std::tuple<at::Tensor, OptTensor, OptTensor> lim_pair_bwd(
   return {grad_x, grad_prev[0], grad_prev[1]};
 }
 
+void check_aligned16(const char* op, const char* arg, const at::Tensor& t) {
+  MEMBA_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", arg,
+              "'s address must be a multiple of 16 bytes");
+}
+
+// A (2, B, L, last) tensor of gate_z (one (B, L, last) per direction): contiguous, 16-byte
+// aligned, on ref's device in ref's dtype.
+void check_gate_pair(const char* op, const char* arg, const at::Tensor& t, const at::Tensor& ref,
+                     int64_t batch, int64_t L, int64_t last) {
+  check_tensor(op, arg, t, ref.device(), ref.scalar_type(), {2, batch, L, last},
+               Strides::kContiguous);
+  check_aligned16(op, arg, t);
+}
+
+// GateZParams for rows of (B, L, D) tensors and the weight W (D, 16) read as w[d * w_sd + r *
+// w_sr]. Call only after the checks.
+GateZParams make_gate_z(const at::Tensor& v, const at::Tensor& w, int64_t dim, bool transposed) {
+  GateZParams p{};
+  p.rows = v.size(1) * v.size(2);
+  p.dim = static_cast<int>(dim);
+  p.v[0] = v.select(0, 0).data_ptr();
+  p.v[1] = v.select(0, 1).data_ptr();
+  p.w = w.data_ptr<float>();
+  p.w_sd = transposed ? 1 : kGateRank;
+  p.w_sr = transposed ? dim : 1;
+  return p;
+}
+
+void check_gate_dim(const char* op, int64_t dim) {
+  MEMBA_CHECK(dim % 4 == 0 && dim >= 4 && dim < (1 << 24), op,
+              ": the channel count must be a positive multiple of 4, got ", dim);
+}
+
+at::Tensor gate_z_fwd(const at::Tensor& S, const at::Tensor& W, const OptTensor& z) {
+  const char* op = "memba_vision gate_z_fwd";
+  MEMBA_CHECK(S.defined() && S.is_cuda(), op, ": S must be a CUDA tensor, got ",
+              S.defined() ? S.device().str() : std::string("an undefined tensor"));
+  check_tensor(op, "S", S, S.device(), kKernelDtypes, {2, kAny, kAny, kGateRank},
+               Strides::kContiguous);
+  MEMBA_CHECK(S.size(1) >= 1 && S.size(2) >= 1, op, ": S must not be empty, got ",
+              shape_text(S.sizes()));
+  check_aligned16(op, "S", S);
+  check_tensor(op, "W", W, S.device(), at::kFloat, {kAny, kGateRank}, Strides::kContiguous);
+  check_aligned16(op, "W", W);
+  const int64_t dim = W.size(0);
+  check_gate_dim(op, dim);
+  if (present(z)) {
+    check_tensor(op, "z", *z, S.device(), S.scalar_type(), {S.size(1), S.size(2), dim},
+                 Strides::kLastAxis);
+    check_quad_rows(op, "z", *z);
+  }
+  GateZParams p = make_gate_z(S, W, dim, /*transposed=*/false);
+  const c10::cuda::CUDAGuard guard(S.device());
+  at::Tensor out = at::empty({2, S.size(1), S.size(2), dim}, S.options());
+  if (present(z)) {
+    p.nbase = 1;
+    p.base[0] = z->data_ptr();
+    p.base_sr[0] = z->stride(1);
+  }
+  for (int k = 0; k < 2; ++k) {
+    p.out[k] = out.select(0, k).data_ptr();
+    p.out_sr[k] = dim;
+  }
+  check_cuda(gate_z(p, dtype_of(S), at::cuda::getCurrentCUDAStream()), "gate_z_fwd");
+  return out;
+}
+
+at::Tensor gate_z_bwd(const OptTensor& dz, const at::Tensor& dv, const at::Tensor& W_in,
+                      const at::Tensor& out) {
+  const char* op = "memba_vision gate_z_bwd";
+  MEMBA_CHECK(out.defined() && out.is_cuda(), op, ": out must be a CUDA tensor, got ",
+              out.defined() ? out.device().str() : std::string("an undefined tensor"));
+  check_tensor(op, "out", out, out.device(), kKernelDtypes, {kAny, kAny, kAny}, Strides::kLastAxis,
+               /*output=*/true);
+  MEMBA_CHECK(out.size(0) >= 1 && out.size(1) >= 1, op, ": out must not be empty, got ",
+              shape_text(out.sizes()));
+  const int64_t batch = out.size(0), L = out.size(1), dim = out.size(2);
+  check_gate_dim(op, dim);
+  check_quad_rows(op, "out", out);
+  check_gate_pair(op, "dv", dv, out, batch, L, kGateRank);
+  if (present(dz)) check_gate_pair(op, "dz", *dz, out, batch, L, dim);
+  check_tensor(op, "W_in", W_in, out.device(), at::kFloat, {kGateRank, dim},
+               Strides::kContiguous);
+  check_aligned16(op, "W_in", W_in);
+  GateZParams p = make_gate_z(dv, W_in, dim, /*transposed=*/true);
+  const c10::cuda::CUDAGuard guard(out.device());
+  at::Tensor v_sum = at::empty({batch, L, kGateRank}, dv.options());
+  if (present(dz)) {
+    p.nbase = 2;
+    for (int k = 0; k < 2; ++k) {
+      p.base[k] = dz->select(0, k).data_ptr();
+      p.base_sr[k] = dim;
+    }
+  }
+  p.sum_v = true;
+  p.out[0] = out.data_ptr();
+  p.out_sr[0] = out.stride(1);
+  p.v_sum = v_sum.data_ptr();
+  check_cuda(gate_z(p, dtype_of(out), at::cuda::getCurrentCUDAStream()), "gate_z_bwd");
+  return v_sum;
+}
+
 // dwconv inputs: x (B, H, W, D) of a kernel dtype, channel axis contiguous, D, the pixel
 // strides and the address multiples of 4 elements; weight (D, 1, 3, 3), bias (D,) fp32.
 void check_dwconv_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
@@ -779,12 +888,7 @@ void check_norm_gate_inputs(const char* op, const at::Tensor& y, const at::Tenso
   const int64_t D = z.size(2);
   MEMBA_CHECK(D % 4 == 0 && D <= kNormGateMaxDim, op, ": the channel count must be a multiple "
               "of 4 and at most ", kNormGateMaxDim, ", got ", D);
-  MEMBA_CHECK(z.size(0) == 1 || z.stride(0) == z.size(1) * z.stride(1), op,
-              ": z's token rows must be equally spaced, got strides ", shape_text(z.strides()));
-  MEMBA_CHECK(z.stride(1) % 4 == 0 &&
-                  reinterpret_cast<uintptr_t>(z.data_ptr()) % (4 * z.element_size()) == 0,
-              op, ": z's rows must start at multiples of 4 elements, got strides ",
-              shape_text(z.strides()));
+  check_quad_rows(op, "z", z);
   check_tensor(op, "y", y, z.device(), at::kFloat, {z.size(0), z.size(1), D},
                Strides::kContiguous);
   check_param(op, "weight", weight, z, {D});
@@ -870,12 +974,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("scan_fwd", &memba_scan::scan_fwd, "selective scan forward", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
-        py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("softplus"),
+        py::arg("delta_bias"), py::arg("softplus"),
         py::arg("reverse"), py::arg("out") = py::none(), py::arg("out_scale") = 1.0,
         py::arg("accumulate") = false, py::arg("save_states") = false);
   m.def("scan_bwd", &memba_scan::scan_bwd, "selective scan backward", py::arg("u"),
         py::arg("delta"), py::arg("A"), py::arg("B"), py::arg("C"), py::arg("D"), py::arg("z"),
-        py::arg("delta_bias"), py::arg("S"), py::arg("W"), py::arg("dout"), py::arg("states"),
+        py::arg("delta_bias"), py::arg("dout"), py::arg("states"),
         py::arg("softplus"), py::arg("reverse"), py::arg("dout_scale") = 1.0,
         py::arg("dz_out") = py::none(), py::arg("dz_accumulate") = false,
         py::arg("dBC_out") = py::none(), py::arg("dA_out") = py::none(),
@@ -895,6 +999,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_bwd", &memba_scan::conv_bwd, "depthwise causal conv + SiLU backward (input grad)",
         py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("grad_y"), py::arg("reverse"),
         py::arg("silu"), py::arg("out") = py::none(), py::arg("accumulate") = false);
+  m.def("gate_z_fwd", &memba_scan::gate_z_fwd, "Memba's z' = z + S_k W^T of both directions",
+        py::arg("S"), py::arg("W"), py::arg("z") = py::none());
+  m.def("gate_z_bwd", &memba_scan::gate_z_bwd,
+        "Memba's dz = dz'_0 + dz'_1 + (dv_0 + dv_1) W_in into out; returns dv_0 + dv_1",
+        py::arg("dz"), py::arg("dv"), py::arg("W_in"), py::arg("out"));
   m.def("lim_pair_fwd", &memba_scan::lim_pair_fwd, "LIM of both scan directions, forward");
   m.def("lim_pair_bwd", &memba_scan::lim_pair_bwd, "LIM of both scan directions, backward");
   m.def("dwconv_fwd", &memba_scan::dwconv_fwd, "depthwise 3x3 conv + bias + SiLU forward",

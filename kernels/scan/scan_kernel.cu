@@ -4,7 +4,7 @@
 // grid walked by columns, step t visits token (t % rows) * cols + t / rows):
 //   dt[s] = softplus(delta[s] + bias[d])
 //   h[s]  = exp(dt[s] A[d,n]) h[s-1] + dt[s] B[s,n] u[s]
-//   y[s]  = (sum_n C[s,n] h[s,n] + D[d] u[s]) * silu(z'[s]),  z' = z + sum_r S[s,r] W[d,r]
+//   y[s]  = (sum_n C[s,n] h[s,n] + D[d] u[s]) * silu(z[s])
 //
 // Layout: a block owns 64 channels of one batch item in one direction (blockIdx.z: up to
 // four scans of the same shape share a launch); 4 threads share a channel,
@@ -48,7 +48,6 @@ constexpr int kPair = 2;                      // chunks per state stored by the 
 constexpr int kStateEvery = kPair * kK;       // steps between stored states
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr unsigned kFull = 0xffffffffu;
-static_assert(kGateRank == kStates, "B, C and S are staged together");
 static_assert(kThreads == kK * kCh / 2 && 3 * kK * kStates / 2 <= kThreads,
               "a chunk's inputs are copied in pairs, one per thread and tensor");
 
@@ -83,7 +82,7 @@ __device__ __forceinline__ int64_t state_offset(const ScanParams& p, int b, int 
 // Shared-memory staging of one chunk (steps k0 .. k0+nk-1 in scan order).
 struct Stage {
   float u[kK][kCh], dt[kK][kCh], z[kK][kCh];
-  float B[kK][kStates], C[kK][kStates], S[kK][kGateRank];
+  float B[kK][kStates], C[kK][kStates];
 };
 
 // Two consecutive elements (channels d, d+1 or states n, n+1), copied as one access.
@@ -131,14 +130,14 @@ __device__ __forceinline__ void copy2(Two<T>& dst, const void* base, int64_t off
   }
 }
 
-// Which inputs a kernel reads: z and S (the output gate), C, dout.
+// Which inputs a kernel reads: z (the output gate), C, dout.
 struct Needs {
   bool z, C, dout;
 };
 
 // One chunk's inputs as copied from global memory, in each thread's own slots: a token-channel
 // pair (step k = tid / 32, channels 2 (tid % 32) + 0..1) of u, delta, z and dout, and a
-// step-state pair of B (threads 0-63), C (64-127) or S (128-191). The copies of chunk c+1
+// step-state pair of B (threads 0-63) or C (64-127). The copies of chunk c+1
 // (the previous pair backwards) are in flight while the block scans chunk c, and every
 // thread reads back only what it copied itself, so only ``cp_async_wait_all`` separates a
 // copy from its use.
@@ -148,15 +147,14 @@ struct RawChunk {
 
   // Per tensor: whether pairs can be copied in one access.
   struct Aligned {
-    bool u, dt, z, dout, B, C, S;
+    bool u, dt, z, dout, B, C;
     __device__ explicit Aligned(const ScanParams& p)
         : u(pairs_aligned<T>(p.u, p.u_sb, p.u_sl)),
           dt(pairs_aligned<T>(p.delta, p.dl_sb, p.dl_sl)),
           z(pairs_aligned<T>(p.z, p.z_sb, p.z_sl)),
           dout(pairs_aligned<T>(p.dout, p.do_sb, p.do_sl)),
           B(pairs_aligned<T>(p.Bm, p.B_sb, p.B_sl)),
-          C(pairs_aligned<T>(p.Cm, p.C_sb, p.C_sl)),
-          S(pairs_aligned<T>(p.S, p.S_sb, p.S_sl)) {}
+          C(pairs_aligned<T>(p.Cm, p.C_sb, p.C_sl)) {}
   };
 
   // Starts the copies of the chunk of steps k0 .. k0+nk-1 (and commits them).
@@ -169,10 +167,10 @@ struct RawChunk {
       const int t = n > 0 ? time_of(p, k0 + k) : 0;
       copy2<T>(u[tid], p.u, b * p.u_sb + t * p.u_sl + d, n, al.u);
       copy2<T>(dt[tid], p.delta, b * p.dl_sb + t * p.dl_sl + d, n, al.dt);
-      if (need.z) copy2<T>(z[tid], p.z, b * p.z_sb + t * p.z_sl + d, p.z ? n : 0, al.z);
+      if (need.z && p.has_z) copy2<T>(z[tid], p.z, b * p.z_sb + t * p.z_sl + d, n, al.z);
       if (need.dout) copy2<T>(dout[tid], p.dout, b * p.do_sb + t * p.do_sl + d, n, al.dout);
     }
-    // warp-uniform: warps 0-1 copy B, 2-3 C, 4-5 S, 6-7 nothing
+    // warp-uniform: warps 0-1 copy B, 2-3 C, 4-7 nothing
     const int which = tid / (kK * kStates / 2), i = tid % (kK * kStates / 2);
     const int k = i / (kStates / 2), q = 2 * (i % (kStates / 2));
     const int n = k < nk ? 2 : 0, t = n > 0 ? time_of(p, k0 + k) : 0;
@@ -180,8 +178,6 @@ struct RawChunk {
       copy2<T>(bcs[tid], p.Bm, b * p.B_sb + t * p.B_sl + q, n, al.B);
     } else if (which == 1 && need.C) {
       copy2<T>(bcs[tid], p.Cm, b * p.C_sb + t * p.C_sl + q, n, al.C);
-    } else if (which == 2 && need.z) {
-      copy2<T>(bcs[tid], p.S, b * p.S_sb + t * p.S_sl + q, p.has_gate ? n : 0, al.S);
     }
     cp_async_commit();
   }
@@ -210,7 +206,7 @@ struct RawChunk {
       }
       *reinterpret_cast<float2*>(&st.u[k][c]) = make_float2(to_f<T>(ur.a), to_f<T>(ur.b));
       *reinterpret_cast<float2*>(&st.dt[k][c]) = make_float2(dv[0], dv[1]);
-      if (need.z) {
+      if (need.z && p.has_z) {
         const Two<T> zr = z[tid];
         *reinterpret_cast<float2*>(&st.z[k][c]) = make_float2(to_f<T>(zr.a), to_f<T>(zr.b));
       }
@@ -226,45 +222,14 @@ struct RawChunk {
     }
     const int which = tid / (kK * kStates / 2), i = tid % (kK * kStates / 2);
     const int k = i / (kStates / 2), q = 2 * (i % (kStates / 2));
-    if (which < 3) {
+    if (which < 2) {
       const Two<T> r = bcs[tid];
       const float2 v = make_float2(to_f<T>(r.a), to_f<T>(r.b));
       if (which == 0) *reinterpret_cast<float2*>(&st.B[k][q]) = v;
-      else if (which == 1 && need.C) *reinterpret_cast<float2*>(&st.C[k][q]) = v;
-      else if (which == 2 && need.z) *reinterpret_cast<float2*>(&st.S[k][q]) = v;
+      else if (need.C) *reinterpret_cast<float2*>(&st.C[k][q]) = v;
     }
   }
 };
-
-// Memba's gate folded into a staged chunk: z'[k] = z[k] + sum_r S[k, r] W[d, r] for the
-// thread's channel, written over st.z before the steps read it. Each of a channel's 4 lanes
-// sums its 4 of the 16 ranks for all 8 steps; 3 shuffles per level halve the values per lane
-// twice (as the backward's dB | dC sums do), so lane sg ends with the sums of steps
-// 4 (sg & 1) + 2 (sg >> 1) and the one after, and adds them to st.z. A channel's lanes are
-// one warp: __syncwarp() after this orders the writes before the steps' reads.
-__device__ __forceinline__ void fold_gate(Stage& st, const float (&W4)[kSPT], int cl, int sg) {
-  float v[kK];
-#pragma unroll
-  for (int k = 0; k < kK; ++k) {
-    const float4 Sv = *reinterpret_cast<const float4*>(&st.S[k][sg * kSPT]);
-    v[k] = Sv.x * W4[0] + Sv.y * W4[1] + Sv.z * W4[2] + Sv.w * W4[3];
-  }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const bool up = sg & 1;
-    const float send = up ? v[i] : v[i + 4], keep = up ? v[i + 4] : v[i];
-    v[i] = keep + __shfl_xor_sync(kFull, send, 1);
-  }
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const bool up = sg & 2;
-    const float send = up ? v[i] : v[i + 2], keep = up ? v[i + 2] : v[i];
-    v[i] = keep + __shfl_xor_sync(kFull, send, 2);
-  }
-  const int k0 = 4 * (sg & 1) + 2 * (sg >> 1);
-  st.z[k0][cl] += v[0];
-  st.z[k0 + 1][cl] += v[1];
-}
 
 // Writes a (kK, kCh) shared tile to a (B, L, D) tensor with strides (o_sb, o_sl, 1):
 // o = scale * tile, or o += scale * tile when ``accum``.
@@ -292,11 +257,10 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
   const int tid = threadIdx.x, cl = tid / kLanesPerCh, sg = tid % kLanesPerCh;
   const int b = blockIdx.y, d0 = blockIdx.x * kCh, d = d0 + cl;
   const bool dvalid = d < p.dim;
-  float A2[kSPT], W4[kSPT], h[kSPT];
+  float A2[kSPT], h[kSPT];
 #pragma unroll
   for (int j = 0; j < kSPT; ++j) {
     A2[j] = dvalid ? p.A[d * kStates + sg * kSPT + j] * kLog2e : 0.f;
-    W4[j] = (p.has_gate && dvalid) ? p.W[d * kGateRank + sg * kSPT + j] : 0.f;
     h[j] = 0.f;
   }
   const float Dd = (p.has_D && dvalid) ? p.Dv[d] : 0.f;
@@ -313,10 +277,6 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
     __syncthreads();
     if (c + 1 < p.nchunks) {
       raw.copy(p, need, b, d0, k0 + kK, min(kK, p.seqlen - k0 - kK));
-    }
-    if (p.has_gate) {
-      fold_gate(st, W4, cl, sg);
-      __syncwarp();
     }
     if (p.states != nullptr && dvalid && c % kPair == 0) {
       *reinterpret_cast<float4*>(p.states + state_offset(p, b, c / kPair, d, sg)) =
@@ -336,7 +296,7 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
       const float y = sum4lanes(Cv.x * h[0] + Cv.y * h[1] + Cv.z * h[2] + Cv.w * h[3]);
       float o = y + Dd * u;
       if (p.has_z) {
-        const float zz = st.z[k][cl];  // z' (fold_gate)
+        const float zz = st.z[k][cl];
         o *= zz * sigmoid(zz);
       }
       if (sg == 0) s_y[k][cl] = o;
@@ -373,11 +333,10 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
   const int lane = tid % 32, warp = tid / 32;
   const int b = blockIdx.y, d0 = blockIdx.x * kCh, d = d0 + cl;
   const bool dvalid = d < p.dim;
-  float A2[kSPT], W4[kSPT], g[kSPT], dA[kSPT], dD = 0.f;
+  float A2[kSPT], g[kSPT], dA[kSPT], dD = 0.f;
 #pragma unroll
   for (int j = 0; j < kSPT; ++j) {
     A2[j] = dvalid ? p.A[d * kStates + sg * kSPT + j] * kLog2e : 0.f;
-    W4[j] = (p.has_gate && dvalid) ? p.W[d * kGateRank + sg * kSPT + j] : 0.f;
     g[j] = 0.f;  // exp(dt[s+1] A) dh[s+1], carried backwards
     dA[j] = 0.f;
   }
@@ -402,7 +361,7 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
                             const float (*s_dsp)[kCh], float (&h)[kSPT], int c) {
     const int k0 = c * kK, nk = min(kK, p.seqlen - k0);
     float hist[kK][kSPT];
-    // 1. recompute the chunk's states from its start state; dy and dz' per step
+    // 1. recompute the chunk's states from its start state; dy and dz per step
     // As in the forward kernel, padded steps (k >= nk) are harmless: dt = 0 and
     // dout = 0 there, and in the adjoint below they come first, while g is still 0.
 #pragma unroll
@@ -420,7 +379,7 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
       const float go = s_do[k][cl];
       float dy = go;
       if (p.has_z) {
-        const float zz = st.z[k][cl], sz = sigmoid(zz);  // z' (fold_gate)
+        const float zz = st.z[k][cl], sz = sigmoid(zz);
         const float o = y + Dd * u;
         dy = go * zz * sz;
         if (sg == 0) sh.s_dz[k][cl] = go * o * sz * (1.f + zz * (1.f - sz));
@@ -514,10 +473,6 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
     const float4 h0 = dvalid ? sh.h0[tid] : make_float4(0.f, 0.f, 0.f, 0.f);
     __syncthreads();
     if (q > 0) copy_pair(q - 1);
-    if (p.has_gate) {
-      for (int i = 0; i < n; ++i) fold_gate(sh.st[i], W4, cl, sg);
-      __syncwarp();
-    }
 #pragma unroll 1
     for (int i = n - 1; i >= 0; --i) {
       float h[kSPT] = {h0.x, h0.y, h0.z, h0.w};

@@ -17,26 +17,24 @@
 namespace memba_scan {
 
 constexpr int kStates = 16;    // d_state (N); other sizes take the fallback path
-constexpr int kGateRank = 16;  // rank of the fused gate correction (Memba's LIM width)
+constexpr int kGateRank = 16;  // rank of Memba's gate correction (the LIM width)
 
 enum class DType { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // One direction of the scan. Token-major tensors are addressed as
-// ptr[b * s_b + t * s_l + d] (channel stride 1); B, C and the gate spikes S as
-// ptr[b * s_b + t * s_l + n] (state stride 1).
+// ptr[b * s_b + t * s_l + d] (channel stride 1); B and C as ptr[b * s_b + t * s_l + n]
+// (state stride 1).
 struct ScanParams {
   int batch, seqlen, dim, nchunks;
   // rows > 0: the L = rows x cols tokens are a row-major grid walked column by column
   // (VMamba's column-major scan): scan step t visits token (t % rows) * cols + t / rows
   int rows;
-  bool reverse, softplus, has_z, has_D, has_bias, has_gate;  // has_z: gate y with silu(z')
-  const void *u, *delta, *z /* null: z = 0 */, *Bm, *Cm, *S, *dout;
-  int64_t u_sb, u_sl, dl_sb, dl_sl, z_sb, z_sl, B_sb, B_sl, C_sb, C_sl, S_sb, S_sl,
-      do_sb, do_sl;
+  bool reverse, softplus, has_z, has_D, has_bias;  // has_z: gate y with silu(z)
+  const void *u, *delta, *z, *Bm, *Cm, *dout;
+  int64_t u_sb, u_sl, dl_sb, dl_sl, z_sb, z_sl, B_sb, B_sl, C_sb, C_sl, do_sb, do_sl;
   const float *A;     // (D, N)
   const float *Dv;    // (D,) or null
   const float *bias;  // (D,) or null
-  const float *W;     // (D, kGateRank) gate up-projection, or null
   void *out;          // (B, L, D) with strides out_sb, out_sl: out (+)= out_scale * y
   int64_t out_sb, out_sl;
   bool out_f32;       // out is fp32 whatever u's dtype (sums of several scans stay fp32)
@@ -123,6 +121,32 @@ constexpr int kLimPairMaxChunks = 64;
 
 cudaError_t lim_pair_forward(const LimPairParams& p, DType dtype, cudaStream_t stream);
 cudaError_t lim_pair_backward(const LimPairParams& p, DType dtype, cudaStream_t stream);
+
+// Memba's gate branch on Vim (gate_kernel.cu), over rows = B * L tokens of D channels:
+//   sum_v false (forward):  out[k] = sum_i base[i] + v[k] W^T,      k = 0, 1
+//                           (z'_k = z + S_k W_out^T, the two scan directions' gates)
+//   sum_v true (backward):  out[0] = sum_i base[i] + (v[0] + v[1]) W^T
+//                           (dz = dz'_0 + dz'_1 + (dv_0 + dv_1) W_in), and v_sum = v[0] + v[1]
+// base (0 to 2 of them) and out (rows, D) in the storage dtype with row strides base_sr / out_sr
+// (multiples of 4, 4-element aligned); v and v_sum (rows, kGateRank) contiguous, 16-byte
+// aligned; W[d, r] = w[d * w_sd + r * w_sr] fp32, either W (D, 16) (w_sr = 1) or W_in (16, D)
+// (w_sd = 1), contiguous and 16-byte aligned. D is a multiple of 4. Sums in fp32.
+struct GateZParams {
+  int64_t rows;
+  int dim;
+  int nbase;
+  const void* base[2];
+  int64_t base_sr[2];
+  const void* v[2];
+  const float* w;
+  int64_t w_sd, w_sr;
+  bool sum_v;
+  void* out[2];
+  int64_t out_sr[2];
+  void* v_sum;  // or null
+};
+
+cudaError_t gate_z(const GateZParams& p, DType dtype, cudaStream_t stream);
 
 // VMamba's output gate, out = LayerNorm(y) * silu(z) over the D channels of each token row,
 // in one pass (norm_gate_kernel.cu). y (rows, D) fp32 contiguous (the merged cross scan);

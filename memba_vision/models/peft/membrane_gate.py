@@ -67,7 +67,7 @@ class MembraneGate(nn.Module):
         z (B, L, C) -> (one (spikes (B, L, R), W_out (C, R)) pair per direction,
         the spikes in input token order, so that the correction is
         spikes @ W_out^T; the new membrane). A mixer can hand the pair to
-        ``ops.selective_scan_tokens(gate=...)``, which applies it inside the scan.
+        ``ops.selective_scan_tokens(gate=...)``, which adds it to z before the scan.
         """
         if membrane is None or not self.transfer:
             membrane = (None,) * self.directions

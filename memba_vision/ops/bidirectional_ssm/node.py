@@ -11,8 +11,11 @@ For the in_proj output xz = [x | z] (B, L, 2D) of one Vim layer::
 
 with the Memba gate z'_d = z + S_d W_out^T, S = LIM_pair(z W_in^T, u_prev): each
 direction's LIM runs over that direction's token order and its spikes S_d
-(B, L, R) come back in input order (see ``LimPairParams`` in kernels/scan). The
-gate is optional (LoRA), and with ``residual=False`` z'_d = S_d W_out^T.
+(B, L, R) come back in input order (see ``LimPairParams`` in kernels/scan). Both
+directions' z' come from one kernel (``gate_z_fwd``), which the backward runs again
+rather than keep them, and whose twin ``gate_z_bwd`` writes z's gradient
+dz'_0 + dz'_1 + dv W_in into dxz. The gate is optional (LoRA), and with
+``residual=False`` z'_d = S_d W_out^T.
 
 The trainable inputs are xz, W_in, W_out and the previous layer's membranes, and
 (full fine-tuning, partial tuning, LoRA on x_proj or dt_proj) any SSM parameter: A's
@@ -44,7 +47,7 @@ __all__ = ['SSMDirection', 'MembaGateParams', 'bidirectional_ssm', 'bidirectiona
            'GATE_RANK', 'CONV_WIDTH', 'LIM_PAIR_MAX_CHUNKS']
 
 D_STATE = 16     # the kernels' state size (N)
-GATE_RANK = 16   # rank of the fused gate correction
+GATE_RANK = 16   # rank of the gate correction the kernels take
 LIM_PAIR_MAX_CHUNKS = 64  # the LIM pair keeps a walk's reset decisions in 64 bits
 CONV_WIDTH = 4   # conv kernel width
 
@@ -163,14 +166,13 @@ class _BidirectionalSSM(torch.autograd.Function):
         D = D2 // 2
         dt = xz.dtype
         x, z = xz[..., :D], xz[..., D:]
-        S = u_mean = w_in_lp = v = side = None
+        S = u_mean = v = side = None
+        z_dirs = (z, z)  # the gate each direction's scan reads: z, or Memba's z'_d
         if gate is not None:
-            w_in_lp = w_in.to(dt)
-            v = torch.matmul(z, w_in_lp.t())                                # (B, L, R)
+            v = torch.matmul(z, w_in.to(dt).t())                            # (B, L, R)
             with _SideStream(xz) as side:
                 S, u_mean = kernels.lim_pair_fwd(v, u_prev_f, u_prev_b, gate.num_chunks,
                                                  gate.leak, gate.threshold)  # (2, B, L, R)
-        z_scan = z if gate is None or gate.residual else None
         y = torch.empty(Bsz, L, D, dtype=dt, device=xz.device)
         saved = []
         for d, p in enumerate(dirs):
@@ -182,16 +184,17 @@ class _BidirectionalSSM(torch.autograd.Function):
             Bm, Cm = xdbl[..., rank:].chunk(2, dim=-1)
             if d == 0 and side is not None:
                 side.join()
+                z_dirs = _gate_z(kernels, z, S, w_out, gate)                 # (2, B, L, D)
             states = []  # per group of 16 states, for the backward
             for i, (A, Bp, Cp, _) in enumerate(_state_groups(p.A, Bm, Cm)):
                 # the gate multiplies the sum over states: it applies to each group's part
                 states.append(kernels.scan_fwd(
-                    u, delta, A, Bp, Cp, p.D if i == 0 else None, z_scan, p.dt_bias,
-                    None if S is None else S[d], w_out, True, bool(d), out=y, out_scale=0.5,
-                    accumulate=bool(d) or i > 0, save_states=save_states)[1])
+                    u, delta, A, Bp, Cp, p.D if i == 0 else None, z_dirs[d], p.dt_bias,
+                    True, bool(d), out=y, out_scale=0.5, accumulate=bool(d) or i > 0,
+                    save_states=save_states)[1])
             saved += [u, xdbl, delta, wx, wdt, *states]
         ctx.per_dir = len(saved) // 2
-        ctx.save_for_backward(xz, w_in_lp, w_out, v, S, u_prev_f, u_prev_b, *saved)
+        ctx.save_for_backward(xz, w_in, w_out, v, S, u_prev_f, u_prev_b, *saved)
         ctx.dirs, ctx.gate, ctx.kernels = dirs, gate, kernels
         ctx.param_needs = ctx.needs_input_grad[_PARAMS_AT:]
         if gate is None:
@@ -205,7 +208,7 @@ class _BidirectionalSSM(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy, du_mean_f, du_mean_b):
-        xz, w_in_lp, w_out, v, S, u_prev_f, u_prev_b, *saved = ctx.saved_tensors
+        xz, w_in, w_out, v, S, u_prev_f, u_prev_b, *saved = ctx.saved_tensors
         dirs, gate, kernels = ctx.dirs, ctx.gate, ctx.kernels
         Bsz, L, D2 = xz.shape
         D = D2 // 2
@@ -213,7 +216,7 @@ class _BidirectionalSSM(torch.autograd.Function):
         dy = xz.new_zeros(Bsz, L, D) if dy is None else dy.to(xz.dtype).contiguous()
         dxz = torch.empty_like(xz)
         dx, dz = dxz[..., :D], dxz[..., D:]
-        z_scan = z if gate is None or gate.residual else None
+        z_dirs = (z, z) if gate is None else _gate_z(kernels, z, S, w_out, gate)
         # LoRA: both directions' dz accumulate straight into dxz. Memba: each
         # direction keeps its dz', which the gate's products need.
         dz_dirs = None if gate is None else xz.new_empty(2, Bsz, L, D)
@@ -230,13 +233,12 @@ class _BidirectionalSSM(torch.autograd.Function):
                             dz_accumulate=dz_dirs is None and d == 1)
             if p.A.shape[1] == D_STATE:  # dB | dC straight into their slice of dxdbl
                 du, ddelta, _, _, _ = kernels.scan_bwd(
-                    u, delta, p.A, Bm, Cm, p.D, z_scan, p.dt_bias,
-                    None if S is None else S[d], w_out, dy, states[0], True, bool(d),
-                    **scan_bwd, dBC_out=dxdbl[..., rank:], dA_out=dA, dD_out=dD)
+                    u, delta, p.A, Bm, Cm, p.D, z_dirs[d], p.dt_bias, dy, states[0], True,
+                    bool(d), **scan_bwd, dBC_out=dxdbl[..., rank:], dA_out=dA, dD_out=dD)
             else:
-                du, ddelta = _grouped_scan_bwd(kernels, p, u, delta, Bm, Cm, z_scan,
-                                               None if S is None else S[d], w_out, dy, states,
-                                               bool(d), dxdbl[..., rank:], dA, dD, scan_bwd)
+                du, ddelta = _grouped_scan_bwd(kernels, p, u, delta, Bm, Cm, z_dirs[d], dy,
+                                               states, bool(d), dxdbl[..., rank:], dA, dD,
+                                               scan_bwd)
             torch.mm(ddelta.view(-1, D), wdt, out=dxdbl.view(-1, dxdbl.shape[-1])[:, :rank])
             grads = _param_grads(p, needs, u, xdbl, ddelta, dxdbl, dA, dD)
             du.view(-1, D).addmm_(dxdbl.view(-1, dxdbl.shape[-1]), wx)     # du += dxdbl @ Wx
@@ -254,15 +256,17 @@ class _BidirectionalSSM(torch.autograd.Function):
         dv_dirs, du_prev_f, du_prev_b = kernels.lim_pair_bwd(
             v, u_prev_f, u_prev_b, dS, du_mean_f, du_mean_b,
             gate.num_chunks, gate.leak, gate.threshold)
-        dv = dv_dirs.sum(0).view(-1, R)                                    # (BL, R)
-        dz2 = dz.view(-1, D)                                               # (BL, D), stride 2D
-        if gate.residual:
-            torch.add(dz_dirs[0], dz_dirs[1], out=dz)
-            dz2.addmm_(dv, w_in_lp)                                        # dz += dv @ W_in
-        else:
-            torch.mm(dv, w_in_lp, out=dz2)
-        dw_in = mm_f32(dv.t(), z.reshape(-1, D)) if ctx.needs_input_grad[1] else None
+        # dz = dz'_0 + dz'_1 + dv W_in (without the residual, z reaches z' only through v)
+        dv = kernels.gate_z_bwd(dz_dirs if gate.residual else None, dv_dirs, w_in, dz)
+        dw_in = (mm_f32(dv.view(-1, R).t(), z.reshape(-1, D)) if ctx.needs_input_grad[1]
+                 else None)
         return (dxz, dw_in, dw_out, du_prev_f, du_prev_b, None, None, None, *dparams)
+
+
+def _gate_z(kernels, z: Tensor, S: Tensor, w_out: Tensor, gate: MembaGateParams) -> Tensor:
+    """Both directions' gates z'_d = z + S_d W_out^T (S_d W_out^T without the residual),
+    (2, B, L, D) in z's dtype."""
+    return kernels.gate_z_fwd(S, w_out, z if gate.residual else None)
 
 
 def _state_groups(A: Tensor, Bm: Tensor, Cm: Tensor):
@@ -284,7 +288,7 @@ def _state_groups(A: Tensor, Bm: Tensor, Cm: Tensor):
     return groups
 
 
-def _grouped_scan_bwd(kernels, p: SSMDirection, u, delta, Bm, Cm, z, S, w_out, dy, states,
+def _grouped_scan_bwd(kernels, p: SSMDirection, u, delta, Bm, Cm, z, dy, states,
                       reverse: bool, dBC: Tensor, dA, dD, scan_bwd: dict):
     """scan_bwd of a scan with N != 16 states, group by group (``_state_groups``; ``states``:
     the forward's, one per group): du and ddelta summed in fp32 (fp64 for fp64), dB | dC into
@@ -295,7 +299,7 @@ def _grouped_scan_bwd(kernels, p: SSMDirection, u, delta, Bm, Cm, z, S, w_out, d
     for i, (A, Bp, Cp, n) in enumerate(_state_groups(p.A, Bm, Cm)):
         dA_g = torch.empty_like(A) if dA is not None else None
         gdu, gdd, _, dB, dC = kernels.scan_bwd(
-            u, delta, A, Bp, Cp, p.D if i == 0 else None, z, p.dt_bias, S, w_out, dy,
+            u, delta, A, Bp, Cp, p.D if i == 0 else None, z, p.dt_bias, dy,
             states[i], True, reverse,
             **dict(scan_bwd, dz_accumulate=scan_bwd['dz_accumulate'] or i > 0),
             dA_out=dA_g, dD_out=dD if i == 0 else None)
@@ -365,6 +369,8 @@ def bidirectional_ssm_reason(xz: Tensor, dirs: Tuple[SSMDirection, ...],
             return f'gate rank {w_out.shape[1]} != {GATE_RANK}'
         if not 1 <= gate.num_chunks <= LIM_PAIR_MAX_CHUNKS:
             return f'gate num_chunks {gate.num_chunks} > {LIM_PAIR_MAX_CHUNKS}'
+        if xz.shape[-1] % 8 or not xz.is_contiguous():  # gate_z reads z a channel quad at a time
+            return f'gate on {xz.shape[-1] // 2} channels (not a multiple of 4) or a strided xz'
     return ''
 
 
@@ -392,8 +398,8 @@ def bidirectional_ssm(xz: Tensor, dirs: Tuple[SSMDirection, SSMDirection],
                             dt_bias=wide(p.dt_bias), A=wide(p.A), D=wide(p.D)) for p in dirs)
     w_in, w_out = gate_weights if gate is not None else (None, None)
     u_prev_f, u_prev_b = membrane if membrane is not None else (None, None)
-    if w_out is not None:
-        w_out = wide(w_out)
+    if gate is not None:
+        w_in, w_out = wide(w_in), wide(w_out)
     save_states = grad_wanted(xz, w_in, w_out, u_prev_f, u_prev_b, *dirs[0], *dirs[1])
     y, m_f, m_b = _BidirectionalSSM.apply(xz, w_in, w_out, u_prev_f, u_prev_b, gate, kernels,
                                           save_states, *dirs[0], *dirs[1])

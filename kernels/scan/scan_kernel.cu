@@ -130,11 +130,6 @@ __device__ __forceinline__ void copy2(Two<T>& dst, const void* base, int64_t off
   }
 }
 
-// Which inputs a kernel reads: z (the output gate), C, dout.
-struct Needs {
-  bool z, C, dout;
-};
-
 // One chunk's inputs as copied from global memory, in each thread's own slots: a token-channel
 // pair (step k = tid / 32, channels 2 (tid % 32) + 0..1) of u, delta, z and dout, and a
 // step-state pair of B (threads 0-63) or C (64-127). The copies of chunk c+1
@@ -158,7 +153,7 @@ struct RawChunk {
   };
 
   // Starts the copies of the chunk of steps k0 .. k0+nk-1 (and commits them).
-  __device__ void copy(const ScanParams& p, Needs need, int b, int d0, int k0, int nk) {
+  __device__ void copy(const ScanParams& p, bool with_dout, int b, int d0, int k0, int nk) {
     const int tid = threadIdx.x;
     const Aligned al(p);
     {
@@ -167,8 +162,8 @@ struct RawChunk {
       const int t = n > 0 ? time_of(p, k0 + k) : 0;
       copy2<T>(u[tid], p.u, b * p.u_sb + t * p.u_sl + d, n, al.u);
       copy2<T>(dt[tid], p.delta, b * p.dl_sb + t * p.dl_sl + d, n, al.dt);
-      if (need.z && p.has_z) copy2<T>(z[tid], p.z, b * p.z_sb + t * p.z_sl + d, n, al.z);
-      if (need.dout) copy2<T>(dout[tid], p.dout, b * p.do_sb + t * p.do_sl + d, n, al.dout);
+      if (p.has_z) copy2<T>(z[tid], p.z, b * p.z_sb + t * p.z_sl + d, n, al.z);
+      if (with_dout) copy2<T>(dout[tid], p.dout, b * p.do_sb + t * p.do_sl + d, n, al.dout);
     }
     // warp-uniform: warps 0-1 copy B, 2-3 C, 4-7 nothing
     const int which = tid / (kK * kStates / 2), i = tid % (kK * kStates / 2);
@@ -176,7 +171,7 @@ struct RawChunk {
     const int n = k < nk ? 2 : 0, t = n > 0 ? time_of(p, k0 + k) : 0;
     if (which == 0) {
       copy2<T>(bcs[tid], p.Bm, b * p.B_sb + t * p.B_sl + q, n, al.B);
-    } else if (which == 1 && need.C) {
+    } else if (which == 1) {
       copy2<T>(bcs[tid], p.Cm, b * p.C_sb + t * p.C_sl + q, n, al.C);
     }
     cp_async_commit();
@@ -186,7 +181,7 @@ struct RawChunk {
   // delta's bias and softplus applied; with ``dsp`` set, also d softplus / d delta =
   // 1 - exp(-dt) there (1 without softplus), and with ``s_do`` set, dout_scale * dout. Steps
   // past nk and channels past the last are zeros (dt = 0 leaves the state unchanged).
-  __device__ void stage(const ScanParams& p, Stage& st, Needs need, int d0, int nk,
+  __device__ void stage(const ScanParams& p, Stage& st, int d0, int nk,
                         float (*dsp)[kCh], float (*s_do)[kCh]) {
     cp_async_wait_all();
     const int tid = threadIdx.x;
@@ -206,7 +201,7 @@ struct RawChunk {
       }
       *reinterpret_cast<float2*>(&st.u[k][c]) = make_float2(to_f<T>(ur.a), to_f<T>(ur.b));
       *reinterpret_cast<float2*>(&st.dt[k][c]) = make_float2(dv[0], dv[1]);
-      if (need.z && p.has_z) {
+      if (p.has_z) {
         const Two<T> zr = z[tid];
         *reinterpret_cast<float2*>(&st.z[k][c]) = make_float2(to_f<T>(zr.a), to_f<T>(zr.b));
       }
@@ -226,7 +221,7 @@ struct RawChunk {
       const Two<T> r = bcs[tid];
       const float2 v = make_float2(to_f<T>(r.a), to_f<T>(r.b));
       if (which == 0) *reinterpret_cast<float2*>(&st.B[k][q]) = v;
-      else if (need.C) *reinterpret_cast<float2*>(&st.C[k][q]) = v;
+      else *reinterpret_cast<float2*>(&st.C[k][q]) = v;
     }
   }
 };
@@ -266,17 +261,16 @@ scan_fwd_kernel(const __grid_constant__ ScanDirs ps) {
   const float Dd = (p.has_D && dvalid) ? p.Dv[d] : 0.f;
   using Raw = RawChunk<T>;
   __shared__ Raw raw;
-  const Needs need{true, true, false};
-  raw.copy(p, need, b, d0, 0, min(kK, p.seqlen));
+  raw.copy(p, /*with_dout=*/false, b, d0, 0, min(kK, p.seqlen));
 
   for (int c = 0; c < p.nchunks; ++c) {
     const int k0 = c * kK, nk = min(kK, p.seqlen - k0);
     // st is free: every thread is past the barrier that follows the last chunk's steps (and
     // s_y is written only after the next barrier, when every thread has stored it)
-    raw.stage(p, st, need, d0, nk, nullptr, nullptr);
+    raw.stage(p, st, d0, nk, nullptr, nullptr);
     __syncthreads();
     if (c + 1 < p.nchunks) {
-      raw.copy(p, need, b, d0, k0 + kK, min(kK, p.seqlen - k0 - kK));
+      raw.copy(p, false, b, d0, k0 + kK, min(kK, p.seqlen - k0 - kK));
     }
     if (p.states != nullptr && dvalid && c % kPair == 0) {
       *reinterpret_cast<float4*>(p.states + state_offset(p, b, c / kPair, d, sg)) =
@@ -344,14 +338,13 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
   // Reduced dB/dC slot of this lane after the transposing reduction (see below).
   const int red_ch = lane >> 2;
   const int red_slot = (red_ch >> 2) * kStates + sg * kSPT + (red_ch & 3);
-  const Needs need{true, true, true};
   const int npairs = (p.nchunks + kPair - 1) / kPair;
   // Starts the copies of pair q: the thread's stored states at its start and its chunks.
   auto copy_pair = [&](int q) {
     if (dvalid) cp_async<16>(&sh.h0[tid], p.states + state_offset(p, b, q, d, sg), 16);
     for (int i = 0; i < kPair && kPair * q + i < p.nchunks; ++i) {
       const int k0 = (kPair * q + i) * kK;
-      sh.raw[i].copy(p, need, b, d0, k0, min(kK, p.seqlen - k0));
+      sh.raw[i].copy(p, /*with_dout=*/true, b, d0, k0, min(kK, p.seqlen - k0));
     }
   };
 
@@ -467,7 +460,7 @@ scan_bwd_kernel(const __grid_constant__ ScanDirs ps) {
     // st, s_do and s_dsp are free: every thread is past the barrier that follows the last
     // chunk's steps (the stores after it read only s_du, s_ddt, s_dz and s_red)
     for (int i = 0; i < n; ++i) {
-      sh.raw[i].stage(p, sh.st[i], need, d0, min(kK, p.seqlen - (c0 + i) * kK), sh.s_dsp[i],
+      sh.raw[i].stage(p, sh.st[i], d0, min(kK, p.seqlen - (c0 + i) * kK), sh.s_dsp[i],
                       sh.s_do[i]);
     }
     const float4 h0 = dvalid ? sh.h0[tid] : make_float4(0.f, 0.f, 0.f, 0.f);

@@ -109,11 +109,22 @@ DType dtype_of(const at::Tensor& t) {
 
 constexpr at::ScalarType kKernelDtypes[] = {at::kFloat, at::kHalf, at::kBFloat16};
 
+// The tensor an op takes its device from: defined and on a GPU.
+void check_cuda_tensor(const char* op, const char* arg, const at::Tensor& t) {
+  MEMBA_CHECK(t.defined() && t.is_cuda(), op, ": ", arg, " must be a CUDA tensor, got ",
+              t.defined() ? t.device().str() : std::string("an undefined tensor"));
+}
+
+// A tensor the kernels read or write 4 elements at a time.
+void check_aligned4(const char* op, const char* arg, const at::Tensor& t) {
+  MEMBA_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % (4 * t.element_size()) == 0, op, ": ",
+              arg, "'s address must be a multiple of 4 elements");
+}
+
 // The first token-major tensor of an op (u, x): a CUDA (B, L, C) tensor of a kernel
 // dtype with a contiguous last axis, non-empty and within the kernels' index ranges.
 void check_leading(const char* op, const char* arg, const at::Tensor& t) {
-  MEMBA_CHECK(t.defined() && t.is_cuda(), op, ": ", arg, " must be a CUDA tensor, got ",
-              t.defined() ? t.device().str() : std::string("an undefined tensor"));
+  check_cuda_tensor(op, arg, t);
   check_tensor(op, arg, t, t.device(), kKernelDtypes, {kAny, kAny, kAny}, Strides::kLastAxis);
   MEMBA_CHECK(t.size(0) >= 1 && t.size(1) >= 1 && t.size(2) >= 1, op, ": ", arg,
               " must not be empty, got ", shape_text(t.sizes()));
@@ -683,8 +694,7 @@ void check_gate_dim(const char* op, int64_t dim) {
 
 at::Tensor gate_z_fwd(const at::Tensor& S, const at::Tensor& W, const OptTensor& z) {
   const char* op = "memba_vision gate_z_fwd";
-  MEMBA_CHECK(S.defined() && S.is_cuda(), op, ": S must be a CUDA tensor, got ",
-              S.defined() ? S.device().str() : std::string("an undefined tensor"));
+  check_cuda_tensor(op, "S", S);
   check_tensor(op, "S", S, S.device(), kKernelDtypes, {2, kAny, kAny, kGateRank},
                Strides::kContiguous);
   MEMBA_CHECK(S.size(1) >= 1 && S.size(2) >= 1, op, ": S must not be empty, got ",
@@ -718,8 +728,7 @@ at::Tensor gate_z_fwd(const at::Tensor& S, const at::Tensor& W, const OptTensor&
 at::Tensor gate_z_bwd(const OptTensor& dz, const at::Tensor& dv, const at::Tensor& W_in,
                       const at::Tensor& out) {
   const char* op = "memba_vision gate_z_bwd";
-  MEMBA_CHECK(out.defined() && out.is_cuda(), op, ": out must be a CUDA tensor, got ",
-              out.defined() ? out.device().str() : std::string("an undefined tensor"));
+  check_cuda_tensor(op, "out", out);
   check_tensor(op, "out", out, out.device(), kKernelDtypes, {kAny, kAny, kAny}, Strides::kLastAxis,
                /*output=*/true);
   MEMBA_CHECK(out.size(0) >= 1 && out.size(1) >= 1, op, ": out must not be empty, got ",
@@ -754,8 +763,7 @@ at::Tensor gate_z_bwd(const OptTensor& dz, const at::Tensor& dv, const at::Tenso
 // strides and the address multiples of 4 elements; weight (D, 1, 3, 3), bias (D,) fp32.
 void check_dwconv_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
                          const OptTensor& bias) {
-  MEMBA_CHECK(x.defined() && x.is_cuda(), op, ": x must be a CUDA tensor, got ",
-              x.defined() ? x.device().str() : std::string("an undefined tensor"));
+  check_cuda_tensor(op, "x", x);
   check_tensor(op, "x", x, x.device(), kKernelDtypes, {kAny, kAny, kAny, kAny},
                Strides::kLastAxis);
   MEMBA_CHECK(x.numel() > 0, op, ": x must not be empty, got ", shape_text(x.sizes()));
@@ -800,8 +808,7 @@ at::Tensor dwconv_bwd(const at::Tensor& x, const at::Tensor& weight, const OptTe
   check_dwconv_inputs(op, x, weight, bias);
   check_tensor(op, "grad_u", grad_u, x.device(), x.scalar_type(), x.sizes(),
                Strides::kContiguous);
-  MEMBA_CHECK(reinterpret_cast<uintptr_t>(grad_u.data_ptr()) % (4 * x.element_size()) == 0,
-              op, ": grad_u's address must be a multiple of 4 elements");
+  check_aligned4(op, "grad_u", grad_u);
   DwConvParams p = make_dwconv(x, weight, bias);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty(x.sizes(), x.options());
@@ -815,16 +822,14 @@ at::Tensor dwconv_bwd(const at::Tensor& x, const at::Tensor& weight, const OptTe
 // aligned; weight and bias (D,) fp32 contiguous.
 void check_layer_norm_inputs(const char* op, const at::Tensor& x, const at::Tensor& weight,
                              const at::Tensor& bias) {
-  MEMBA_CHECK(x.defined() && x.is_cuda(), op, ": x must be a CUDA tensor, got ",
-              x.defined() ? x.device().str() : std::string("an undefined tensor"));
+  check_cuda_tensor(op, "x", x);
   check_tensor(op, "x", x, x.device(), kKernelDtypes, x.sizes(), Strides::kContiguous);
   MEMBA_CHECK(x.dim() >= 1 && x.numel() > 0, op, ": x must not be empty, got ",
               shape_text(x.sizes()));
   const int64_t D = x.size(-1);
   MEMBA_CHECK(D % 4 == 0 && D <= kNormGateMaxDim, op, ": the channel count must be a multiple "
               "of 4 and at most ", kNormGateMaxDim, ", got ", D);
-  MEMBA_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % (4 * x.element_size()) == 0, op,
-              ": x's address must be a multiple of 4 elements");
+  check_aligned4(op, "x", x);
   check_param(op, "weight", weight, x, {D});
   check_param(op, "bias", bias, x, {D});
 }
@@ -866,8 +871,7 @@ at::Tensor layer_norm_bwd(const at::Tensor& x, const at::Tensor& weight, const a
   check_tensor(op, "mean", mean, x.device(), at::kFloat, {rows}, Strides::kContiguous);
   check_tensor(op, "rstd", rstd, x.device(), at::kFloat, {rows}, Strides::kContiguous);
   check_tensor(op, "dout", dout, x.device(), x.scalar_type(), x.sizes(), Strides::kContiguous);
-  MEMBA_CHECK(reinterpret_cast<uintptr_t>(dout.data_ptr()) % (4 * x.element_size()) == 0, op,
-              ": dout's address must be a multiple of 4 elements");
+  check_aligned4(op, "dout", dout);
   NormGateParams p = make_layer_norm(x, weight, bias, 0.0);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty(x.sizes(), x.options());

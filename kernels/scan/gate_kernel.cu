@@ -9,8 +9,8 @@
 // A thread first issues the loads of all its rows' quads, then the block stages its channels'
 // weights and its rows' 16-value S (dv) in shared memory with coalesced loads, and only then
 // computes; each thread keeps its 4 x 16 weights in registers. At bf16 a Vim-S call takes
-// about 23.5 us, three times the memory floor: 16 fused multiply-adds per output element and
-// direction at 2 blocks per multiprocessor (docs/benchmarks.md).
+// about 23.5 us, three times the memory floor, bound by latency: 128 registers per thread
+// leave 2 blocks (16 warps) per multiprocessor (ncu, docs/benchmarks.md).
 #include "scan_kernel.h"
 
 #include <cuda_bf16.h>

@@ -43,17 +43,19 @@ def selective_scan_reference(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: 
     C_ = _expand_groups(C.to(ct), d)
     h = u_.new_zeros(b, d, n)
     ys = []
-    for s in range(0, l, _REF_BLOCK):
-        e = min(s + _REF_BLOCK, l)
-        dt_blk = dt[:, :, s:e, None]                                   # (b, d, k, 1)
+    # blocks of _REF_BLOCK steps, split (and steps unbound) once: one backward node per split
+    # instead of a full-length zero-filled gradient per slice
+    blocks = zip(*(t.split(_REF_BLOCK, dim=-1) for t in (dt, u_, B_, C_)))
+    for dt_b, u_b, B_b, C_b in blocks:
+        dt_blk = dt_b[..., None]                                       # (b, d, k, 1)
         dA = torch.exp(dt_blk * A_[None, :, None, :])                  # (b, d, k, n)
-        dBu = dt_blk * u_[:, :, s:e, None] * B_[..., s:e].transpose(-1, -2)
+        dBu = dt_blk * u_b[..., None] * B_b.transpose(-1, -2)
         hs = []
-        for k in range(e - s):
-            h = dA[:, :, k] * h + dBu[:, :, k]
+        for dA_k, dBu_k in zip(dA.unbind(2), dBu.unbind(2)):
+            h = dA_k * h + dBu_k
             hs.append(h)
         hs = torch.stack(hs, dim=2)                                    # (b, d, k, n)
-        ys.append((hs * C_[..., s:e].transpose(-1, -2)).sum(-1))       # (b, d, k)
+        ys.append((hs * C_b.transpose(-1, -2)).sum(-1))                # (b, d, k)
     y = torch.cat(ys, dim=-1)
     if D is not None:
         y = y + u_ * D.to(ct)[None, :, None]

@@ -224,22 +224,6 @@ def test_extension_outputs_match_the_reference_kernels(dtype, tol):
     with pytest.raises(RuntimeError, match="dBC_out must be"):  # neither fp32 nor u's dtype
         ext.scan_bwd(x, delta, A, Bm, Cm, Dv, z, bias, dout, states, True, False,
                      dBC_out=torch.zeros(Bsz, L, 32, device='cuda', dtype=torch.float64))
-    # Memba's gate branch against fp64: both directions' z' (with z, and without: no
-    # residual), and z's gradient written into a strided half, the other half untouched
-    S, W = rnd(2, Bsz, L, 16), torch.randn(D, 16, device='cuda', generator=g) * 0.3
-    W_in = torch.randn(16, D, device='cuda', generator=g) * 0.3
-    for zz in (z, None):
-        got = ext.gate_z_fwd(S, W, zz)
-        want = ref.gate_z_fwd(S.double(), W.double(), None if zz is None else zz.double())
-        assert got.dtype == dtype and got.shape == (2, Bsz, L, D) and rel(got, want) < tol
-    dzp, dv = rnd(2, Bsz, L, D), rnd(2, Bsz, L, 16)
-    for dz_pair in (dzp, None):
-        got, want = xz.clone(), xz.double()
-        v_got = ext.gate_z_bwd(dz_pair, dv, W_in, got[..., D:])
-        v_want = ref.gate_z_bwd(None if dz_pair is None else dz_pair.double(), dv.double(),
-                                W_in.double(), want[..., D:])
-        assert rel(got, want) < tol and rel(v_got, v_want) < tol
-        assert torch.equal(got[..., :D], xz[..., :D])
     w, cb = torch.randn(D, 4, device='cuda', generator=g), torch.randn(D, device='cuda', generator=g)
     for reverse in (False, True):
         got, want = xz.clone(), xz.clone()
@@ -258,6 +242,44 @@ def test_extension_outputs_match_the_reference_kernels(dtype, tol):
         want = ref.lim_pair_bwd(v, *prev, gout, *gm, 4, 0.5, 1.0)
         for a, b in zip(got, want):
             assert rel(a, b) < tol
+
+
+@cuda
+@pytest.mark.parametrize('dtype,tol', [(torch.float32, 1e-6), (torch.float16, 2e-3),
+                                       (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize('Bsz,L,D,off', [(2, 37, 100, 0), (3, 197, 768, 0), (1, 5, 8, 0),
+                                          (2, 37, 200, 0), (2, 37, 200, 4)])
+def test_gate_z_kernels_against_fp64(dtype, tol, Bsz, L, D, off):
+    """Memba's gate branch against fp64: both directions' z' with z (a strided half of xz) and
+    without (no residual), and z's gradient written into a strided half, the rest of xz
+    untouched. fp16 / bf16 with 16-byte rows take the tensor-core kernel: D = 768, 8 and 200
+    (partial 16-row tiles, a 64-channel slice of 8 or 1 tiles); D = 100 (not a multiple of 8)
+    and halves 4 elements off a 16-byte boundary (off = 4) take the CUDA-core kernel, as fp32
+    does."""
+    ext, ref = _ext(), ReferenceScanKernels
+    g = torch.Generator(device='cuda').manual_seed(D + off)
+
+    def rnd(*shape, scale=1.0, dt=dtype):
+        return (torch.randn(*shape, device='cuda', generator=g) * scale).to(dt)
+
+    xz = rnd(Bsz, L, 2 * D + off)
+    half = slice(D + off, 2 * D + off)
+    S, W, W_in = rnd(2, Bsz, L, 16), rnd(D, 16, scale=0.3, dt=torch.float32), \
+        rnd(16, D, scale=0.3, dt=torch.float32)
+    for z in (xz[..., half], None):
+        got = ext.gate_z_fwd(S, W, z)
+        want = ref.gate_z_fwd(S.double(), W.double(), None if z is None else z.double())
+        assert got.dtype == dtype and got.shape == (2, Bsz, L, D)
+        assert rel(got, want) < tol, rel(got, want)
+    dzp, dv = rnd(2, Bsz, L, D), rnd(2, Bsz, L, 16)
+    for dz_pair in (dzp, None):
+        got, want = xz.clone(), xz.double()
+        v_got = ext.gate_z_bwd(dz_pair, dv, W_in, got[..., half])
+        v_want = ref.gate_z_bwd(None if dz_pair is None else dz_pair.double(), dv.double(),
+                                W_in.double(), want[..., half])
+        assert rel(got[..., half], want[..., half]) < tol and rel(v_got, v_want) < tol
+        assert torch.equal(got[..., :D + off], xz[..., :D + off])
+        assert torch.equal(got[..., :D], xz[..., :D])
 
 
 @cuda

@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -111,25 +112,39 @@ default_hooks = dict(logger=dict(interval=1))
 env_cfg = dict(dist_cfg=dict(backend='gloo'))
 """)
     # mmengine's pytorch launcher calls torch.cuda.set_device, which fails without a GPU;
-    # the CPU processes of these runs skip it (sitecustomize is imported at start-up)
+    # the CPU processes of these runs skip it (sitecustomize is imported at start-up). At
+    # exit, after everything else, each rank writes whether its process group still exists.
     site = root / 'site'
     site.mkdir()
     (site / 'sitecustomize.py').write_text(
+        'import atexit, os\n'
         'import torch\n'
         'if not torch.cuda.is_available():\n'
-        '    torch.cuda.set_device = lambda device: None\n')
+        '    torch.cuda.set_device = lambda device: None\n'
+        'def _report():\n'
+        '    import torch.distributed as dist\n'
+        '    with open(os.path.join(os.environ["PG_AT_EXIT"], os.environ["RANK"]), "w") as f:\n'
+        '        f.write(str(dist.is_initialized()))\n'
+        'if "PG_AT_EXIT" in os.environ and "RANK" in os.environ:\n'
+        '    atexit.register(_report)\n')
     return root, str(cfg), str(site)
 
 
 def torchrun(*args, site, nproc=2, timeout=300):
-    """tools/train.py or tools/test.py with --launcher pytorch in ``nproc`` CPU processes."""
+    """tools/train.py or tools/test.py with --launcher pytorch in ``nproc`` CPU processes.
+    Each rank's process group must be gone when it exits: left to the interpreter's exit,
+    gloo's threads can abort a finished run."""
     cmd = [PY, '-m', 'torch.distributed.run', '--nnodes=1', f'--nproc_per_node={nproc}',
            f'--master_port={free_port()}', *args, '--launcher', 'pytorch']
+    at_exit = tempfile.mkdtemp(prefix='pg_at_exit_', dir=os.path.dirname(site))
     env = dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='',  # CPU processes
-               PYTHONPATH=os.pathsep.join([site, ROOT, os.environ.get('PYTHONPATH', '')]))
+               PYTHONPATH=os.pathsep.join([site, ROOT, os.environ.get('PYTHONPATH', '')]),
+               PG_AT_EXIT=at_exit)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=env)
     assert proc.returncode == 0, f'{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
+    reports = {r: open(os.path.join(at_exit, r)).read() for r in sorted(os.listdir(at_exit))}
+    assert reports == {str(r): 'False' for r in range(nproc)}, reports
     return proc
 
 

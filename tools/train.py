@@ -108,10 +108,14 @@ def train(args, serving=False):
 
 def main():
     args = parse_args()
+    from memba_vision.engine.runner_utils import end_distributed
     if args.serve:
         from memba_vision.engine.serving import serve
-        sys.exit(serve(parse_args, lambda a: train(a, serving=True)))
+        code = serve(parse_args, lambda a: train(a, serving=True))
+        end_distributed()
+        sys.exit(code)
     train(args)
+    end_distributed()
 
 
 if __name__ == '__main__':

@@ -1,5 +1,6 @@
 """Helpers shared by tools/train.py, tools/test.py and the sweep: config loading,
-up-front input checks with actionable messages, and result files."""
+up-front input checks with actionable messages, result files, and the end of a
+distributed run."""
 import json
 import os
 import os.path as osp
@@ -10,7 +11,7 @@ from mmengine.config import Config
 from ..utils import write_text_atomically
 
 __all__ = ['load_config', 'check_pretrained', 'check_task_data', 'check_resumable',
-           'experiment_info', 'result_path', 'write_result']
+           'experiment_info', 'result_path', 'write_result', 'end_distributed']
 
 
 def load_config(path: str, cfg_options: Optional[dict] = None,
@@ -183,3 +184,16 @@ def test_and_record(runner, cfg: Config, config_path: str, checkpoint: Optional[
         runner.logger.info(f"{result['task']}: top-1 {result['top1']:.2f}% on "
                            f"{result['num_images']} images -> {path}")
     return result
+
+
+def end_distributed() -> None:
+    """Destroys the default process group, if one was started, when a tool has finished.
+
+    Left to the interpreter's exit, gloo's worker threads can outlive it and abort the
+    process ("terminate called without an active exception", exit code -6) after the work
+    is done. Called on success only: a rank that failed may leave its peers mid-collective,
+    where destroying the group could wait forever.
+    """
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -279,7 +279,6 @@ def test_gate_z_kernels_against_fp64(dtype, tol, Bsz, L, D, off):
                                 W_in.double(), want[..., half])
         assert rel(got[..., half], want[..., half]) < tol and rel(v_got, v_want) < tol
         assert torch.equal(got[..., :D + off], xz[..., :D + off])
-        assert torch.equal(got[..., :D], xz[..., :D])
 
 
 @cuda

@@ -1,7 +1,11 @@
 """The --serve loop of tools/train.py and tools/test.py (memba_vision.engine.serving)."""
 import argparse
+import io
 
-from memba_vision.engine.serving import serve, served_experiment_name
+import pytest
+
+from memba_vision.engine import runner_utils
+from memba_vision.engine.serving import run_tool, serve, served_experiment_name
 
 
 def parse(argv):
@@ -48,6 +52,37 @@ def test_refuses_nested_serving_and_lines_that_are_not_argument_lists(capsys):
     err = capsys.readouterr().err
     assert 'error: --serve inside --serve' in err
     assert err.count('must be a JSON list of strings') == 2
+
+
+@pytest.mark.parametrize('served', [False, True])
+@pytest.mark.parametrize('fails', [False, True])
+def test_the_tools_end_the_process_group_after_success_only(served, fails, monkeypatch, capsys):
+    """tools/train.py's and tools/test.py's main (``run_tool``): the process group is destroyed
+    after a successful run or served batch, never after a failure (a failed rank may have left
+    its peers mid-collective); --serve exits with the first failure's code."""
+    ended, ran = [], []
+    monkeypatch.setattr(runner_utils, 'end_distributed', lambda: ended.append(1))
+    monkeypatch.setattr('sys.stdin', io.StringIO('["a"]\n["b"]\n'))
+
+    def run(args, serving=False):
+        ran.append((args.argv, serving))
+        if fails and args.argv == ['b']:
+            raise SystemExit(3)
+
+    if not served:
+        args = parse(['b'])
+        if fails:
+            with pytest.raises(SystemExit):
+                run_tool(args, parse, run)
+        else:
+            run_tool(args, parse, run)
+        assert ran == [(['b'], False)]
+    else:
+        with pytest.raises(SystemExit) as e:
+            run_tool(parse(['--serve']), parse, run)
+        assert e.value.code == (3 if fails else 0)
+        assert ran == [(['a'], True), (['b'], True)]
+    assert ended == ([] if fails else [1])
 
 
 def test_served_runs_get_distinct_experiment_names(capsys):

@@ -108,14 +108,8 @@ def train(args, serving=False):
 
 def main():
     args = parse_args()
-    from memba_vision.engine.runner_utils import end_distributed
-    if args.serve:
-        from memba_vision.engine.serving import serve
-        code = serve(parse_args, lambda a: train(a, serving=True))
-        end_distributed()
-        sys.exit(code)
-    train(args)
-    end_distributed()
+    from memba_vision.engine.serving import run_tool
+    run_tool(args, parse_args, train)
 
 
 if __name__ == '__main__':

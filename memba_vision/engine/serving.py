@@ -5,6 +5,7 @@ tool takes on its command line), runs it, and prints ``SERVE_DONE <exit code>``.
 tools/sweep.py keeps one such process per GPU slot, so that a sweep pays the
 start-up (importing the stack, CUDA initialisation) once per slot, not per task.
 After a failed run the process exits: the next run starts in a fresh one.
+``run_tool`` is both tools' ``main()``, served or not.
 """
 import gc
 import itertools
@@ -16,7 +17,7 @@ import time
 import traceback
 from typing import Callable, Iterable, Optional
 
-__all__ = ['SERVE_DONE', 'serve', 'served_experiment_name']
+__all__ = ['SERVE_DONE', 'serve', 'served_experiment_name', 'run_tool']
 
 SERVE_DONE = 'SERVE_DONE'  # the line ending each run's output
 _runs = itertools.count()
@@ -73,3 +74,21 @@ def serve(parse_args: Callable, run: Callable, lines: Optional[Iterable[str]] = 
         if code:
             return code
     return 0
+
+
+def run_tool(args, parse_args: Callable, run: Callable) -> None:
+    """The ``main()`` of tools/train.py and tools/test.py: ``run(args)``, or with ``--serve``
+    each stdin line's run in turn (``serve``), exiting with the first failure's code.
+
+    The process group, if one was started, is destroyed after success only
+    (``end_distributed``): a failed rank may have left its peers mid-collective.
+    """
+    from .runner_utils import end_distributed
+    if not args.serve:
+        run(args)
+        end_distributed()
+        return
+    code = serve(parse_args, lambda a: run(a, serving=True))
+    if code == 0:
+        end_distributed()
+    sys.exit(code)
